@@ -1,0 +1,25 @@
+"""avtune models: pure PyTorch encoders, fusion heads and balancing methods (no Ray / MLflow)."""
+
+from __future__ import annotations
+
+from .av_classifier import (
+    AVClassifier,
+    UnimodalClassifier,
+    build_av_classifier,
+    build_unimodal_classifier,
+    ogm_ge_weight_init,
+)
+from .encoders import AUDIO_ARCHS, VISUAL_ARCHS, build_audio_encoder, build_visual_encoder
+from .fusion import FUSION_NAMES, ConcatFusion, FiLM, GatedFusion, SumFusion, build_fusion
+from .gblend import BLEND_KEYS, GBlendClassifier, blended_loss, build_gblend_classifier, estimate_blend_weights
+from .ogm_ge import (
+    OGMCoefficients,
+    in_modulation_window,
+    modulate_gradients,
+    ogm_coefficients,
+    ogm_coefficients_from_scores,
+    modality_scores,
+)
+from .outputs import AVOutput
+
+# --- AVSlowFast / AVID-CMA exports: append below this line (models/avslowfast.py, models/avid_cma.py) ---

@@ -1,0 +1,412 @@
+"""Sweeps: a spec with a `search` section -> Ray Tune trials, each a Ray Train run, in MLflow as
+one parent run with a nested child run per trial.
+
+Built the way Ray 2.60 (Train V2) documents Tune over Train: a Tune *function trainable* builds
+the trial's `TorchTrainer` (stable name from the trial id, FailureConfig, TuneReportCallback so
+every epoch reaches Tune's scheduler) and calls `fit()`. Scheduling, queueing, retries and
+resume are Ray Tune's; tracking is MLflow's.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, dump_spec_yaml, flatten, validate_spec
+from orchestrator.tracking import MlflowEpochLogger, finish_run, log_params_batched, resolve_tracking_uri
+from orchestrator.training import build_trainer, connect_ray, ensure_data, log_final_artifacts, run_name_for, start_mlflow_run
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "avtune.trial_id"
+SWEEP_TAG = "avtune.sweep"
+STAGE_TAG = "avtune.stage"
+GBLEND_HEADS = {"audio": "audio_only", "visual": "visual_only", "joint": "normal"}
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    experiment_path: str
+    result_grid: Any = field(repr=False)
+    trials: pd.DataFrame = field(repr=False)
+    gblend_weights: dict[str, float] | None = None
+
+
+# ---- search space -------------------------------------------------------------------------
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def tune_domain(dim: SearchDimension):
+    if dim.kind == "grid":
+        return tune.grid_search(list(dim.grid))
+    if dim.kind == "choice":
+        return tune.choice(list(dim.choice))
+    if dim.kind == "uniform":
+        return tune.uniform(*dim.uniform)
+    return tune.loguniform(*dim.loguniform)
+
+
+def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | None) -> list[dict[str, Any]]:
+    """The `compare` shorthand: one method dict per compared method, OGM variants crossed with the
+    grid over `method.*` fields (e.g. every searched alpha and window)."""
+    search = spec.search
+    method_dims = {p.split(".", 1)[1]: d for p, d in search.space.items() if p.startswith("method.")}
+    for key, dim in method_dims.items():
+        if dim.kind != "grid":
+            raise SpecError(f"search.space.method.{key}: with search.compare, method fields must be grid dimensions")
+    base = spec.method.model_dump(mode="json")
+    methods: list[dict[str, Any]] = []
+    for name in search.compare:
+        if name in ("ogm", "ogm_ge"):
+            ogm_base = {k: v for k, v in base.items() if k in ("alpha", "modulation_starts", "modulation_ends")}
+            keys = list(method_dims)
+            for values in itertools.product(*(method_dims[k].grid for k in keys)):
+                methods.append({**ogm_base, **dict(zip(keys, values)), "name": name})
+        elif name == "gblend":
+            g = {k: v for k, v in base.items() if base.get("name") == "gblend" and k != "name"}
+            if gblend_weights is not None and g.get("weights", "estimate") == "estimate":
+                g["weights"] = gblend_weights
+            methods.append({**g, "name": "gblend"})
+        else:
+            methods.append({"name": name})
+    # Deduplicate identical dicts (e.g. an OGM with no searched fields listed twice).
+    unique = {json.dumps(m, sort_keys=True): m for m in methods}
+    return list(unique.values())
+
+
+def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | None = None) -> dict[str, Any]:
+    search = spec.search
+    space: dict[str, Any] = {}
+    if search.compare:
+        space["method"] = tune.grid_search(compare_methods(spec, gblend_weights))
+        for path, dim in search.space.items():
+            if not path.startswith("method."):
+                space[path] = tune_domain(dim)
+    else:
+        for path, dim in search.space.items():
+            space[path] = tune_domain(dim)
+        if gblend_weights is not None:
+            space["method.weights"] = gblend_weights
+    return space
+
+
+def trial_spec_data(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(base)
+    for path, value in config.items():
+        if path == "method":
+            data["method"] = copy.deepcopy(value)
+        else:
+            set_path(data, path, value)
+    data["search"] = None
+    return data
+
+
+def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -> None:
+    """Reject a grid whose combinations include invalid specs (e.g. ends <= starts), naming them."""
+    base = spec.model_dump(mode="json")
+    grids = {k: v["grid_search"] for k, v in param_space.items() if isinstance(v, dict) and "grid_search" in v}
+    fixed = {k: v for k, v in param_space.items() if not isinstance(v, dict) or "grid_search" not in v}
+    fixed = {k: v for k, v in fixed.items() if not hasattr(v, "sample")}
+    problems = []
+    for values in itertools.product(*grids.values()):
+        config = {**fixed, **dict(zip(grids, values))}
+        try:
+            validate_spec(trial_spec_data(base, config), source="(search combination)")
+        except SpecError as err:
+            shown = {k: v for k, v in config.items() if k in grids}
+            problems.append(f"{json.dumps(shown, default=str)}: {str(err).splitlines()[-1].strip()}")
+    if problems:
+        raise SpecError("search.space has invalid combinations:\n  " + "\n  ".join(problems[:20]))
+
+
+# ---- the trial ----------------------------------------------------------------------------
+
+
+def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, trial_id: str,
+                         sweep_name: str, stage: str) -> str:
+    """One child run per trial id: a restarted trial or a resumed sweep continues the same run."""
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        max_results=1,
+    )
+    if found:
+        if found[0].info.status != "RUNNING":
+            client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage}
+    _, run_id = start_mlflow_run(client, spec, tags=tags)
+    return run_id
+
+
+def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
+                sweep_name: str, stage: str) -> None:
+    """Tune function trainable: one Ray Train run per trial."""
+    trial_id = tune.get_context().get_trial_id()
+    spec = validate_spec(trial_spec_data(base_spec, config), source=f"trial {trial_id}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage)
+    logger = MlflowEpochLogger(tracking_uri, run_id)
+    try:
+        trainer = build_trainer(spec, f"{sweep_name}-{trial_id}", [logger, TuneReportCallback()])
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = log_final_artifacts(client, run_id, ckpt_dir)
+        if not logger.reconcile(state["history"]):
+            raise RuntimeError(f"tracking server {tracking_uri} unreachable: some epochs could not be logged")
+    except BaseException as err:
+        finish_run(client, run_id, err)
+        raise
+    finish_run(client, run_id)
+
+
+class ChildRunStatus(tune.Callback):
+    """Driver side: a trial the scheduler stopped (ASHA) or that errored is marked so in MLflow.
+
+    A trial killed by ASHA never returns from `fit()`, so its own code cannot close its run.
+    """
+
+    def __init__(self, tracking_uri: str, parent_run_id: str):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+
+    def _child(self, trial):
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        parent = client.get_run(self.parent_run_id)
+        found = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'",
+            max_results=1,
+        )
+        return client, (found[0] if found else None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        client, run = self._child(trial)
+        if run is not None and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "avtune.stopped_by", "scheduler")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        client, run = self._child(trial)
+        if run is not None and run.info.status == "RUNNING":
+            finish_run(client, run.info.run_id, RuntimeError(str(trial.error_file or "trial error")))
+
+
+# ---- the sweep ----------------------------------------------------------------------------
+
+
+def sweep_state_file(spec: ExperimentSpec) -> Path:
+    return (Path(spec.storage.runs_dir) / "sweeps" / f"{spec.name}.json").resolve()
+
+
+def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, parent_run_id: str,
+               tracking_uri: str, stage: str, max_concurrent: int | None = None,
+               scheduler_on: bool = True) -> tuple[tune.Tuner, str]:
+    search = spec.search
+    storage = str((Path(spec.storage.runs_dir) / "ray").resolve())
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
+                             tracking_uri=tracking_uri, sweep_name=name, stage=stage),
+        {"cpu": search.trial_cpus},
+    )
+    search_alg = None
+    if search.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=search.metric, mode=search.mode, seed=spec.train.seed)
+    elif search.searcher == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.train.seed)
+    scheduler = None
+    if scheduler_on and search.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", metric=search.metric, mode=search.mode,
+            max_t=spec.train.epochs, grace_period=search.asha_grace_epochs,
+            reduction_factor=search.asha_reduction_factor,
+        )
+    path = str(Path(storage) / name)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg, scheduler=scheduler,
+            num_samples=search.num_samples if stage == "main" else 1,
+            max_concurrent_trials=max_concurrent or search.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[ChildRunStatus(tracking_uri, parent_run_id)],
+            verbose=0,
+        ),
+    )
+    return tuner, path
+
+
+def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
+                 stage: str | None = "main") -> pd.DataFrame:
+    """One row per child run: method, alpha, window, fusion, acc, acc_audio, acc_visual, gap, status."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10000)
+    rows = []
+    for run in runs:
+        tags, params, m = run.data.tags, run.data.params, run.data.metrics
+        if stage and tags.get(STAGE_TAG, "main") != stage:
+            continue
+        method = params.get("method.name", "")
+        window = ""
+        if "method.modulation_starts" in params:
+            window = f"{params['method.modulation_starts']}-{params['method.modulation_ends']}"
+        rows.append({
+            "run_id": run.info.run_id, "trial_id": tags.get(TRIAL_TAG, ""), "run_name": run.info.run_name,
+            "status": run.info.status, "method": method, "alpha": float(params["method.alpha"]) if "method.alpha" in params else None,
+            "window": window, "fusion": params.get("model.fusion", ""),
+            "epochs": int(m["epoch"]) + 1 if "epoch" in m else 0,
+            "acc": m.get("acc"), "acc_audio": m.get("acc_audio"), "acc_visual": m.get("acc_visual"),
+            "best_acc": m.get("best_acc"), "test_acc": m.get("test_acc"),
+            "gap_av": (m["acc_audio"] - m["acc_visual"]) if "acc_audio" in m and "acc_visual" in m else None,
+        })
+    frame = pd.DataFrame(rows)
+    if not frame.empty and metric in frame:
+        frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+    return frame
+
+
+def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run_id: str, tracking_uri: str,
+                          name: str, max_concurrent: int | None) -> dict[str, float]:
+    """G-Blend offline stage (Wang et al., Sec. 3.3): train the audio-only, visual-only and naive
+    joint models for N+n epochs as parallel Tune trials, read each head's train/val loss at epochs
+    N and N+n from MLflow, and estimate the blend weights with the models' estimator."""
+    from models import estimate_blend_weights
+
+    method = spec.method.model_dump() if spec.method.name == "gblend" else {"estimate_epochs": 2, "estimate_window_epochs": 2}
+    n_epochs, window = method["estimate_epochs"], method["estimate_window_epochs"]
+    base = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": n_epochs + window})})
+    space = {"method": tune.grid_search([{"name": m} for m in GBLEND_HEADS.values()])}
+    tuner, _ = make_tuner(base, space, f"{name}-gblend-estimate", parent_run_id, tracking_uri, "gblend-estimate",
+                          max_concurrent, scheduler_on=False)
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"G-Blend estimation trials failed: {errors[0]}")
+    runs = trials_frame(client, parent_run_id, stage="gblend-estimate")
+    at_n, at_n_plus = {}, {}
+    for head, method_name in GBLEND_HEADS.items():
+        run_id = runs.loc[runs["method"] == method_name, "run_id"].iloc[0]
+        hist = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("loss_train", "loss")}
+        first, second = n_epochs - 1, n_epochs + window - 1
+        at_n[head] = (hist["loss_train"][first], hist["loss"][first])
+        at_n_plus[head] = (hist["loss_train"][second], hist["loss"][second])
+    weights = estimate_blend_weights(at_n, at_n_plus)
+    from mlflow.entities import Metric
+    import time as _time
+
+    ts = int(_time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(f"gblend_w_{h}", float(w), ts, 0) for h, w in weights.items()])
+    return weights
+
+
+def needs_gblend_estimation(spec: ExperimentSpec) -> bool:
+    method_is_estimating_gblend = spec.method.name == "gblend" and spec.method.mode == "offline" and spec.method.weights == "estimate"
+    compare_has_gblend = "gblend" in spec.search.compare and (spec.method.name != "gblend" or spec.method.weights == "estimate")
+    return method_is_estimating_gblend or compare_has_gblend
+
+
+def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
+              resume: bool = False) -> SweepResult:
+    """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow."""
+    if spec.search is None:
+        raise SpecError("search: this spec has no search section; use `avtune train` for a single run")
+    spec = ensure_data(spec)
+    tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    state_file = sweep_state_file(spec)
+    state: dict[str, Any] = {}
+    if resume:
+        if not state_file.exists():
+            raise FileNotFoundError(f"nothing to resume: no sweep named {spec.name!r} under {state_file.parent}")
+        state = json.loads(state_file.read_text())
+        parent_run_id = state["parent_run_id"]
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        client.update_run(parent_run_id, status="RUNNING")
+    else:
+        check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0}
+                                                        if needs_gblend_estimation(spec) else None))
+        experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={"avtune.kind": "sweep"},
+                                                        run_name=f"sweep_{spec.name}")
+        state = {"parent_run_id": parent_run_id}
+    name = f"{spec.name}-{parent_run_id[:8]}"
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+
+    try:
+        connect_ray(address)
+        weights = state.get("gblend_weights")
+        if weights is None and needs_gblend_estimation(spec):
+            weights = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)
+            state["gblend_weights"] = weights
+        state_file.write_text(json.dumps(state))
+        param_space = build_param_space(spec, weights)
+        trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
+        if resume and tune.Tuner.can_restore(trainable_path):
+            trainable = tune.with_resources(
+                tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
+                                     tracking_uri=tracking_uri, sweep_name=name, stage="main"),
+                {"cpu": spec.search.trial_cpus},
+            )
+            tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
+            path = trainable_path
+        else:
+            tuner, path = make_tuner(spec, param_space, name, parent_run_id, tracking_uri, "main", max_concurrent)
+        client.set_tag(parent_run_id, "avtune.ray_experiment_path", path)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "search_space.json").write_text(json.dumps(spec.search.model_dump(mode="json"), indent=2))
+            client.log_artifact(parent_run_id, str(Path(tmp) / "search_space.json"))
+        grid = tuner.fit()
+        trials = trials_frame(client, parent_run_id, spec.search.metric, spec.search.mode)
+        failed = int((trials["status"] == "FAILED").sum()) if not trials.empty else 0
+        summary = {"trials": float(len(trials)), "trials_failed": float(failed)}
+        finished = trials[trials["status"] == "FINISHED"] if not trials.empty else trials
+        if not finished.empty and finished[spec.search.metric].notna().any():
+            best = finished.iloc[0]
+            client.set_tag(parent_run_id, "avtune.best_run_id", best["run_id"])
+            client.set_tag(parent_run_id, "avtune.best_run_name", best["run_name"])
+            for key in ("acc", "acc_audio", "acc_visual", "gap_av", "test_acc"):
+                if best.get(key) is not None and not pd.isna(best.get(key)):
+                    summary[f"best_{key}"] = float(best[key])
+        from mlflow.entities import Metric
+        import time as _time
+
+        ts = int(_time.time() * 1000)
+        client.log_batch(parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in summary.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            trials.to_csv(Path(tmp) / "trials.csv", index=False)
+            client.log_artifact(parent_run_id, str(Path(tmp) / "trials.csv"))
+    except BaseException as err:
+        finish_run(client, parent_run_id, err)
+        raise
+    finish_run(client, parent_run_id)
+    return SweepResult(parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=tracking_uri,
+                       experiment_path=path, result_grid=grid, trials=trials, gblend_weights=weights)

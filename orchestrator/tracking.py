@@ -1,0 +1,148 @@
+"""MLflow tracking: where runs go, how a run is opened and closed, and the per-epoch logger.
+
+Why `MlflowClient` and not `ray.air.integrations.mlflow`: Ray Train V2 has no MLflow callback
+(`../shared/notes/ray-2.60.md`), and `setup_mlflow` inside workers would log from every rank and
+start a new run on each restart. A Train `UserCallback` runs on the controller, sees each report
+exactly once (rank 0's), and logs with an explicit run id that survives worker restarts and
+driver resumes. MLflow itself is the tracker; nothing here stores metrics of its own.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+# Metrics reported by the loop that describe bookkeeping, not model quality, still go to MLflow;
+# only `epoch` itself is the step, not a metric of its own.
+STEP_KEY = "epoch"
+
+
+def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
+    """Spec field, then MLFLOW_TRACKING_URI, then a SQLite store under the runs folder."""
+    if spec_uri:
+        return spec_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs_dir / 'mlflow.db'}"
+
+
+def artifact_root(tracking_uri: str, runs_dir: Path) -> str | None:
+    """Local stores keep artifacts under the runs folder; a server decides its own."""
+    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:"):
+        return (Path(runs_dir).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, runs_dir: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = artifact_root(client._tracking_client.tracking_uri, runs_dir)
+    if location:
+        location = f"{location}/{name}"
+    return client.create_experiment(name, artifact_location=location)
+
+
+def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
+    if error is None:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    else:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+class MlflowEpochLogger(UserCallback):
+    """Logs each epoch's report (rank 0's metrics) to an MLflow run, once.
+
+    Runs on the Ray Train controller. Epochs already in the run (a resumed trial, a restarted
+    driver) are skipped, so every epoch appears exactly once. When the tracking server is
+    unreachable the metrics stay queued and are retried on the next report and at the end,
+    so a tracking hiccup never aborts training.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, retry_seconds: float = 120.0):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.retry_seconds = retry_seconds
+        self._pending: list[tuple[int, dict[str, float]]] = []
+        self._logged_epochs: set[int] | None = None
+
+    def _client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _load_logged_epochs(self, client: MlflowClient) -> set[int]:
+        history = client.get_metric_history(self.run_id, STEP_KEY)
+        return {int(m.value) for m in history}
+
+    def _flush(self, deadline: float) -> bool:
+        while self._pending:
+            try:
+                client = self._client()
+                if self._logged_epochs is None:
+                    self._logged_epochs = self._load_logged_epochs(client)
+                epoch, values = self._pending[0]
+                if epoch not in self._logged_epochs:
+                    ts = int(time.time() * 1000)
+                    metrics = [Metric(k, float(v), ts, epoch) for k, v in values.items()]
+                    # `epoch` goes last so a partly failed batch is retried in full next time.
+                    for i in range(0, len(metrics), 200):
+                        client.log_batch(self.run_id, metrics=metrics[i : i + 200])
+                    self._logged_epochs.add(epoch)
+                self._pending.pop(0)
+            except Exception:  # noqa: BLE001 - any tracking failure: keep the queue, retry later
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(2.0)
+        return True
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = metrics[0] if metrics else {}
+        if STEP_KEY not in report:
+            return
+        epoch = int(report[STEP_KEY])
+        values = {k: v for k, v in report.items() if isinstance(v, (int, float)) and k != STEP_KEY}
+        values[STEP_KEY] = epoch
+        self._pending.append((epoch, values))
+        # Short deadline while training: never stall the run for long on a tracking outage.
+        self._flush(deadline=time.monotonic() + 5.0)
+
+    def reconcile(self, history: list[dict[str, float]]) -> bool:
+        """Driver side, after fit(): log whatever epochs of the run's history MLflow still lacks.
+
+        The controller's copy of this callback may have given up during an outage; the final
+        checkpoint carries the whole history, and epochs already in MLflow are skipped.
+        """
+        for metrics in history:
+            self._pending.append((int(metrics[STEP_KEY]), dict(metrics)))
+        return self._flush(deadline=time.monotonic() + self.retry_seconds)
+
+
+def metric_history_frame(client: MlflowClient, run_id: str):
+    """Per-epoch history of every metric of a run as a DataFrame indexed by epoch."""
+    import pandas as pd
+
+    run = client.get_run(run_id)
+    columns: dict[str, dict[int, float]] = {}
+    for key in run.data.metrics:
+        columns[key] = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    frame = pd.DataFrame(columns).sort_index()
+    frame.index.name = "step"
+    return frame

@@ -1,0 +1,202 @@
+"""One training run: spec -> Ray Train `TorchTrainer` -> per-epoch metrics in an MLflow run."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.specs import ExperimentSpec, OGMMethod, dump_spec_yaml, flatten
+from orchestrator.tracking import (
+    MlflowEpochLogger,
+    finish_run,
+    get_or_create_experiment,
+    log_params_batched,
+    metric_history_frame,
+    resolve_tracking_uri,
+)
+from workers.synth import synthesize_dataset
+from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint_path: str | None
+    history: pd.DataFrame = field(repr=False)
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Local Ray started in-process unless an address (argument or RAY_ADDRESS) names a cluster.
+
+    Token authentication stays as Ray sets it: a local `ray.init()` creates and uses the token;
+    for a cluster, Ray reads RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
+    """Generated data: pick its folder under the runs folder and synthesise it on first use."""
+    if spec.data.source != "generated":
+        root = Path(spec.data.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
+        return spec
+    root = Path(spec.data.root) if spec.data.root else Path(spec.storage.runs_dir) / "data" / spec.data.synth.folder_key()
+    root = root.resolve()
+    if not (root / "card.json").exists():
+        synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"root": root})})
+
+
+def run_name_for(spec: ExperimentSpec) -> str:
+    """Names that say what ran, for comparing in the MLflow UI: method, fusion, alpha and window."""
+    m = spec.method
+    parts = [m.name, spec.model.fusion]
+    if isinstance(m, OGMMethod):
+        parts += [f"a{m.alpha:g}", f"w{m.modulation_starts}-{m.modulation_ends}"]
+    parts.append(f"s{spec.train.seed}")
+    return "_".join(parts)
+
+
+def run_tags(spec: ExperimentSpec) -> dict[str, str]:
+    return {
+        "avtune.method": spec.method.name,
+        "avtune.fusion": spec.model.fusion,
+        "avtune.dataset": spec.data.layout if spec.data.source == "dataset" else f"generated-{spec.data.layout}",
+    }
+
+
+def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str, str] | None = None,
+                     run_name: str | None = None) -> tuple[str, str]:
+    experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, spec.storage.runs_dir)
+    run = client.create_run(experiment_id, run_name=run_name or run_name_for(spec), tags={**run_tags(spec), **(tags or {})})
+    run_id = run.info.run_id
+    log_params_batched(client, run_id, flatten(spec.model_dump(mode="json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
+        client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))
+    card = Path(spec.data.root) / "card.json" if spec.data.root else None
+    if card and card.exists():
+        client.log_artifact(run_id, str(card))
+    return experiment_id, run_id
+
+
+def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> TorchTrainer:
+    storage = (Path(spec.storage.runs_dir) / "ray").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **({"GPU": 1} if spec.scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=ray_run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) -> dict[str, Any]:
+    """Best (by validation acc) and final weights as artifacts; returns the checkpoint's state."""
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"num_classes": state["num_classes"], "class_names": state["class_names"]}
+        torch.save({"model": state["model"], **meta, "epoch": state["epoch"]}, Path(tmp) / "final_model.pt")
+        files = [Path(tmp) / "final_model.pt"]
+        if state["best"]["state"] is not None:
+            torch.save({"model": state["best"]["state"], **meta, "epoch": state["best"]["epoch"]}, Path(tmp) / "best_model.pt")
+            files.append(Path(tmp) / "best_model.pt")
+        for f in files:
+            client.log_artifact(run_id, str(f), artifact_path="checkpoints")
+    return state
+
+
+def _poll_progress(client: MlflowClient, run_id: str, on_epoch: Callable[[dict[str, float]], None], stop: threading.Event) -> None:
+    seen: set[int] = set()
+    while True:
+        finished = stop.wait(2.0)
+        try:
+            frame = metric_history_frame(client, run_id)
+        except Exception:  # noqa: BLE001 - progress display only
+            frame = None
+        if frame is not None and "epoch" in frame:
+            for step, row in frame.iterrows():
+                if int(step) not in seen and not pd.isna(row.get("acc")):
+                    seen.add(int(step))
+                    on_epoch({k: v for k, v in row.items() if not pd.isna(v)})
+        if finished:
+            return
+
+
+def run_training(spec: ExperimentSpec, address: str | None = None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 resume_run_id: str | None = None) -> TrainingResult:
+    """Train one spec under Ray Train and track it in MLflow.
+
+    `resume_run_id` continues an interrupted run: the same MLflow run and the same Ray run
+    name, so Ray Train restarts from the latest checkpoint and the logger skips logged epochs.
+    """
+    spec = ensure_data(spec)
+    tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if resume_run_id:
+        run_id = resume_run_id
+        experiment_id = client.get_run(run_id).info.experiment_id
+    else:
+        experiment_id, run_id = start_mlflow_run(client, spec)
+    logger = MlflowEpochLogger(tracking_uri, run_id)
+    stop = threading.Event()
+    poller = None
+    if on_epoch is not None:
+        poller = threading.Thread(target=_poll_progress, args=(client, run_id, on_epoch, stop), daemon=True)
+        poller.start()
+    try:
+        connect_ray(address)
+        trainer = build_trainer(spec, f"{spec.name}-{run_id[:12]}", [logger])
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = log_final_artifacts(client, run_id, ckpt_dir)
+        if not logger.reconcile(state["history"]):
+            raise RuntimeError(f"tracking server {tracking_uri} unreachable: some epochs could not be logged")
+    except BaseException as err:
+        stop.set()
+        finish_run(client, run_id, err)
+        raise
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=10)
+    finish_run(client, run_id)
+    history = pd.DataFrame(state["history"]).set_index("epoch")
+    history.index = history.index.astype(int)
+    return TrainingResult(
+        run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri,
+        metrics=dict(state["history"][-1]), checkpoint_path=result.checkpoint.path, history=history,
+    )

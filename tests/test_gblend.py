@@ -1,0 +1,140 @@
+"""Gradient-Blending: weight estimation on hand-computed loss tables, blended loss, model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import AVOutput, blended_loss, build_gblend_classifier, estimate_blend_weights
+
+
+def test_weights_on_hand_table():
+    at_n = {"audio": (1.0, 1.5), "visual": (1.2, 1.4), "joint": (1.0, 1.3)}
+    at_n_plus = {"audio": (0.5, 1.4), "visual": (0.9, 1.2), "joint": (0.6, 1.1)}
+    # audio:  O 0.5 -> 0.9, dO = 0.4, dG = 0.1 -> 0.1 / 0.16 = 0.625
+    # visual: O 0.2 -> 0.3, dO = 0.1, dG = 0.2 -> 0.2 / 0.01 = 20
+    # joint:  O 0.3 -> 0.5, dO = 0.2, dG = 0.2 -> 0.2 / 0.04 = 5
+    z = 0.625 + 20.0 + 5.0
+    w = estimate_blend_weights(at_n, at_n_plus)
+    assert list(w) == ["audio", "visual", "joint"]
+    assert w["audio"] == pytest.approx(0.625 / z, rel=1e-9)
+    assert w["visual"] == pytest.approx(20.0 / z, rel=1e-9)
+    assert w["joint"] == pytest.approx(5.0 / z, rel=1e-9)
+    assert sum(w.values()) == pytest.approx(1.0)
+
+
+def test_fast_overfitting_audio_gets_small_weight():
+    # Shaped like the paper's Kinetics observation: the audio head's train loss collapses while
+    # its validation loss barely moves (large dO, small dG).
+    at_n = {"audio": (3.5, 3.8), "visual": (3.0, 3.2), "joint": (2.9, 3.1)}
+    at_n_plus = {"audio": (1.5, 3.7), "visual": (2.4, 2.7), "joint": (2.0, 2.6)}
+    raw_audio = 0.1 / 1.9**2  # O 0.3 -> 2.2, dG 0.1
+    raw_visual = 0.5 / 0.1**2  # O 0.2 -> 0.3, dG 0.5
+    raw_joint = 0.5 / 0.4**2  # O 0.2 -> 0.6, dG 0.5
+    z = raw_audio + raw_visual + raw_joint
+    w = estimate_blend_weights(at_n, at_n_plus)
+    assert w["audio"] == pytest.approx(raw_audio / z, rel=1e-9)
+    assert w["visual"] == pytest.approx(raw_visual / z, rel=1e-9)
+    assert w["joint"] == pytest.approx(raw_joint / z, rel=1e-9)
+    assert w["audio"] < 0.001 < w["joint"] < w["visual"]
+
+
+def test_no_generalisation_gain_gets_zero_weight():
+    at_n = {"audio": (1.0, 1.5), "visual": (1.2, 1.4), "joint": (1.0, 1.3)}
+    at_n_plus = {"audio": (0.5, 1.6), "visual": (0.9, 1.2), "joint": (0.6, 1.3)}  # audio val up, joint flat
+    w = estimate_blend_weights(at_n, at_n_plus)
+    assert w == {"audio": 0.0, "visual": 1.0, "joint": 0.0}
+
+
+def test_zero_overfitting_change_uses_eps_floor():
+    at_n = {"audio": (1.0, 1.5), "visual": (1.0, 2.0)}
+    at_n_plus = {"audio": (0.5, 1.4), "visual": (0.5, 1.5)}  # visual: O 1.0 -> 1.0, dO = 0, dG = 0.5
+    eps = 1e-4
+    raw_audio = 0.1 / 0.4**2
+    raw_visual = 0.5 / eps
+    w = estimate_blend_weights(at_n, at_n_plus, eps=eps)
+    assert w["visual"] == pytest.approx(raw_visual / (raw_audio + raw_visual), rel=1e-9)
+    assert w["audio"] == pytest.approx(raw_audio / (raw_audio + raw_visual), rel=1e-9)
+
+
+def test_all_zero_weights_fall_back_to_uniform():
+    at_n = {"audio": (1.0, 1.0), "visual": (1.0, 1.0), "joint": (1.0, 1.0)}
+    at_n_plus = {"audio": (0.5, 1.2), "visual": (0.5, 1.0), "joint": (0.4, 1.1)}
+    assert estimate_blend_weights(at_n, at_n_plus) == {"audio": 1 / 3, "visual": 1 / 3, "joint": 1 / 3}
+
+
+def test_estimate_validation():
+    good = {"audio": (1.0, 1.5), "visual": (1.0, 1.5), "joint": (1.0, 1.5)}
+    with pytest.raises(ValueError, match="losses_at_n_plus must have exactly the keys"):
+        estimate_blend_weights(good, {"audio": (1.0, 1.0), "visual": (1.0, 1.0)})
+    with pytest.raises(ValueError, match=r"losses_at_n\['joint'\] must be a \(train_loss, val_loss\) pair"):
+        estimate_blend_weights({**good, "joint": (1.0,)}, good)
+    with pytest.raises(ValueError, match=r"losses_at_n_plus\['audio'\]"):
+        estimate_blend_weights(good, {**good, "audio": (float("nan"), 1.0)})
+    with pytest.raises(ValueError, match="eps"):
+        estimate_blend_weights(good, good, eps=0.0)
+
+
+def test_blended_loss_by_hand():
+    out = AVOutput(
+        logits=torch.tensor([[0.0, 0.0]]),
+        logits_audio=torch.tensor([[1.0, 0.0]]),
+        logits_visual=torch.tensor([[0.0, 2.0]]),
+    )
+    labels = torch.tensor([0])
+    ce_joint = math.log(2.0)
+    ce_audio = math.log(1.0 + math.exp(-1.0))
+    ce_visual = math.log(1.0 + math.exp(2.0))
+    loss = blended_loss(out, labels, {"audio": 0.2, "visual": 0.3, "joint": 0.5})
+    assert loss.item() == pytest.approx(0.2 * ce_audio + 0.3 * ce_visual + 0.5 * ce_joint, rel=1e-6)
+
+
+def test_blended_loss_validation():
+    out = AVOutput(torch.zeros(1, 2), torch.zeros(1, 2), None)
+    with pytest.raises(ValueError, match="weights must have exactly the keys"):
+        blended_loss(out, torch.tensor([0]), {"audio": 1.0, "joint": 1.0})
+    with pytest.raises(ValueError, match=r"weights\['visual'\]"):
+        blended_loss(out, torch.tensor([0]), {"audio": 1.0, "visual": -0.1, "joint": 1.0})
+    with pytest.raises(ValueError, match="logits_visual"):
+        blended_loss(out, torch.tensor([0]), {"audio": 1.0, "visual": 1.0, "joint": 1.0})
+
+
+def test_gblend_classifier_forward_backward():
+    torch.manual_seed(0)
+    model = build_gblend_classifier(5, width=8)
+    assert model.has_probe_heads is False
+    audio, visual = torch.randn(2, 1, 100, 40), torch.randn(2, 3, 2, 32, 32)
+    out = model(audio, visual)
+    assert out.logits.shape == out.logits_audio.shape == out.logits_visual.shape == (2, 5)
+    labels = torch.tensor([1, 4])
+    # The audio head alone trains the audio encoder (heads are not detached in G-Blend) ...
+    F.cross_entropy(out.logits_audio, labels).backward(retain_graph=True)
+    assert model.audio_encoder.conv1.weight.grad.abs().sum() > 0
+    assert model.visual_encoder.conv1.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    # ... and the blended loss reaches every head and both encoders.
+    blended_loss(out, labels, {"audio": 0.2, "visual": 0.3, "joint": 0.5}).backward()
+    for head in (model.audio_head, model.visual_head, model.joint_head):
+        assert head.weight.grad.abs().sum() > 0
+    assert model.visual_encoder.conv1.weight.grad.abs().sum() > 0
+
+
+def test_gblend_joint_head_sees_audio_then_visual():
+    torch.manual_seed(0)
+    model = build_gblend_classifier(3, audio_arch="resnet10", visual_arch="resnet10", width=4).eval()
+    d = model.audio_encoder.out_dim
+    weight = torch.zeros(3, 2 * d)
+    weight[0, :d] = 1.0  # class 0 reads audio only
+    weight[1, d:] = 1.0  # class 1 reads visual only
+    with torch.no_grad():
+        model.joint_head.weight.copy_(weight)
+        model.joint_head.bias.copy_(torch.tensor([0.0, 0.0, 7.0]))
+        audio, visual = torch.randn(2, 1, 64, 32), torch.randn(2, 3, 2, 32, 32)
+        a, v = model.audio_encoder(audio), model.visual_encoder(visual)
+        out = model(audio, visual)
+    torch.testing.assert_close(out.logits[:, 0], a.sum(1))
+    torch.testing.assert_close(out.logits[:, 1], v.sum(1))
+    torch.testing.assert_close(out.logits[:, 2], torch.full((2,), 7.0))

@@ -1,0 +1,117 @@
+"""Spec validation: good specs load, every malformed one is refused with an error naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.specs import ExperimentSpec, SpecError, apply_overrides, flatten, load_spec
+
+EXPERIMENTS = sorted(Path(__file__).resolve().parents[1].joinpath("experiments").glob("*.yaml"))
+
+
+def test_defaults_validate_and_run_on_a_laptop():
+    spec = ExperimentSpec()
+    assert spec.method.name == "normal"
+    assert spec.scaling.num_workers == 1 and not spec.scaling.use_gpu
+    assert spec.data.source == "generated"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.name
+
+
+def test_overrides_are_validated_like_the_file():
+    spec = load_spec({"name": "x"}, ["model.fusion=film", "method.name=ogm_ge", "method.alpha=0.3", "train.epochs=5"])
+    assert spec.model.fusion == "film"
+    assert spec.method.alpha == pytest.approx(0.3)
+    with pytest.raises(SpecError, match=r"model\.fusion"):
+        load_spec({}, ["model.fusion=avg"])
+
+
+def test_override_does_not_mutate_input():
+    data = {"model": {"fusion": "sum"}}
+    apply_overrides(data, ["model.fusion=film"])
+    assert data["model"]["fusion"] == "sum"
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(ExperimentSpec().model_dump(mode="json"))
+    assert flat["model.fusion"] == "concat"
+    assert flat["train.epochs"] == 3
+    assert isinstance(flat["data.decode.normalize_mean"], str)
+
+
+# (case id, spec mapping or raw YAML text, overrides, text the error must contain)
+BAD_SPECS = [
+    ("unknown top field", {"nmae": "x"}, [], "nmae: unknown field"),
+    ("unknown nested field", {"train": {"epoch": 3}}, [], "train.epoch: unknown field"),
+    ("epochs wrong type", {"train": {"epochs": "many"}}, [], "train.epochs"),
+    ("negative epochs", {"train": {"epochs": -1}}, [], "train.epochs"),
+    ("zero epochs", {"train": {"epochs": 0}}, [], "train.epochs"),
+    ("zero batch", {"train": {"batch_size": 0}}, [], "train.batch_size"),
+    ("negative lr", {"train": {"learning_rate": -0.1}}, [], "train.learning_rate"),
+    ("unknown optimizer", {"train": {"optimizer": "rmsprop"}}, [], "train.optimizer"),
+    ("momentum one", {"train": {"momentum": 1.0}}, [], "train.momentum"),
+    ("decay ratio zero", {"train": {"lr_decay_ratio": 0}}, [], "train.lr_decay_ratio"),
+    ("unknown method", {"method": {"name": "ogmx"}}, [], "method"),
+    ("method without name", {"method": {"alpha": 0.3}}, [], "method"),
+    ("alpha zero", {"method": {"name": "ogm_ge", "alpha": 0}}, [], "method.alpha"),
+    ("alpha negative", {"method": {"name": "ogm", "alpha": -1}}, [], "method.alpha"),
+    ("alpha string", {"method": {"name": "ogm", "alpha": "big"}}, [], "method.alpha"),
+    ("window reversed", {"method": {"name": "ogm_ge", "modulation_starts": 5, "modulation_ends": 2}}, [], "modulation_ends"),
+    ("window empty", {"method": {"name": "ogm_ge", "modulation_starts": 2, "modulation_ends": 2}}, [], "modulation_ends"),
+    ("window starts negative", {"method": {"name": "ogm_ge", "modulation_starts": -1}}, [], "method.modulation_starts"),
+    ("window outside epochs", {"train": {"epochs": 3}, "method": {"name": "ogm_ge", "modulation_starts": 5, "modulation_ends": 9}}, [], "modulation_starts"),
+    ("unknown fusion", {"model": {"fusion": "avg"}}, [], "model.fusion"),
+    ("unknown audio arch", {"model": {"audio_arch": "vit"}}, [], "model.audio_arch"),
+    ("width zero", {"model": {"width": 0}}, [], "model.width"),
+    ("gblend unknown mode", {"method": {"name": "gblend", "mode": "sometimes"}}, [], "method.mode"),
+    ("gblend negative weight", {"method": {"name": "gblend", "weights": {"audio": -1, "visual": 1, "joint": 1}}}, [], "method.weights"),
+    ("gblend zero weights", {"method": {"name": "gblend", "weights": {"audio": 0, "visual": 0, "joint": 0}}}, [], "weights"),
+    ("drop pathway above one", {"method": {"name": "avslowfast", "drop_pathway_rate": 1.5}}, [], "method.drop_pathway_rate"),
+    ("avid field on ogm", {"method": {"name": "ogm", "embedding_dim": 64}}, [], "method.embedding_dim: unknown field"),
+    ("dataset without root", {"data": {"source": "dataset", "layout": "cremad"}}, [], "data.root"),
+    ("unknown layout", {"data": {"layout": "audioset"}}, [], "data.layout"),
+    ("unknown source", {"data": {"source": "youtube"}}, [], "data.source"),
+    ("bad on_bad_media", {"data": {"on_bad_media": "ignore"}}, [], "data.on_bad_media"),
+    ("informative above one", {"data": {"synth": {"audio_informative": 1.2}}}, [], "data.synth.audio_informative"),
+    ("two classes minimum", {"data": {"synth": {"classes": 1}}}, [], "data.synth.classes"),
+    ("zero frames", {"data": {"decode": {"num_frames": 0}}}, [], "data.decode.num_frames"),
+    ("zero workers", {"scaling": {"num_workers": 0}}, [], "scaling.num_workers"),
+    ("cpus negative", {"scaling": {"cpus_per_worker": -2}}, [], "scaling.cpus_per_worker"),
+    ("name with slash", {"name": "../evil"}, [], "name"),
+    ("empty name", {"name": ""}, [], "name"),
+    ("section is a list", {"train": [1, 2]}, [], "train"),
+    ("yaml list top level", "- a\n- b\n", [], "top level must be a mapping"),
+    ("yaml scalar top level", "just text\n", [], "top level must be a mapping"),
+    ("yaml syntax error", "train: {epochs: 3\n", [], "not valid YAML"),
+    ("override without equals", {}, ["model.fusion"], "KEY=VALUE"),
+    ("override bad value", {}, ["train.epochs=-3"], "train.epochs"),
+    ("override into scalar", {"name": "abc"}, ["name.x=1"], "'name' is not a section"),
+]
+
+
+@pytest.mark.parametrize("case,spec,overrides,expected", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_bad_spec_is_refused_naming_the_field(tmp_path, case, spec, overrides, expected):
+    source = spec
+    if isinstance(spec, str):
+        source = tmp_path / "spec.yaml"
+        source.write_text(spec)
+    with pytest.raises(SpecError) as info:
+        load_spec(source, overrides)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_missing_spec_file_names_the_file(tmp_path):
+    with pytest.raises(SpecError, match="nope.yaml"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)

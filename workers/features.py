@@ -1,0 +1,171 @@
+"""Audio features computed with torch / torchaudio transforms (no torchaudio I/O).
+
+Two representations, both returned as ``(1, T, F)`` float32 (time first, frequency last):
+
+* :func:`log_mel`: log mel-spectrogram, e.g. 40 mel bins, 25 ms windows, 10 ms hop, so one second
+  gives 100 x 40 as in the Gradient-Blending audio setup (Wang et al., CVPR 2020).
+* :func:`spectrogram_ogm`: the log-magnitude STFT the official OGM-GE loaders build with librosa
+  (``OGM-GE_CVPR2022/dataset/CramedDataset.py``, ``__getitem__``: clip to [-1, 1],
+  ``librosa.stft(n_fft=512, hop_length=353)``, ``np.log(np.abs(S) + 1e-7)``), computed here with
+  ``torch.stft``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torchaudio
+
+__all__ = ["log_mel", "spectrogram_ogm", "ms_to_samples", "log_mel_num_frames", "stft_num_frames"]
+
+# Floor added before the log of mel power, so digital silence maps to log(1e-6) ~ -13.8
+# instead of -inf.
+LOG_MEL_FLOOR = 1e-6
+# OGM-GE: np.log(np.abs(spectrogram) + 1e-7)  (dataset/CramedDataset.py, dataset/VGGSoundDataset.py)
+OGM_LOG_OFFSET = 1e-7
+
+
+def ms_to_samples(milliseconds: float, sample_rate_hz: int) -> int:
+    """``round(milliseconds * sample_rate_hz / 1000)``."""
+    return int(round(milliseconds * sample_rate_hz / 1000.0))
+
+
+def log_mel_num_frames(num_samples: int, hop_length: int) -> int:
+    """Frames a clip of ``num_samples`` implies at ``hop_length``: ``num_samples // hop_length``
+
+    (1 s at 16 kHz with a 10 ms hop -> 100 frames).
+    """
+    return num_samples // hop_length
+
+
+def stft_num_frames(num_samples: int, hop_length: int) -> int:
+    """Frames of a centred STFT, as librosa returns: ``1 + num_samples // hop_length``.
+
+    (OGM-GE CREMA-D: 3 s at 22050 Hz, hop 353 -> 188 frames.)
+    """
+    return 1 + num_samples // hop_length
+
+
+def _fit_frames(features: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Zero-pad or crop ``(T, F)`` along time to ``num_frames``."""
+    length = features.shape[0]
+    if length >= num_frames:
+        return features[:num_frames]
+    return torch.nn.functional.pad(features, (0, 0, 0, num_frames - length))
+
+
+def _check_waveform(waveform: torch.Tensor, sample_rate_hz: int) -> torch.Tensor:
+    if waveform.dim() != 1:
+        raise ValueError(f"waveform must be 1-D (N,), got shape {tuple(waveform.shape)}")
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+    return waveform.to(torch.float32)
+
+
+@lru_cache(maxsize=16)
+def _mel_transform(
+    sample_rate_hz: int, n_fft: int, win_length: int, hop_length: int, n_mels: int
+) -> torchaudio.transforms.MelSpectrogram:
+    # Cached because building the mel filterbank dominates the cost for 1 s clips.
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=sample_rate_hz,
+        n_fft=n_fft,
+        win_length=win_length,
+        hop_length=hop_length,
+        n_mels=n_mels,
+        power=2.0,
+        center=True,
+        mel_scale="htk",
+    )
+
+
+def log_mel(
+    waveform: torch.Tensor,
+    sample_rate_hz: int,
+    n_mels: int = 40,
+    win_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    n_fft: int | None = None,
+    *,
+    num_frames: int | None = None,
+) -> torch.Tensor:
+    """Log mel-spectrogram of a mono waveform.
+
+    Args:
+        waveform: float ``(N,)``.
+        sample_rate_hz: sampling rate of ``waveform``.
+        n_mels: mel bins (HTK mel scale, 0 Hz to Nyquist).
+        win_ms, hop_ms: Hann window length and hop in milliseconds.
+        n_fft: FFT size; default the next power of two >= the window length (512 for 25 ms at
+            16 kHz).
+        num_frames: output frames; default ``N // hop`` (the frames the clip length implies).
+
+    Returns:
+        float32 ``(1, num_frames, n_mels)`` = ``log(max(mel_power, 1e-6))``, zero-padded or cropped
+        in time.
+    """
+    waveform = _check_waveform(waveform, sample_rate_hz)
+    win_length = ms_to_samples(win_ms, sample_rate_hz)
+    hop_length = ms_to_samples(hop_ms, sample_rate_hz)
+    if win_length <= 0 or hop_length <= 0 or n_mels <= 0:
+        raise ValueError(
+            f"win_ms={win_ms}, hop_ms={hop_ms} give {win_length}/{hop_length} samples and "
+            f"n_mels={n_mels}; all must be positive"
+        )
+    if n_fft is None:
+        n_fft = 1 << (win_length - 1).bit_length()
+    if n_fft < win_length:
+        raise ValueError(f"n_fft={n_fft} is shorter than the window ({win_length} samples)")
+    transform = _mel_transform(sample_rate_hz, n_fft, win_length, hop_length, n_mels)
+    with torch.no_grad():
+        mel = transform(waveform)  # (n_mels, 1 + N // hop)
+    features = torch.log(torch.clamp(mel, min=LOG_MEL_FLOOR)).transpose(0, 1)
+    if num_frames is None:
+        num_frames = log_mel_num_frames(waveform.shape[0], hop_length)
+    return _fit_frames(features, num_frames).unsqueeze(0).contiguous()
+
+
+def spectrogram_ogm(
+    waveform: torch.Tensor,
+    sample_rate_hz: int,
+    n_fft: int = 512,
+    hop_length: int = 353,
+    *,
+    num_frames: int | None = None,
+) -> torch.Tensor:
+    """OGM-GE's log-magnitude spectrogram, computed with ``torch.stft``.
+
+    Follows ``OGM-GE_CVPR2022/dataset/CramedDataset.py`` (``__getitem__``): samples clipped to
+    [-1, 1]; ``librosa.stft(y, n_fft=512, hop_length=353)`` whose defaults are
+    ``win_length = n_fft``, a periodic Hann window and ``center=True``; the official code ran on
+    librosa < 0.10 whose centre padding is ``pad_mode="reflect"``; then ``log(|S| + 1e-7)``.
+    (Their VGGSound loader uses ``n_fft=256, hop_length=128`` at 16 kHz.)
+
+    Args:
+        waveform: float ``(N,)``.
+        num_frames: output frames; default ``1 + N // hop_length`` (librosa's count).
+
+    Returns:
+        float32 ``(1, num_frames, n_fft // 2 + 1)``.
+    """
+    waveform = _check_waveform(waveform, sample_rate_hz)
+    if n_fft <= 0 or hop_length <= 0:
+        raise ValueError(f"n_fft={n_fft} and hop_length={hop_length} must be positive")
+    clipped = waveform.clamp(-1.0, 1.0)
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
+    with torch.no_grad():
+        stft = torch.stft(
+            clipped,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=n_fft,
+            window=window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )  # (n_fft // 2 + 1, 1 + N // hop)
+    features = torch.log(stft.abs() + OGM_LOG_OFFSET).transpose(0, 1)
+    if num_frames is None:
+        num_frames = stft_num_frames(waveform.shape[0], hop_length)
+    return _fit_frames(features, num_frames).unsqueeze(0).contiguous()

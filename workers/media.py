@@ -1,0 +1,448 @@
+"""Media probing and clip decoding with PyAV.
+
+A clip is the window ``[start, start + clip_seconds)`` of a file, where ``start`` is the first
+timestamp of the stream (FLV files written with B-frames start at e.g. 0.2 s; MP4 edit lists make
+it 0). Video frames are sampled uniformly over the frames inside that window; audio is resampled
+to mono float32 with ``av.AudioResampler`` and zero-padded or cropped to the window length.
+
+Audio and video may come from one file (``.mp4`` with both streams) or from two files (CREMA-D ships
+``AudioWAV/*.wav`` and ``VideoFlash/*.flv`` separately).
+
+Every failure is raised as :class:`BadMediaError` naming the file and the problem, never as a raw
+FFmpeg / OS error, so a dataset can report or skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+import torch
+
+__all__ = [
+    "BadMediaError",
+    "probe_media",
+    "decode_clip",
+    "uniform_frame_indices",
+    "clip_num_samples",
+]
+
+# A file whose container is recognised but which cannot be decoded is reported as truncated or
+# corrupt; anything else as "not a media file". The signatures are the containers' magic numbers.
+_CONTAINER_SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
+    ("MP4/MOV", 4, b"ftyp"),
+    ("MP4/MOV", 4, b"moov"),
+    ("MP4/MOV", 4, b"mdat"),
+    ("MP4/MOV", 4, b"free"),
+    ("MP4/MOV", 4, b"wide"),
+    ("FLV", 0, b"FLV"),
+    ("WAV", 0, b"RIFF"),
+    ("Matroska/WebM", 0, b"\x1a\x45\xdf\xa3"),
+    ("Ogg", 0, b"OggS"),
+    ("MP3", 0, b"ID3"),
+)
+
+# Decoded video must cover at least this share of the duration the container declares (capped at
+# the clip window); less means the file was cut short after its header was written.
+_MIN_DECLARED_COVERAGE = 0.5
+
+
+class BadMediaError(ValueError):
+    """A media file that cannot be used: names the file and the problem.
+
+    ``str(err) == f"{path}: {problem}"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across DataLoader worker processes
+        return (type(self), (self.path, self.problem))
+
+
+def _container_kind(header: bytes) -> str | None:
+    for kind, offset, magic in _CONTAINER_SIGNATURES:
+        if header[offset : offset + len(magic)] == magic:
+            return kind
+    return None
+
+
+def _check_readable(path: Path) -> bytes:
+    """Check that ``path`` is a non-empty readable regular file; return its first 16 bytes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BadMediaError(path, "file not found") from None
+    except PermissionError:
+        raise BadMediaError(path, "permission denied") from None
+    except OSError as err:
+        raise BadMediaError(path, f"cannot stat file ({err.strerror or err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadMediaError(path, "not a regular file")
+    if st.st_size == 0:
+        raise BadMediaError(path, "file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16)
+    except PermissionError:
+        raise BadMediaError(path, "permission denied") from None
+    except OSError as err:
+        raise BadMediaError(path, f"cannot read file ({err.strerror or err})") from None
+
+
+def _ffmpeg_message(err: BaseException) -> str:
+    return str(getattr(err, "strerror", None) or err).strip()
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    header = _check_readable(path)
+    try:
+        return av.open(str(path), mode="r")
+    except PermissionError:
+        raise BadMediaError(path, "permission denied") from None
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+        kind = _container_kind(header)
+        if kind is not None:
+            raise BadMediaError(
+                path, f"truncated or corrupt {kind} file ({_ffmpeg_message(err)})"
+            ) from None
+        raise BadMediaError(path, f"not a media file ({_ffmpeg_message(err)})") from None
+
+
+def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def probe_media(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a media file's container and streams without decoding it.
+
+    Returns ``{"path", "format", "size_bytes", "duration_s", "streams": [...], "video", "audio"}``
+    where each stream dict has ``index, type, codec, duration_s`` plus ``width, height, fps,
+    frames`` (video) or ``sample_rate_hz, channels`` (audio); ``video`` / ``audio`` is the first
+    stream of that type or ``None``. Raises :class:`BadMediaError`.
+    """
+    path = Path(path)
+    container = _open(path)
+    try:
+        streams: list[dict[str, Any]] = []
+        for stream in container.streams:
+            info: dict[str, Any] = {
+                "index": stream.index,
+                "type": stream.type,
+                "codec": stream.codec_context.name if stream.codec_context else None,
+                "duration_s": _seconds(stream.duration, stream.time_base),
+            }
+            if stream.type == "video":
+                rate = stream.average_rate or stream.guessed_rate
+                info.update(
+                    width=stream.codec_context.width,
+                    height=stream.codec_context.height,
+                    fps=float(rate) if rate else None,
+                    frames=int(stream.frames) or None,
+                )
+            elif stream.type == "audio":
+                info.update(
+                    sample_rate_hz=stream.codec_context.sample_rate,
+                    channels=stream.codec_context.channels,
+                )
+            streams.append(info)
+        duration = container.duration / av.time_base if container.duration is not None else None
+        return {
+            "path": str(path),
+            "format": container.format.name,
+            "size_bytes": path.stat().st_size,
+            "duration_s": duration,
+            "streams": streams,
+            "video": next((s for s in streams if s["type"] == "video"), None),
+            "audio": next((s for s in streams if s["type"] == "audio"), None),
+        }
+    finally:
+        container.close()
+
+
+def uniform_frame_indices(num_available: int, num_frames: int) -> list[int]:
+    """Indices of ``num_frames`` frames spread uniformly over ``num_available`` frames.
+
+    Frame ``k`` is the centre of the ``k``-th of ``num_frames`` equal segments,
+    ``floor((2k + 1) * num_available / (2 * num_frames))`` (segment-based sampling as in TSN);
+    indices repeat when fewer frames are available than requested.
+    """
+    if num_available <= 0 or num_frames <= 0:
+        raise ValueError(f"need positive counts, got {num_available=} {num_frames=}")
+    return [((2 * k + 1) * num_available) // (2 * num_frames) for k in range(num_frames)]
+
+
+class _AudioCollector:
+    """Resamples decoded audio frames to mono float32 at ``rate`` until ``target`` samples."""
+
+    def __init__(self, rate: int, target: int) -> None:
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self.target = target
+        self.chunks: list[np.ndarray] = []
+        self.count = 0
+
+    @property
+    def done(self) -> bool:
+        return self.count >= self.target
+
+    def add(self, frame: av.AudioFrame | None) -> None:
+        for out in self.resampler.resample(frame):
+            chunk = out.to_ndarray().reshape(-1)
+            self.chunks.append(chunk)
+            self.count += chunk.shape[0]
+
+    def waveform(self) -> torch.Tensor:
+        if self.chunks:
+            samples = np.concatenate(self.chunks)[: self.target]
+        else:
+            samples = np.zeros(0, dtype=np.float32)
+        out = np.zeros(self.target, dtype=np.float32)
+        out[: samples.shape[0]] = samples  # zero-pad a short clip at the end
+        return torch.from_numpy(out)
+
+
+def _stream_start(stream: av.stream.Stream) -> float:
+    start = _seconds(stream.start_time, stream.time_base)
+    return start if start is not None else 0.0
+
+
+def _packet_time(value: int | None, stream: av.stream.Stream) -> float | None:
+    return _seconds(value, stream.time_base)
+
+
+def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
+    container = _open(path)
+    try:
+        if not container.streams.audio:
+            raise BadMediaError(path, "no audio stream")
+        stream = container.streams.audio[0]
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                collector.add(frame)
+            if collector.done:
+                break
+        collector.add(None)  # flush the resampler's buffered tail
+    except av.error.FFmpegError as err:
+        raise BadMediaError(path, f"truncated or corrupt audio stream ({_ffmpeg_message(err)})") from None
+    finally:
+        container.close()
+    if collector.count == 0:
+        raise BadMediaError(path, "audio stream has no decodable samples")
+
+
+def _frame_to_rgb(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
+    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+
+
+def decode_clip(
+    video_path: str | os.PathLike[str],
+    audio_path: str | os.PathLike[str],
+    *,
+    num_frames: int,
+    frame_height: int,
+    frame_width: int,
+    sample_rate_hz: int,
+    clip_seconds: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one clip: ``num_frames`` uniformly spaced RGB frames and a mono waveform.
+
+    ``video_path`` and ``audio_path`` may be the same file. Returns
+    ``frames``: uint8 ``(num_frames, frame_height, frame_width, 3)`` and
+    ``waveform``: float32 ``(round(clip_seconds * sample_rate_hz),)``.
+
+    Raises :class:`BadMediaError` for a missing / unreadable / empty / non-media / truncated file
+    or a file lacking the needed stream.
+    """
+    if num_frames <= 0 or frame_height <= 0 or frame_width <= 0 or sample_rate_hz <= 0:
+        raise ValueError(
+            "num_frames, frame_height, frame_width and sample_rate_hz must be positive, got "
+            f"{num_frames}, {frame_height}, {frame_width}, {sample_rate_hz}"
+        )
+    if not clip_seconds > 0:
+        raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+    video_path, audio_path = Path(video_path), Path(audio_path)
+    shared = os.path.abspath(video_path) == os.path.abspath(audio_path)
+    collector = _AudioCollector(sample_rate_hz, clip_num_samples(clip_seconds, sample_rate_hz))
+    if not shared:
+        # Check the video file first so a bad video is reported before the audio file is touched.
+        _check_readable(video_path)
+        _decode_audio_only(audio_path, collector)
+
+    container = _open(video_path)
+    try:
+        if not container.streams.video:
+            raise BadMediaError(video_path, "no video stream")
+        video = container.streams.video[0]
+        audio = None
+        if shared:
+            if not container.streams.audio:
+                raise BadMediaError(video_path, "no audio stream")
+            audio = container.streams.audio[0]
+        window_start = _stream_start(video)
+        window_end = window_start + clip_seconds
+
+        # Demux first, keeping the compressed video packets (small): the number of frames in the
+        # window must be known before choosing which ones to convert. Demuxing stops once the
+        # decode timestamp passes the window (dts is monotonic and dts <= pts, so no later packet
+        # can belong to the window) and the audio window is complete.
+        packets: list[av.Packet] = []
+        frames_in_window = 0
+        video_done = False
+        streams = [video] if audio is None else [video, audio]
+        try:
+            for packet in container.demux(*streams):
+                if packet.stream.type == "audio":
+                    if not collector.done:
+                        for frame in packet.decode():
+                            collector.add(frame)
+                elif not video_done:
+                    if packet.size == 0:  # end-of-stream flush packet
+                        continue
+                    dts = _packet_time(packet.dts, video)
+                    if dts is not None and dts >= window_end:
+                        video_done = True
+                        continue
+                    packets.append(packet)
+                    pts = _packet_time(packet.pts, video)
+                    if pts is None or pts < window_end:
+                        frames_in_window += 1
+                if video_done and (audio is None or collector.done):
+                    break
+            if audio is not None:
+                collector.add(None)
+        except av.error.FFmpegError as err:
+            raise BadMediaError(
+                video_path, f"truncated or corrupt stream ({_ffmpeg_message(err)})"
+            ) from None
+        if audio is not None and collector.count == 0:
+            raise BadMediaError(video_path, "audio stream has no decodable samples")
+        if frames_in_window == 0:
+            raise BadMediaError(video_path, "video stream has no frames")
+
+        frames = _convert_selected(
+            video_path, video, packets, frames_in_window, num_frames,
+            window_end, frame_height, frame_width,
+        )
+        if frames is None:
+            # The decoder produced fewer frames than there were packets (dropped / undecodable
+            # packets): decode again from the start, this time keeping every frame in the window.
+            frames = _decode_all_then_select(
+                video_path, num_frames, window_end, frame_height, frame_width
+            )
+        declared = _seconds(video.duration, video.time_base)
+        if declared is None and container.duration is not None:
+            declared = container.duration / av.time_base
+        _check_coverage(video_path, video, packets, window_start, clip_seconds, declared)
+    finally:
+        container.close()
+    return torch.from_numpy(np.stack(frames)), collector.waveform()
+
+
+def _check_coverage(
+    path: Path,
+    stream: av.stream.Stream,
+    packets: list[av.Packet],
+    window_start: float,
+    clip_seconds: float,
+    declared: float | None,
+) -> None:
+    """Raise if the demuxed video covers much less than the container's declared duration."""
+    if declared is None or declared <= 0:
+        return
+    times = [_packet_time(p.pts, stream) for p in packets]
+    times = [t for t in times if t is not None]
+    if not times:
+        return
+    rate = stream.average_rate or stream.guessed_rate
+    frame_duration = 1.0 / float(rate) if rate else 0.0
+    covered = max(times) + frame_duration - window_start
+    expected = min(declared, clip_seconds)
+    if covered < _MIN_DECLARED_COVERAGE * expected:
+        raise BadMediaError(
+            path,
+            f"truncated: video stream ends after {covered:.3f} s but the container declares "
+            f"{declared:.3f} s",
+        )
+
+
+def _convert_selected(
+    path: Path,
+    stream: av.stream.Stream,
+    packets: list[av.Packet],
+    frames_in_window: int,
+    num_frames: int,
+    window_end: float,
+    height: int,
+    width: int,
+) -> list[np.ndarray] | None:
+    """Decode ``packets`` in order, converting only the uniformly chosen frames.
+
+    Returns ``None`` when the decoder yields fewer in-window frames than expected.
+    """
+    wanted = uniform_frame_indices(frames_in_window, num_frames)
+    last_wanted = wanted[-1]
+    by_index: dict[int, np.ndarray] = {}
+    position = 0
+
+    def take(frame: av.VideoFrame) -> bool:
+        nonlocal position
+        if frame.time is not None and frame.time >= window_end:
+            return False
+        if position in wanted:
+            by_index[position] = _frame_to_rgb(frame, height, width)
+        position += 1
+        return position > last_wanted
+
+    try:
+        finished = False
+        for packet in packets:
+            for frame in stream.codec_context.decode(packet):
+                if take(frame):
+                    finished = True
+                    break
+            if finished:
+                break
+        if not finished:
+            for frame in stream.codec_context.decode(None):  # drain reordered frames
+                if take(frame):
+                    break
+    except av.error.FFmpegError as err:
+        raise BadMediaError(path, f"truncated or corrupt video stream ({_ffmpeg_message(err)})") from None
+    if any(index not in by_index for index in wanted):
+        return None
+    return [by_index[index] for index in wanted]
+
+
+def _decode_all_then_select(
+    path: Path, num_frames: int, window_end: float, height: int, width: int
+) -> list[np.ndarray]:
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        kept: list[av.VideoFrame] = []
+        for frame in container.decode(stream):
+            if frame.time is not None and frame.time >= window_end:
+                continue
+            kept.append(frame)
+    except av.error.FFmpegError as err:
+        raise BadMediaError(path, f"truncated or corrupt video stream ({_ffmpeg_message(err)})") from None
+    finally:
+        container.close()
+    if not kept:
+        raise BadMediaError(path, "video stream has no decodable frames")
+    return [_frame_to_rgb(kept[i], height, width) for i in uniform_frame_indices(len(kept), num_frames)]
+
+
+def clip_num_samples(clip_seconds: float, sample_rate_hz: int) -> int:
+    """Number of audio samples in a clip: ``round(clip_seconds * sample_rate_hz)``."""
+    return int(round(clip_seconds * sample_rate_hz))

@@ -23,3 +23,16 @@ from .ogm_ge import (
 from .outputs import AVOutput
 
 # --- AVSlowFast / AVID-CMA exports: append below this line (models/avslowfast.py, models/avid_cma.py) ---
+from .avid_cma import (
+    AVEmbeddings,
+    AVIDConfig,
+    AVIDCriterion,
+    AVIDModel,
+    CMACriterion,
+    MemoryBank,
+    build_avid_model,
+    linear_probe_accuracy,
+    nce_loss,
+    parse_avid_config,
+)
+from .avslowfast import AVSLOWFAST_CONFIGS, AVSlowFast, AVSlowFastConfig, DropPathway, build_avslowfast, drop_pathway

@@ -264,8 +264,9 @@ def parse_avid_config(name: str, momentum: float = OFFICIAL_MOMENTUM, temperatur
         raise ValueError(f"AVID config {name!r}: missing part 2 'N<negatives>' after {head!r}")
     x_inst, w_inst = _MODAL_LETTERS[m.group(1)]
     num_negatives = _parse_count(name, parts[1], 1, "N")
-    kwargs: dict[str, Any] = dict(name=name, num_negatives=num_negatives, xmodal_inst_coeff=x_inst, wmodal_inst_coeff=w_inst,
-                                  momentum=momentum, temperature=temperature, resample_freq=-1)
+    kwargs: dict[str, Any] = dict(name=name, num_negatives=num_negatives, xmodal_inst_coeff=x_inst,
+                                  wmodal_inst_coeff=w_inst, momentum=momentum, temperature=temperature,
+                                  resample_freq=-1)
     if len(parts) > 2:
         pm = re.fullmatch(r"Pos(XW|X|W)", parts[2])
         if pm is None:
@@ -322,19 +323,26 @@ class MemoryBank(nn.Module):
 
     def _check_indices(self, indices: Tensor) -> None:
         if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"indices must be a 1-D integer tensor, got shape {tuple(indices.shape)} dtype {indices.dtype}")
+            raise ValueError(
+                f"indices must be a 1-D integer tensor, got shape {tuple(indices.shape)} dtype {indices.dtype}"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_items):
             raise ValueError(f"indices must lie in [0, {self.num_items}), got range "
                              f"[{int(indices.min())}, {int(indices.max())}]")
 
     @torch.no_grad()
     def update(self, indices: Tensor, embeddings: Tensor) -> None:
-        """``m[i] <- normalize(momentum * m[i] + (1 - momentum) * x)`` for each (i, x) (criterions/avid.py ``update_memory``)."""
+        """``m[i] <- normalize(momentum * m[i] + (1 - momentum) * x)`` for each (i, x).
+
+        criterions/avid.py ``update_memory``.
+        """
         self._check_indices(indices)
         if embeddings.shape != (indices.shape[0], self.memory.shape[1]):
-            raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.memory.shape[1]}), got {tuple(embeddings.shape)}")
+            raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.memory.shape[1]}), "
+                             f"got {tuple(embeddings.shape)}")
         indices = indices.to(self.memory.device).long()
-        mixed = self.memory.index_select(0, indices) * self.momentum + embeddings.to(self.memory) * (1.0 - self.momentum)
+        old = self.memory.index_select(0, indices)
+        mixed = old * self.momentum + embeddings.to(self.memory) * (1.0 - self.momentum)
         self.memory.index_copy_(0, indices, F.normalize(mixed, dim=1))
 
     def sample_negatives(self, indices: Tensor, num_negatives: int, generator: torch.Generator | None = None,
@@ -383,6 +391,12 @@ def nce_loss(scores_pos: Tensor, scores_neg: Tensor, partition: Tensor | float) 
     neg_log_p_model = F.softplus(log_kz - scores_pos)  # -log(e^s / (e^s + KZ))
     neg_log_p_noise = F.softplus(scores_neg - log_kz)  # -log(KZ / (e^s + KZ))
     return (neg_log_p_model.mean(dim=1) + neg_log_p_noise.sum(dim=1)).mean()
+
+
+def _require_embeddings(emb: Any) -> AVEmbeddings:
+    if not isinstance(emb, AVEmbeddings):
+        raise TypeError(f"emb must be AVEmbeddings (the AVIDModel output), got {type(emb).__name__}")
+    return emb
 
 
 def _scores(context: Tensor, targets: Tensor, temperature: float) -> Tensor:
@@ -446,14 +460,14 @@ class AVIDCriterion(nn.Module):
         """Per-epoch hook (official ``AVID.set_epoch`` does nothing)."""
 
     def _check(self, emb: AVEmbeddings, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not isinstance(emb, AVEmbeddings):
-            raise TypeError(f"emb must be AVEmbeddings, got {type(emb).__name__}")
+        _require_embeddings(emb)
         dim = self.video_memory.memory.shape[1]
         for label, x in (("emb.visual", emb.visual), ("emb.audio", emb.audio)):
             if x.dim() != 2 or x.shape[1] != dim:
                 raise ValueError(f"{label} must have shape (B, {dim}), got {tuple(x.shape)}")
         if emb.visual.shape[0] != emb.audio.shape[0] or indices.shape != (emb.visual.shape[0],):
-            raise ValueError(f"indices must have shape ({emb.visual.shape[0]},) matching the batch, got {tuple(indices.shape)}")
+            raise ValueError(f"indices must have shape ({emb.visual.shape[0]},) matching the batch, "
+                             f"got {tuple(indices.shape)}")
         self.video_memory._check_indices(indices)
         # Scores in float32 even under autocast; the official code also renormalises here.
         video = F.normalize(emb.visual.float(), dim=1)
@@ -502,6 +516,12 @@ class AVIDCriterion(nn.Module):
         Returns:
             ``(loss, stats)``; stats hold detached per-task losses and the partition function Z.
         """
+        # Scores of +-1/0.07 need float32: bf16 would round them by ~0.06, so autocast is off here.
+        with torch.autocast(device_type=_require_embeddings(emb).visual.device.type, enabled=False):
+            return self._instance_forward(emb, indices, negative_indices)
+
+    def _instance_forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
+                          ) -> tuple[Tensor, dict[str, Tensor]]:
         video, audio, idx = self._check(emb, indices)
         cfg = self.config
         with torch.no_grad():
@@ -601,6 +621,12 @@ class CMACriterion(AVIDCriterion):
 
     def forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        """As :meth:`AVIDCriterion.forward`, with positive-set terms; sampled negatives avoid the positive set."""
+        with torch.autocast(device_type=_require_embeddings(emb).visual.device.type, enabled=False):
+            return self._cma_forward(emb, indices, negative_indices)
+
+    def _cma_forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
         video, audio, idx = self._check(emb, indices)
         cfg = self.config
         with torch.no_grad():
@@ -653,12 +679,14 @@ def linear_probe_accuracy(
     Shapes: train_features (N, D), train_labels (N,), eval_features (M, D), eval_labels (M,).
     """
     if train_features.dim() != 2 or eval_features.dim() != 2:
-        raise ValueError(f"features must be 2-D (N, D); got train {tuple(train_features.shape)}, eval {tuple(eval_features.shape)}")
+        raise ValueError(f"features must be 2-D (N, D); got train {tuple(train_features.shape)}, "
+                         f"eval {tuple(eval_features.shape)}")
     if train_features.shape[1] != eval_features.shape[1]:
         raise ValueError(f"train and eval feature dims differ: {train_features.shape[1]} vs {eval_features.shape[1]}")
     if train_labels.shape != (train_features.shape[0],) or eval_labels.shape != (eval_features.shape[0],):
         raise ValueError(f"labels must be 1-D with one label per feature row; got train {tuple(train_labels.shape)} "
-                         f"for {train_features.shape[0]} rows, eval {tuple(eval_labels.shape)} for {eval_features.shape[0]} rows")
+                         f"for {train_features.shape[0]} rows, eval {tuple(eval_labels.shape)} "
+                         f"for {eval_features.shape[0]} rows")
     if train_features.shape[0] == 0 or eval_features.shape[0] == 0:
         raise ValueError("linear probe needs at least one training and one evaluation sample")
     if num_classes < 2:

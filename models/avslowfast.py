@@ -18,11 +18,15 @@ pathway's contribution to the visual pathways is dropped for the whole iteration
 dropping the audio pathway, we sum zero tensors with the visual pathways." We do exactly that: the
 A->FS lateral is still computed and multiplied by ``0.0``, so every parameter stays in the autograd
 graph on every step and ``DistributedDataParallel`` never sees an unused parameter (the official
-``FuseAV.forward`` does the same: ``fuse = afs_proc_pos * 0.0 + fuse``).
+``FuseAV.forward`` does the same: ``fuse = afs_proc_pos * 0.0 + fuse``). As in the official code,
+only the audio->visual laterals are dropped: the Audio pathway's own pooled features still reach
+the joint classifier.
 
 Sources followed (read, not copied):
 
-* the official AVSlowFast model, ``slowfast/models/video_model_builder.py`` (classes ``FuseAV``,
+* the official AVSlowFast model, ``slowfast/models/video_model_builder.py`` of the PySlowFast code
+  base with the AVSlowFast additions (the paper points to facebookresearch/SlowFast, whose current
+  HEAD no longer carries them; the files were read from the public-code index) (classes ``FuseAV``,
   ``AVSlowFast``; ``gen_fusion_avs_pattern`` draws ``is_drop = training and random() <
   DROPPATHWAY_RATE`` once per forward, shared by all junctions) and its ``slowfast/config/defaults.py``
   (``SLOWFAST.DROPPATHWAY_RATE = 0.8``, constant: there is no schedule over epochs;
@@ -57,6 +61,8 @@ Deliberate differences, each small:
 * ``logits_audio`` / ``logits_visual`` come from two extra linear *probe* heads on ``.detach()``-ed
   pooled features (not in the paper): they measure each pathway without training it.
 * The audio-visual synchronisation (AVS) auxiliary loss of the paper is not implemented.
+* DropPathway draws from torch's RNG (or a passed generator) rather than Python's ``random``.
+* The A->FS intermediate width is ``max(1, int(C_a * 0.125))`` so that the tiny config keeps a channel.
 """
 
 from __future__ import annotations
@@ -205,7 +211,9 @@ class AVSlowFastConfig:
         if self.width // self.beta_inv < 1:
             raise ValueError(f"width ({self.width}) // beta_inv ({self.beta_inv}) leaves the Fast pathway no channels")
         if self.width // self.audio_beta_inv < 1:
-            raise ValueError(f"width ({self.width}) // audio_beta_inv ({self.audio_beta_inv}) leaves the Audio pathway no channels")
+            raise ValueError(
+                f"width ({self.width}) // audio_beta_inv ({self.audio_beta_inv}) leaves the Audio pathway no channels"
+            )
         for name in ("slow_temporal_kernels", "fast_temporal_kernels"):
             kernels = getattr(self, name)
             if len(kernels) != n + 1 or any(k < 1 or k % 2 == 0 for k in kernels):
@@ -326,15 +334,19 @@ class _Bottleneck3d(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, dim_inner: int, temporal_kernel: int, stride: int) -> None:
         super().__init__()
-        self.conv_a = nn.Conv3d(dim_in, dim_inner, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0), bias=False)
+        self.conv_a = nn.Conv3d(dim_in, dim_inner, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0),
+                                bias=False)
         self.bn_a = _bn(dim_inner, 3)
-        self.conv_b = nn.Conv3d(dim_inner, dim_inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+        self.conv_b = nn.Conv3d(dim_inner, dim_inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
+                                bias=False)
         self.bn_b = _bn(dim_inner, 3)
         self.conv_c = nn.Conv3d(dim_inner, dim_out, 1, bias=False)
         self.bn_c = _bn(dim_out, 3, zero_init=True)
         self.shortcut: nn.Module | None = None
         if dim_in != dim_out or stride != 1:
-            self.shortcut = nn.Sequential(nn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False), _bn(dim_out, 3))
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False), _bn(dim_out, 3)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.bn_a(self.conv_a(x)), inplace=True)
@@ -507,7 +519,8 @@ class AVSlowFast(nn.Module):
             fast_to_slow.append(_FastToSlow(fast_dim, c.fusion_conv_channel_ratio, c.fusion_kernel, c.alpha))
             fused_slow = slow_dim + lateral_dim
             audio_to_visual.append(
-                _AudioToVisual(audio_dim, fused_slow, c.audio_fusion_channel_ratio, c.audio_fusion_kernel, c.audio_fusion_conv_num)
+                _AudioToVisual(audio_dim, fused_slow, c.audio_fusion_channel_ratio, c.audio_fusion_kernel,
+                               c.audio_fusion_conv_num)
                 if c.audio_fusion[i] else nn.Identity()
             )
             stride = 1 if i == 0 else 2
@@ -515,11 +528,13 @@ class AVSlowFast(nn.Module):
             out_f, inner_f = out_s // c.beta_inv, max(1, inner_s // c.beta_inv)
             out_a, inner_a = out_s // c.audio_beta_inv, max(1, inner_s // c.audio_beta_inv)
             slow_stages.append(nn.Sequential(*[
-                _Bottleneck3d(fused_slow if b == 0 else out_s, out_s, inner_s, c.slow_temporal_kernels[i + 1], stride if b == 0 else 1)
+                _Bottleneck3d(fused_slow if b == 0 else out_s, out_s, inner_s, c.slow_temporal_kernels[i + 1],
+                              stride if b == 0 else 1)
                 for b in range(depth)
             ]))
             fast_stages.append(nn.Sequential(*[
-                _Bottleneck3d(fast_dim if b == 0 else out_f, out_f, inner_f, c.fast_temporal_kernels[i + 1], stride if b == 0 else 1)
+                _Bottleneck3d(fast_dim if b == 0 else out_f, out_f, inner_f, c.fast_temporal_kernels[i + 1],
+                              stride if b == 0 else 1)
                 for b in range(depth)
             ]))
             audio_stages.append(nn.Sequential(*[
@@ -593,6 +608,19 @@ class AVSlowFast(nn.Module):
         logits_visual = self.probe_visual(torch.cat([slow, fast], dim=1).detach())
         return AVOutput(logits=joint, logits_audio=logits_audio, logits_visual=logits_visual)
 
+    def to_channels_last(self) -> AVSlowFast:
+        """Channels-last weights: ``Conv3d`` -> ``channels_last_3d``, ``Conv2d`` -> ``channels_last``.
+
+        ``Module.to(memory_format=torch.channels_last_3d)`` raises on this model because the audio
+        pathway has 4-D (``Conv2d``) weights; this converts each kind to its own format.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                module.to(memory_format=torch.channels_last_3d)
+            elif isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
+        return self
+
     def example_inputs(self, batch_size: int = 2, num_frames: int | None = None, crop_size: int | None = None,
                        audio_frames: int | None = None) -> tuple[Tensor, Tensor]:
         """Random ``(audio, visual)`` of the configured (or given) sizes, for smoke tests."""
@@ -621,7 +649,8 @@ def build_avslowfast(
     """
     if config not in AVSLOWFAST_CONFIGS:
         raise ValueError(f"config: unknown AVSlowFast config {config!r}; choose one of {sorted(AVSLOWFAST_CONFIGS)}")
-    if isinstance(drop_pathway_rate, bool) or not isinstance(drop_pathway_rate, (int, float)) or math.isnan(drop_pathway_rate):
+    rate = drop_pathway_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate):
         raise ValueError(f"drop_pathway_rate must be a number in [0, 1], got {drop_pathway_rate!r}")
     return AVSlowFast(AVSLOWFAST_CONFIGS[config], num_classes, drop_pathway_rate=float(drop_pathway_rate),
                       dropout_rate=dropout_rate, generator=generator)

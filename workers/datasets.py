@@ -112,6 +112,8 @@ def load_records(
     records: list[ClipRecord] = []
     for row in rows:
         try:
+            if row.problem is not None:
+                raise ManifestError(row.manifest, row.line, row.problem)
             if row.label not in index_of:
                 raise ManifestError(
                     row.manifest, row.line, f"unknown label {row.label!r} (known: {', '.join(names)})"

@@ -91,7 +91,11 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One clip as a split list names it; paths are relative to the dataset root."""
+    """One clip as a split list names it; paths are relative to the dataset root.
+
+    ``problem`` is set (and the other fields may be empty) for a row that cannot be used, so the
+    loader can raise or skip it like any other bad row.
+    """
 
     manifest: Path
     line: int
@@ -100,6 +104,11 @@ class ManifestRow:
     audio: str
     label: str
     split: str
+    problem: str | None = None
+
+
+def _bad_row(manifest: Path, line: int, split: str, problem: str) -> ManifestRow:
+    return ManifestRow(manifest, line, "", "", "", "", split, problem)
 
 
 def round_half_up(value: float) -> int:
@@ -163,13 +172,16 @@ def _split_train_val(
     rows: list[ManifestRow], split: str, val_fraction: float
 ) -> list[ManifestRow]:
     """Rows of the official train list that belong to ``split`` ('train' or 'val')."""
-    val_ids = derive_validation(((r.clip_id, r.label) for r in rows), val_fraction)
+    usable = [r for r in rows if r.problem is None]
+    val_ids = derive_validation(((r.clip_id, r.label) for r in usable), val_fraction)
     keep_val = split == "val"
-    return [
+    out = [
         ManifestRow(r.manifest, r.line, r.clip_id, r.video, r.audio, r.label, split)
-        for r in rows
+        for r in usable
         if (r.clip_id in val_ids) == keep_val
     ]
+    # Unusable rows are reported with the train split (they cannot be placed in either).
+    return out + [r for r in rows if r.problem is not None and split == "train"]
 
 
 def _audio_if_present(root: Path, wav: str, fallback: str) -> str:
@@ -213,7 +225,8 @@ def _read_cremad(root: Path, split: str, val_fraction: float) -> tuple[list[Mani
     rows = []
     for line, fields in _read_rows(manifest):
         if len(fields) < 2:
-            raise ManifestError(manifest, line, "expected 'clip_id,EMOTION'")
+            rows.append(_bad_row(manifest, line, split, "expected 'clip_id,EMOTION'"))
+            continue
         clip = fields[0]
         rows.append(
             ManifestRow(
@@ -266,17 +279,20 @@ def _read_kinetics_sounds(
             try:
                 index = int(label_field)
             except ValueError:
-                raise ManifestError(manifest, line, f"label index {label_field!r} is not an integer") from None
+                rows.append(_bad_row(manifest, line, split, f"label index {label_field!r} is not an integer"))
+                continue
             if not 0 <= index < len(class_names):
-                raise ManifestError(
-                    manifest, line,
+                rows.append(_bad_row(
+                    manifest, line, split,
                     f"unknown label index {index} (stat.txt lists {len(class_names)} classes)",
-                )
+                ))
+                continue
             label = class_names[index]
         elif len(fields) == 2:
             label, clip = fields
         else:
-            raise ManifestError(manifest, line, "expected 'clip_id,seconds,label_index' or 'class,clip_id'")
+            rows.append(_bad_row(manifest, line, split, "expected 'clip_id,seconds,label_index' or 'class,clip_id'"))
+            continue
         video = f"videos/{clip}.mp4"
         audio = _audio_if_present(root, f"audio/{clip}.wav", video)
         rows.append(ManifestRow(manifest, line, clip, video, audio, label, split))
@@ -291,7 +307,8 @@ def _read_ave_list(path: Path, split: str) -> list[ManifestRow]:
         if "&".join(fields) == AVE_HEADER:
             continue
         if len(fields) != 5:
-            raise ManifestError(path, line, f"expected 5 '&'-separated fields ({AVE_HEADER})")
+            rows[f"#line{line}"] = _bad_row(path, line, split, f"expected 5 '&'-separated fields ({AVE_HEADER})")
+            continue
         category, video_id = fields[0], fields[1]
         # OGM-GE dataset/dataset.py: "AVE, delete repeated labels" -- a repeated video keeps the
         # label of its last row.
@@ -303,7 +320,7 @@ def _read_ave_list(path: Path, split: str) -> list[ManifestRow]:
 
 def _read_ave(root: Path, split: str) -> tuple[list[ManifestRow], list[str]]:
     annotations = root / "Annotations.txt"
-    categories = {row.label for row in _read_ave_list(annotations, "all")}
+    categories = {row.label for row in _read_ave_list(annotations, "all") if row.problem is None}
     if not categories:
         raise ManifestError(annotations, None, "no annotations")
     list_name = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}[split]

@@ -3,7 +3,7 @@
 A clip is the window ``[start, start + clip_seconds)`` of a file, where ``start`` is the first
 timestamp of the stream (FLV files written with B-frames start at e.g. 0.2 s; MP4 edit lists make
 it 0). Video frames are sampled uniformly over the frames inside that window; audio is resampled
-to mono float32 with ``av.AudioResampler`` and zero-padded or cropped to the window length.
+with ``av.AudioResampler`` and averaged to mono float32, then zero-padded or cropped to the window length.
 
 Audio and video may come from one file (``.mp4`` with both streams) or from two files (CREMA-D ships
 ``AudioWAV/*.wav`` and ``VideoFlash/*.flv`` separately).
@@ -75,8 +75,8 @@ def _container_kind(header: bytes) -> str | None:
     return None
 
 
-def _check_readable(path: Path) -> bytes:
-    """Check that ``path`` is a non-empty readable regular file; return its first 16 bytes."""
+def _check_readable(path: Path) -> tuple[bytes, int]:
+    """Check that ``path`` is a non-empty readable regular file; return its first 16 bytes and size."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -91,11 +91,56 @@ def _check_readable(path: Path) -> bytes:
         raise BadMediaError(path, "file is empty (0 bytes)")
     try:
         with open(path, "rb") as handle:
-            return handle.read(16)
+            return handle.read(16), st.st_size
     except PermissionError:
         raise BadMediaError(path, "permission denied") from None
     except OSError as err:
         raise BadMediaError(path, f"cannot read file ({err.strerror or err})") from None
+
+
+# Fragmented MP4s can have many top-level boxes; past this many the walk stops checking.
+_MAX_MP4_BOXES = 100_000
+
+
+def _truncation_problem(path: Path, kind: str | None, header: bytes, size: int) -> str | None:
+    """Detect a file cut short from the sizes its container declares (MP4 boxes, RIFF header)."""
+    if kind == "WAV" and header[8:12] == b"WAVE":
+        riff_size = int.from_bytes(header[4:8], "little")
+        declared = riff_size + 8
+        # Writers that stream to a pipe leave the size at 0 or 0xFFFFFFFF: nothing to check.
+        if riff_size not in (0, 0xFFFFFFFF) and declared > size:
+            return f"truncated WAV file (header declares {declared} bytes, file has {size})"
+        return None
+    if kind != "MP4/MOV":
+        return None
+    # ISO/IEC 14496-12 section 4.2: a box is a 32-bit big-endian size (1: a 64-bit size follows;
+    # 0: the box runs to the end of the file) and a 4-character type.
+    with open(path, "rb") as handle:
+        offset = 0
+        for _ in range(_MAX_MP4_BOXES):
+            if offset >= size:
+                return None
+            handle.seek(offset)
+            head = handle.read(16)
+            if len(head) < 8:
+                return f"truncated MP4 file ({size - offset} stray bytes after the last box)"
+            box_size = int.from_bytes(head[:4], "big")
+            box_type = head[4:8].decode("latin-1")
+            if box_size == 1:
+                if len(head) < 16:
+                    return f"truncated MP4 file (box '{box_type}' at byte {offset} is cut)"
+                box_size = int.from_bytes(head[8:16], "big")
+            elif box_size == 0:
+                return None
+            if box_size < 8:
+                return f"corrupt MP4 file (box '{box_type}' at byte {offset} has size {box_size})"
+            if offset + box_size > size:
+                return (
+                    f"truncated MP4 file (box '{box_type}' at byte {offset} declares {box_size} bytes, "
+                    f"only {size - offset} remain)"
+                )
+            offset += box_size
+    return None
 
 
 def _ffmpeg_message(err: BaseException) -> str:
@@ -103,7 +148,10 @@ def _ffmpeg_message(err: BaseException) -> str:
 
 
 def _open(path: Path) -> av.container.InputContainer:
-    header = _check_readable(path)
+    header, size = _check_readable(path)
+    truncated = _truncation_problem(path, _container_kind(header), header, size)
+    if truncated is not None:
+        raise BadMediaError(path, truncated)
     try:
         return av.open(str(path), mode="r")
     except PermissionError:
@@ -183,10 +231,15 @@ def uniform_frame_indices(num_available: int, num_frames: int) -> list[int]:
 
 
 class _AudioCollector:
-    """Resamples decoded audio frames to mono float32 at ``rate`` until ``target`` samples."""
+    """Resamples decoded audio frames to mono float32 at ``rate`` until ``target`` samples.
+
+    Channels are resampled separately and then averaged, the mono mix librosa's
+    ``load(mono=True)`` gives (used by the OGM-GE loaders); FFmpeg's own stereo-to-mono matrix
+    would scale each channel by 1/sqrt(2) instead.
+    """
 
     def __init__(self, rate: int, target: int) -> None:
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self.resampler = av.AudioResampler(format="fltp", layout=None, rate=rate)
         self.target = target
         self.chunks: list[np.ndarray] = []
         self.count = 0
@@ -197,7 +250,7 @@ class _AudioCollector:
 
     def add(self, frame: av.AudioFrame | None) -> None:
         for out in self.resampler.resample(frame):
-            chunk = out.to_ndarray().reshape(-1)
+            chunk = out.to_ndarray().mean(axis=0, dtype=np.float32)  # (channels, n) -> (n,)
             self.chunks.append(chunk)
             self.count += chunk.shape[0]
 

@@ -166,15 +166,18 @@ def _add_video_stream(container: av.container.OutputContainer, fps: float, heigh
     stream.width, stream.height = width, height
     # 4:2:0 needs even sizes; odd sizes use 4:4:4 (High 4:4:4 profile, decodable by FFmpeg).
     stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
-    # One encoder thread keeps the output byte-identical run to run; the clips are tiny.
-    stream.codec_context.options = {"preset": "veryfast", "crf": "18"}
+    # Constant QP and one thread keep the output byte-identical run to run: in CRF mode x264's
+    # macroblock-tree rate control gave run-to-run differences on these small, flat frames.
+    stream.codec_context.options = {"preset": "veryfast", "qp": "18"}
     stream.codec_context.thread_count = 1
     return stream
 
 
 def _mux_video(container, stream, frames: np.ndarray) -> None:
     for index, image in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        # Converting to the encoder's pixel format here (rather than letting the encoder do it)
+        # makes the output byte-identical run to run; the implicit conversion was not.
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=stream.pix_fmt)
         frame.pts = index
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -677,6 +680,8 @@ def _validate(**params: Any) -> dict[str, Any]:
             fail(field, "must be an integer")
     if params["classes"] < 2:
         fail("classes", "must be at least 2")
+    if params["layout"] == "cremad" and params["classes"] > len(CREMAD_EMOTIONS):
+        fail("classes", f"the cremad layout has {len(CREMAD_EMOTIONS)} emotion classes {CREMAD_EMOTIONS}")
     if params["clips_per_class"] < 1:
         fail("clips_per_class", "must be at least 1")
     if not params["clip_seconds"] > 0:

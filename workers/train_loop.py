@@ -204,7 +204,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_classes = datasets["train"].num_classes
     loader_kw = dict(num_workers=spec["data"]["loader_workers"], pin_memory=device.type == "cuda")
     train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(datasets["train"], batch_size=t["batch_size"], shuffle=True, drop_last=False, **loader_kw)
+        # drop_last: a trailing batch of one breaks BatchNorm (AVSlowFast's audio lateral sees B x 1 slow frame).
+        DataLoader(datasets["train"], batch_size=t["batch_size"], shuffle=True,
+                   drop_last=len(datasets["train"]) > t["batch_size"], **loader_kw)
     )
     # Every rank evaluates the whole (small) held-out split: identical numbers on every rank,
     # no sampler padding skewing accuracy. Model selection uses `val`; `test` is only reported.
@@ -213,8 +215,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(spec, num_classes)
     if t["channels_last"] and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d if name in ("avslowfast",) else torch.channels_last)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": name in ("avslowfast",)})
+        # AVSlowFast mixes 4-D (audio) and 5-D (video) convs and converts each itself.
+        model = model.to_channels_last() if hasattr(model, "to_channels_last") else model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     raw = unwrap(model)
 
     criterion = None
@@ -253,14 +256,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         if world > 1:
             train_loader.sampler.set_epoch(epoch)
+        if criterion is not None:
+            # CMA resamples its positive sets every `resample_freq` epochs (official train loop's set_epoch);
+            # a no-op for AVID. From scratch, the first sets come from the random initial memory.
+            criterion.set_epoch(epoch)
         model.train()
         modulate = name in OGM_METHODS and in_modulation_window(epoch, method["modulation_starts"], method["modulation_ends"])
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         for step, (audio, visual, labels, index) in enumerate(train_loader):
             audio, visual, labels = audio.to(device), visual.to(device), labels.to(device)
-            if t["channels_last"] and device.type == "cuda" and name not in ("avslowfast",) and visual.dim() == 4:
-                visual = visual.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 out = model(audio, visual)
@@ -297,8 +302,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         sums[f"loss_train_{head}"] += F.cross_entropy(logits.float(), labels).item()
             steps += 1
         scheduler.step()
-        if criterion is not None and hasattr(criterion, "refresh_positives"):
-            criterion.refresh_positives()
         train_seconds = time.perf_counter() - started
 
         metrics: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}

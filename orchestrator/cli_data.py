@@ -1,0 +1,147 @@
+"""`avtune data ...`: generate and inspect audio-visual clip datasets (thin over workers.synth)."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+data_app = typer.Typer(
+    help="Generate synthetic audio-visual clip datasets and inspect dataset folders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+class Layout(str, Enum):
+    avtune = "avtune"
+    cremad = "cremad"
+    vggsound = "vggsound"
+    kinetics_sounds = "kinetics-sounds"
+    ave = "ave"
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _print_card_summary(card: dict[str, Any]) -> None:
+    table = Table(title="Card: informative clips and best achievable accuracy")
+    for column in ("split", "clips", "audio informative", "visual informative",
+                   "best audio acc", "best visual acc", "best audio+visual acc"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, info in card["informative_realised"].items():
+        best = card["best_achievable_accuracy"][split]
+        table.add_row(split, _fmt(info["clips"]), _fmt(info["audio"]), _fmt(info["visual"]),
+                      _fmt(best["audio"]), _fmt(best["visual"]), _fmt(best["audio_visual"]))
+    console.print(table)
+    params = card.get("params", {})
+    console.print("generation parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    console.print(f"validation split: {card.get('validation_split', '-')}")
+
+
+@data_app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="folder to write the dataset into"),
+    layout: Layout = typer.Option(Layout.avtune, help="on-disk layout of the dataset"),
+    classes: int = typer.Option(6, help="number of classes K"),
+    clips_per_class: int = typer.Option(50, help="clips per class"),
+    clip_seconds: float = typer.Option(1.0, help="clip length in seconds"),
+    fps: float = typer.Option(10, help="video frame rate"),
+    height: int = typer.Option(64, help="frame height in pixels"),
+    width: int = typer.Option(64, help="frame width in pixels"),
+    sample_rate_hz: int = typer.Option(16000, help="audio sampling rate"),
+    audio_informative: float = typer.Option(0.9, help="share of clips whose audio carries their class signature"),
+    visual_informative: float = typer.Option(0.6, help="share of clips whose video carries their class signature"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Generate H.264/AAC clips with per-class audio and visual signatures and a known imbalance."""
+    import time
+
+    from workers.synth import synthesize_dataset
+
+    started = time.perf_counter()
+    try:
+        with console.status(f"encoding {classes * clips_per_class} clips into {out}"):
+            card = synthesize_dataset(
+                out, layout=layout.value, classes=classes, clips_per_class=clips_per_class,
+                clip_seconds=clip_seconds, fps=fps, height=height, width=width,
+                sample_rate_hz=sample_rate_hz, audio_informative=audio_informative,
+                visual_informative=visual_informative, seed=seed,
+            )
+    except ValueError as err:
+        _fail(str(err))
+    console.print(
+        f"[green]wrote[/] {card['num_clips']} clips ({card['num_classes']} classes, {layout.value} layout) "
+        f"to {out} in {time.perf_counter() - started:.1f} s"
+    )
+    _print_card_summary(card)
+
+
+@data_app.command()
+def inspect(
+    root: Path = typer.Argument(..., help="dataset folder"),
+    layout: Layout = typer.Option(Layout.avtune, help="on-disk layout of the dataset"),
+    probe_limit: int = typer.Option(64, help="clips whose media are probed (0 = all)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
+) -> None:
+    """Show clips per class and split, stream properties, durations and the generation card."""
+    from workers.layouts import ManifestError
+    from workers.synth import inspect_dataset
+
+    try:
+        summary = inspect_dataset(root, layout.value, probe_limit=probe_limit)
+    except (ValueError, ManifestError) as err:
+        _fail(str(err))
+    if as_json:
+        console.print_json(json.dumps(summary, default=str))
+        return
+
+    counts = Table(title=f"Clips per class and split: {root} ({layout.value})")
+    counts.add_column("class")
+    splits = list(summary["counts"])
+    for split in splits:
+        counts.add_column(split, justify="right")
+    counts.add_column("total", justify="right")
+    for name in summary["class_names"]:
+        per = [summary["counts"][split][name] for split in splits]
+        counts.add_row(name, *map(str, per), str(sum(per)))
+    counts.add_row("[bold]all", *(str(summary["totals"][s]) for s in splits), str(summary["totals"]["all"]))
+    console.print(counts)
+
+    media = summary["media"]
+    streams = Table(title=f"Streams ({media['files_probed']} files of {media['clips_probed']} clips probed)")
+    for column in ("type", "ext", "codec", "size / rate", "detail", "files"):
+        streams.add_column(column)
+    for s in media["streams"]:
+        streams.add_row(s["type"], s["extension"], str(s["codec"]), s["size_or_rate"], s["detail"], str(s["files"]))
+    console.print(streams)
+    if media["duration_s"]:
+        d = media["duration_s"]
+        console.print(f"durations: min {d['min']:.3f} s, mean {d['mean']:.3f} s, max {d['max']:.3f} s")
+    problems = summary["problems"] + media["errors"]
+    if problems:
+        bad = Table(title=f"{len(problems)} problem(s)", style="red")
+        bad.add_column("where")
+        bad.add_column("problem")
+        for where, problem in problems:
+            bad.add_row(where, problem)
+        console.print(bad)
+    if summary["card"]:
+        _print_card_summary(summary["card"])
+    else:
+        console.print("no card.json (not a generated dataset)")

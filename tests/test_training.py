@@ -1,0 +1,122 @@
+"""End to end on real parts: spec -> Ray Train (local Ray) -> MLflow (SQLite), on generated mp4 clips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import load_spec, run_training
+from orchestrator.specs import SpecError
+
+pytestmark = pytest.mark.slow
+
+METHOD_CASES = {
+    "normal": {"method": {"name": "normal"}},
+    "ogm_ge": {"method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 1}},
+    "gblend": {"method": {"name": "gblend", "mode": "online", "estimate_epochs": 1, "estimate_window_epochs": 1}},
+    "audio_only": {"method": {"name": "audio_only"}},
+    "visual_only": {"method": {"name": "visual_only"}},
+    "avslowfast": {"method": {"name": "avslowfast", "config": "tiny"}, "data": {"decode": {"num_frames": 4}}},
+    "avid": {"method": {"name": "avid", "config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16}},
+    "cma": {"method": {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture()
+def base_spec(synth_dataset, tmp_path) -> dict:
+    return {
+        "name": "t",
+        "data": {"source": "dataset", "layout": "avtune", "root": str(synth_dataset),
+                 "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+    }
+
+
+def epochs_logged(client: MlflowClient, run_id: str, key: str = "acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            found |= artifact_paths(client, run_id, info.path)
+        else:
+            found.add(info.path)
+    return found
+
+
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_each_method_trains_and_logs_every_epoch_once(ray_local, base_spec, method):
+    spec = load_spec(merge(base_spec, METHOD_CASES[method]))
+    result = run_training(spec)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("acc", "acc_audio", "acc_visual", "loss") if method not in ("audio_only", "visual_only") else ("acc", "loss"):
+        assert epochs_logged(client, result.run_id, key) == [0, 1], key
+    if method.startswith("ogm"):
+        assert epochs_logged(client, result.run_id, "k_audio") == [0, 1]
+        assert epochs_logged(client, result.run_id, "ratio_av") == [0, 1]
+    if method == "gblend":
+        weights = [run.data.metrics[f"gblend_w_{h}"] for h in ("audio", "visual", "joint")]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+    assert run.data.params["method.name"] == method
+    assert run.data.tags["avtune.method"] == method
+    artifacts = artifact_paths(client, result.run_id)
+    assert {"spec.yaml", "card.json", "checkpoints/final_model.pt"} <= artifacts
+    assert list(result.history.index) == [0, 1]
+    assert 0.0 <= result.metrics["acc"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["normal", "ogm_ge"])
+def test_two_workers_ddp_logs_each_epoch_once(ray_local, base_spec, method):
+    spec = load_spec(merge(base_spec, {**METHOD_CASES[method], "scaling": {"num_workers": 2, "cpus_per_worker": 1}}))
+    result = run_training(spec)
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert epochs_logged(client, result.run_id) == [0, 1]
+
+
+def test_resume_continues_the_epoch_count(ray_local, base_spec):
+    first = run_training(load_spec(base_spec))
+    spec = load_spec(merge(base_spec, {"train": {"epochs": 4}}))
+    second = run_training(spec, resume_run_id=first.run_id)
+    client = MlflowClient(second.tracking_uri)
+    assert second.run_id == first.run_id
+    assert epochs_logged(client, first.run_id) == [0, 1, 2, 3]
+    assert list(second.history.index) == [0, 1, 2, 3]
+
+
+def test_training_error_marks_the_run_failed(ray_local, base_spec, synth_dataset, tmp_path):
+    bad_root = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(synth_dataset, bad_root)
+    first_clip = sorted((bad_root / "clips").rglob("*.mp4"))[0]
+    first_clip.write_bytes(b"not a video at all")
+    spec = load_spec(merge(base_spec, {"data": {"root": str(bad_root), "cache_dir": str(tmp_path / "c2")}}))
+    with pytest.raises(Exception):
+        run_training(spec)
+    client = MlflowClient(f"sqlite:///{Path(spec.storage.runs_dir).resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and runs[0].info.status == "FAILED"
+    assert first_clip.name in runs[0].data.tags["error"]
+
+
+def test_spec_error_names_the_field(base_spec):
+    with pytest.raises(SpecError, match=r"model\.fusion"):
+        load_spec(merge(base_spec, {"model": {"fusion": "average"}}))

@@ -22,6 +22,7 @@ from typing import Any
 
 import av
 import av.error
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
@@ -264,6 +265,17 @@ class _AudioCollector:
         return torch.from_numpy(out)
 
 
+def _single_threaded(stream: av.stream.Stream) -> None:
+    """Decode on the calling thread.
+
+    Clips are short and a loader runs one decode per DataLoader worker, so parallelism comes from
+    the workers; a per-file decoder thread pool only adds thread start-up per clip and fights
+    torch's OpenMP threads for the cores.
+    """
+    stream.codec_context.thread_type = "NONE"
+    stream.codec_context.thread_count = 1
+
+
 def _stream_start(stream: av.stream.Stream) -> float:
     start = _seconds(stream.start_time, stream.time_base)
     return start if start is not None else 0.0
@@ -293,8 +305,19 @@ def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
         raise BadMediaError(path, "audio stream has no decodable samples")
 
 
-def _frame_to_rgb(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
-    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+def _new_reformatter() -> VideoReformatter:
+    return VideoReformatter()
+
+
+def _frame_to_rgb(
+    reformatter: VideoReformatter, frame: av.VideoFrame, height: int, width: int
+) -> np.ndarray:
+    # One reformatter per clip reuses its swscale context across frames, and threads=1 stops
+    # swscale from starting a thread pool per context (its default, "auto", costs far more than
+    # scaling a few small frames, and more still in a process that has loaded torch).
+    return reformatter.reformat(
+        frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
+    ).to_ndarray()
 
 
 def decode_clip(
@@ -336,6 +359,7 @@ def decode_clip(
         if not container.streams.video:
             raise BadMediaError(video_path, "no video stream")
         video = container.streams.video[0]
+        _single_threaded(video)
         audio = None
         if shared:
             if not container.streams.audio:
@@ -444,6 +468,7 @@ def _convert_selected(
     """
     wanted = uniform_frame_indices(frames_in_window, num_frames)
     last_wanted = wanted[-1]
+    reformatter = _new_reformatter()
     by_index: dict[int, np.ndarray] = {}
     position = 0
 
@@ -452,7 +477,7 @@ def _convert_selected(
         if frame.time is not None and frame.time >= window_end:
             return False
         if position in wanted:
-            by_index[position] = _frame_to_rgb(frame, height, width)
+            by_index[position] = _frame_to_rgb(reformatter, frame, height, width)
         position += 1
         return position > last_wanted
 
@@ -482,6 +507,7 @@ def _decode_all_then_select(
     container = _open(path)
     try:
         stream = container.streams.video[0]
+        _single_threaded(stream)
         kept: list[av.VideoFrame] = []
         for frame in container.decode(stream):
             if frame.time is not None and frame.time >= window_end:
@@ -493,7 +519,11 @@ def _decode_all_then_select(
         container.close()
     if not kept:
         raise BadMediaError(path, "video stream has no decodable frames")
-    return [_frame_to_rgb(kept[i], height, width) for i in uniform_frame_indices(len(kept), num_frames)]
+    reformatter = _new_reformatter()
+    return [
+        _frame_to_rgb(reformatter, kept[i], height, width)
+        for i in uniform_frame_indices(len(kept), num_frames)
+    ]
 
 
 def clip_num_samples(clip_seconds: float, sample_rate_hz: int) -> int:

@@ -143,8 +143,16 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the joint and per-modality logits over a whole split."""
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast,
+                        shapley: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the joint and per-modality logits over a whole split.
+
+    With `shapley`, also the joint accuracy with a modality *masked* and each modality's Shapley
+    value of the joint accuracy (two players). Masking replaces that modality's input with zeros:
+    a silent log-mel / a frame at the dataset mean after normalisation, i.e. no information,
+    through the same network. phi_a = 1/2 [(v(a) - v(0)) + (v(av) - v(v))], and likewise phi_v,
+    so phi_a + phi_v = v(av) - v(0).
+    """
     model.eval()
     sums: dict[str, float] = defaultdict(float)
     n = 0
@@ -159,7 +167,21 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
             logits = logits.float()
             sums["acc" + suffix] += (logits.argmax(1) == labels).sum().item()
             sums["loss" + suffix] += F.cross_entropy(logits, labels, reduction="sum").item()
-    return {k: v / max(n, 1) for k, v in sums.items()}
+        if shapley:
+            for key, a, v in (("acc_mask_audio", torch.zeros_like(audio), visual),
+                              ("acc_mask_visual", audio, torch.zeros_like(visual)),
+                              ("acc_mask_both", torch.zeros_like(audio), torch.zeros_like(visual))):
+                with autocast():
+                    sums[key] += (model(a, v).logits.float().argmax(1) == labels).sum().item()
+    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    if shapley:
+        v_av, v_0 = metrics["acc"], metrics["acc_mask_both"]
+        v_a, v_v = metrics["acc_mask_visual"], metrics["acc_mask_audio"]  # audio alone = visual masked
+        metrics["shapley_audio"] = 0.5 * ((v_a - v_0) + (v_av - v_v))
+        metrics["shapley_visual"] = 0.5 * ((v_v - v_0) + (v_av - v_a))
+    if "acc_audio" in metrics and "acc_visual" in metrics:
+        metrics["gap_av"] = metrics["acc_audio"] - metrics["acc_visual"]
+    return metrics
 
 
 @torch.no_grad()
@@ -314,8 +336,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["loss"] = metrics["loss_train"]
             metrics.update(evaluate_linear_probes(raw, plain_train_loader, val_loader, device, num_classes,
                                                   method["probe_epochs"], t["seed"]))
+            metrics["gap_av"] = metrics["acc_audio"] - metrics["acc_visual"]
         else:
-            metrics.update(evaluate_classifier(raw, val_loader, device, autocast))
+            multimodal = name not in ("audio_only", "visual_only")
+            metrics.update(evaluate_classifier(raw, val_loader, device, autocast, shapley=multimodal))
 
         if name == "gblend":
             per_head = {h: (metrics[f"loss_train_{h}"], metrics["loss" if h == "joint" else f"loss_{h}"])

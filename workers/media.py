@@ -3,7 +3,7 @@
 A clip is the window ``[start, start + clip_seconds)`` of a file, where ``start`` is the first
 timestamp of the stream (FLV files written with B-frames start at e.g. 0.2 s; MP4 edit lists make
 it 0). Video frames are sampled uniformly over the frames inside that window; audio is resampled
-with ``av.AudioResampler`` and averaged to mono float32, then zero-padded or cropped to the window length.
+with ``av.AudioResampler``, averaged to mono float32 and zero-padded or cropped to the window.
 
 Audio and video may come from one file (``.mp4`` with both streams) or from two files (CREMA-D ships
 ``AudioWAV/*.wav`` and ``VideoFlash/*.flv`` separately).
@@ -18,7 +18,7 @@ import os
 import stat
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import av.error
@@ -76,8 +76,12 @@ def _container_kind(header: bytes) -> str | None:
     return None
 
 
-def _check_readable(path: Path) -> tuple[bytes, int]:
-    """Check that ``path`` is a non-empty readable regular file; return its first 16 bytes and size."""
+def _check_file(path: Path) -> bytes:
+    """Check that ``path`` is a readable, non-empty, complete file; return its first 16 bytes.
+
+    "Complete" is checked where the container declares its own size: the RIFF header of a WAV and
+    the top-level box sizes of an MP4/MOV. One open serves the header read and that check.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -92,18 +96,22 @@ def _check_readable(path: Path) -> tuple[bytes, int]:
         raise BadMediaError(path, "file is empty (0 bytes)")
     try:
         with open(path, "rb") as handle:
-            return handle.read(16), st.st_size
+            header = handle.read(16)
+            problem = _truncation_problem(handle, _container_kind(header), header, st.st_size)
     except PermissionError:
         raise BadMediaError(path, "permission denied") from None
     except OSError as err:
         raise BadMediaError(path, f"cannot read file ({err.strerror or err})") from None
+    if problem is not None:
+        raise BadMediaError(path, problem)
+    return header
 
 
 # Fragmented MP4s can have many top-level boxes; past this many the walk stops checking.
 _MAX_MP4_BOXES = 100_000
 
 
-def _truncation_problem(path: Path, kind: str | None, header: bytes, size: int) -> str | None:
+def _truncation_problem(handle: BinaryIO, kind: str | None, header: bytes, size: int) -> str | None:
     """Detect a file cut short from the sizes its container declares (MP4 boxes, RIFF header)."""
     if kind == "WAV" and header[8:12] == b"WAVE":
         riff_size = int.from_bytes(header[4:8], "little")
@@ -116,31 +124,32 @@ def _truncation_problem(path: Path, kind: str | None, header: bytes, size: int) 
         return None
     # ISO/IEC 14496-12 section 4.2: a box is a 32-bit big-endian size (1: a 64-bit size follows;
     # 0: the box runs to the end of the file) and a 4-character type.
-    with open(path, "rb") as handle:
-        offset = 0
-        for _ in range(_MAX_MP4_BOXES):
-            if offset >= size:
-                return None
+    offset = 0
+    head = header
+    for _ in range(_MAX_MP4_BOXES):
+        if offset >= size:
+            return None
+        if offset:
             handle.seek(offset)
             head = handle.read(16)
-            if len(head) < 8:
-                return f"truncated MP4 file ({size - offset} stray bytes after the last box)"
-            box_size = int.from_bytes(head[:4], "big")
-            box_type = head[4:8].decode("latin-1")
-            if box_size == 1:
-                if len(head) < 16:
-                    return f"truncated MP4 file (box '{box_type}' at byte {offset} is cut)"
-                box_size = int.from_bytes(head[8:16], "big")
-            elif box_size == 0:
-                return None
-            if box_size < 8:
-                return f"corrupt MP4 file (box '{box_type}' at byte {offset} has size {box_size})"
-            if offset + box_size > size:
-                return (
-                    f"truncated MP4 file (box '{box_type}' at byte {offset} declares {box_size} bytes, "
-                    f"only {size - offset} remain)"
-                )
-            offset += box_size
+        if len(head) < 8:
+            return f"truncated MP4 file ({size - offset} stray bytes after the last box)"
+        box_size = int.from_bytes(head[:4], "big")
+        box_type = head[4:8].decode("latin-1")
+        if box_size == 1:
+            if len(head) < 16:
+                return f"truncated MP4 file (box '{box_type}' at byte {offset} is cut)"
+            box_size = int.from_bytes(head[8:16], "big")
+        elif box_size == 0:
+            return None
+        if box_size < 8:
+            return f"corrupt MP4 file (box '{box_type}' at byte {offset} has size {box_size})"
+        if offset + box_size > size:
+            return (
+                f"truncated MP4 file (box '{box_type}' at byte {offset} declares {box_size} bytes, "
+                f"only {size - offset} remain)"
+            )
+        offset += box_size
     return None
 
 
@@ -149,10 +158,7 @@ def _ffmpeg_message(err: BaseException) -> str:
 
 
 def _open(path: Path) -> av.container.InputContainer:
-    header, size = _check_readable(path)
-    truncated = _truncation_problem(path, _container_kind(header), header, size)
-    if truncated is not None:
-        raise BadMediaError(path, truncated)
+    header = _check_file(path)
     try:
         return av.open(str(path), mode="r")
     except PermissionError:
@@ -251,7 +257,8 @@ class _AudioCollector:
 
     def add(self, frame: av.AudioFrame | None) -> None:
         for out in self.resampler.resample(frame):
-            chunk = out.to_ndarray().mean(axis=0, dtype=np.float32)  # (channels, n) -> (n,)
+            planes = out.to_ndarray()  # (channels, n)
+            chunk = planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
             self.chunks.append(chunk)
             self.count += chunk.shape[0]
 
@@ -281,8 +288,13 @@ def _stream_start(stream: av.stream.Stream) -> float:
     return start if start is not None else 0.0
 
 
-def _packet_time(value: int | None, stream: av.stream.Stream) -> float | None:
-    return _seconds(value, stream.time_base)
+def _time_scale(stream: av.stream.Stream) -> float:
+    """Seconds per timestamp tick as a float (Fraction arithmetic per packet is slow)."""
+    return float(stream.time_base) if stream.time_base is not None else 0.0
+
+
+def _tick_seconds(value: int | None, scale: float) -> float | None:
+    return None if value is None else value * scale
 
 
 def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
@@ -351,7 +363,7 @@ def decode_clip(
     collector = _AudioCollector(sample_rate_hz, clip_num_samples(clip_seconds, sample_rate_hz))
     if not shared:
         # Check the video file first so a bad video is reported before the audio file is touched.
-        _check_readable(video_path)
+        _check_file(video_path)
         _decode_audio_only(audio_path, collector)
 
     container = _open(video_path)
@@ -367,6 +379,7 @@ def decode_clip(
             audio = container.streams.audio[0]
         window_start = _stream_start(video)
         window_end = window_start + clip_seconds
+        video_scale = _time_scale(video)
 
         # Demux first, keeping the compressed video packets (small): the number of frames in the
         # window must be known before choosing which ones to convert. Demuxing stops once the
@@ -385,12 +398,12 @@ def decode_clip(
                 elif not video_done:
                     if packet.size == 0:  # end-of-stream flush packet
                         continue
-                    dts = _packet_time(packet.dts, video)
+                    dts = _tick_seconds(packet.dts, video_scale)
                     if dts is not None and dts >= window_end:
                         video_done = True
                         continue
                     packets.append(packet)
-                    pts = _packet_time(packet.pts, video)
+                    pts = _tick_seconds(packet.pts, video_scale)
                     if pts is None or pts < window_end:
                         frames_in_window += 1
                 if video_done and (audio is None or collector.done):
@@ -436,7 +449,8 @@ def _check_coverage(
     """Raise if the demuxed video covers much less than the container's declared duration."""
     if declared is None or declared <= 0:
         return
-    times = [_packet_time(p.pts, stream) for p in packets]
+    scale = _time_scale(stream)
+    times = [_tick_seconds(p.pts, scale) for p in packets]
     times = [t for t in times if t is not None]
     if not times:
         return
@@ -469,12 +483,13 @@ def _convert_selected(
     wanted = uniform_frame_indices(frames_in_window, num_frames)
     last_wanted = wanted[-1]
     reformatter = _new_reformatter()
+    scale = _time_scale(stream)
     by_index: dict[int, np.ndarray] = {}
     position = 0
 
     def take(frame: av.VideoFrame) -> bool:
         nonlocal position
-        if frame.time is not None and frame.time >= window_end:
+        if frame.pts is not None and frame.pts * scale >= window_end:
             return False
         if position in wanted:
             by_index[position] = _frame_to_rgb(reformatter, frame, height, width)
@@ -508,9 +523,10 @@ def _decode_all_then_select(
     try:
         stream = container.streams.video[0]
         _single_threaded(stream)
+        scale = _time_scale(stream)
         kept: list[av.VideoFrame] = []
         for frame in container.decode(stream):
-            if frame.time is not None and frame.time >= window_end:
+            if frame.pts is not None and frame.pts * scale >= window_end:
                 continue
             kept.append(frame)
     except av.error.FFmpegError as err:

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import time
@@ -360,7 +361,7 @@ def _assign_signatures(
         for group, count in zip(by_class, counts):
             informative = set(rng.permutation(len(group))[:count].tolist())
             for position, clip in enumerate(group):
-                if position in informative or classes == 1:
+                if position in informative:
                     setattr(clip, attribute, clip.label)
                 else:
                     other = int(rng.integers(0, classes - 1))
@@ -528,7 +529,9 @@ def _csv_text(rows: list[list[Any]], header: list[str] | None = None) -> str:
     return buffer.getvalue()
 
 
-def _write_official_lists(root: Path, layout: str, clips: list[_Clip], class_names: list[str], clip_seconds: float) -> None:
+def _write_official_lists(
+    root: Path, layout: str, clips: list[_Clip], class_names: list[str], clip_seconds: float
+) -> None:
     def name(clip: _Clip) -> str:
         return class_names[clip.label]
 
@@ -636,7 +639,9 @@ def synthesize_dataset(
     if num_workers is None:
         num_workers = 1 if len(jobs) < 64 else min(2, os.cpu_count() or 1)
     if num_workers > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        # spawn, not fork: the caller may hold threads (Ray, gRPC, OpenMP) that fork would copy
+        # in an inconsistent state.
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_render_clip, jobs, chunksize=8))
     else:
         for job in jobs:
@@ -748,7 +753,9 @@ def inspect_dataset(root: str | os.PathLike[str], layout: str = "avtune", *, pro
     probe_errors: list[tuple[str, str]] = []
     probed_files = 0
     for record in chosen:
-        files = [record.video_path] if record.video_path == record.audio_path else [record.video_path, record.audio_path]
+        files = [record.video_path]
+        if record.audio_path != record.video_path:
+            files.append(record.audio_path)
         for path in files:
             try:
                 info = probe_media(path)

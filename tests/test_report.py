@@ -1,0 +1,280 @@
+"""The imbalance report: utilisation / balance formulas on a hand-written sweep in a real MLflow store
+(numbers computed by hand below), and the whole report on a real tiny Ray Tune sweep."""
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from orchestrator.report import build_report, log_sweep_imbalance
+
+# ---- a sweep written by hand into MLflow ------------------------------------------------------
+
+# Per trial: params and per-epoch metrics (epochs 0, 1), exactly as the sweep's children log them.
+HAND_TRIALS = {
+    "audio_only_s0": ({"method.name": "audio_only", "train.seed": "0"}, {"acc": [0.5, 0.8]}),
+    "audio_only_s1": ({"method.name": "audio_only", "train.seed": "1"}, {"acc": [0.6, 0.9]}),
+    "visual_only_s0": ({"method.name": "visual_only", "train.seed": "0"}, {"acc": [0.4, 0.6]}),
+    "visual_only_s1": ({"method.name": "visual_only", "train.seed": "1"}, {"acc": [0.5, 0.7]}),
+    "normal_s0": ({"method.name": "normal", "train.seed": "0"},
+                  {"acc": [0.6, 0.85], "acc_audio": [0.5, 0.8], "acc_visual": [0.2, 0.3],
+                   "shapley_audio": [0.3, 0.5], "shapley_visual": [0.05, 0.1]}),
+    "normal_s2": ({"method.name": "normal", "train.seed": "2"},
+                  {"acc": [0.6, 0.8], "acc_audio": [0.55, 0.85], "acc_visual": [0.3, 0.42],
+                   "shapley_audio": [0.3, 0.4], "shapley_visual": [0.1, 0.2]}),
+    "ogm_ge_w01_s0": ({"method.name": "ogm_ge", "method.alpha": "0.5", "method.modulation_starts": "0",
+                       "method.modulation_ends": "1", "train.seed": "0"},
+                      {"acc": [0.5, 0.84], "acc_audio": [0.4, 0.76], "acc_visual": [0.3, 0.45],
+                       "shapley_audio": [0.2, 0.4], "shapley_visual": [0.1, 0.2], "k_audio": [0.4, 1.0], "k_visual": [1.0, 1.0]}),
+    "ogm_ge_w02_s0": ({"method.name": "ogm_ge", "method.alpha": "0.5", "method.modulation_starts": "0",
+                       "method.modulation_ends": "2", "train.seed": "0"},
+                      {"acc": [0.45, 0.7], "acc_audio": [0.4, 0.58], "acc_visual": [0.35, 0.54],
+                       "shapley_audio": [0.2, 0.3], "shapley_visual": [0.15, 0.25], "k_audio": [0.4, 0.5], "k_visual": [1.0, 1.0]}),
+}
+
+
+def write_hand_sweep(uri: str, experiment: str, trials: dict) -> tuple[MlflowClient, str, dict[str, str]]:
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(experiment)
+    parent = client.create_run(exp_id, tags={"avtune.kind": "sweep"}, run_name=f"sweep_{experiment}").info.run_id
+    ids = {}
+    for name, (params, metrics) in trials.items():
+        run = client.create_run(exp_id, run_name=name,
+                                tags={"mlflow.parentRunId": parent, "avtune.stage": "main", "avtune.trial_id": name})
+        run_id = run.info.run_id
+        full = {"model.fusion": "concat", "train.epochs": "2", **params}
+        client.log_batch(run_id, params=[Param(k, v) for k, v in full.items()])
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, v, ts, step) for k, values in metrics.items() for step, v in enumerate(values)]
+        rows += [Metric("epoch", float(step), ts, step) for step in range(2)]
+        client.log_batch(run_id, metrics=rows)
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        ids[name] = run_id
+    # A G-Blend estimation stage child must be ignored by the report.
+    extra = client.create_run(exp_id, run_name="estimate", tags={"mlflow.parentRunId": parent, "avtune.stage": "gblend-estimate"})
+    client.log_batch(extra.info.run_id, params=[Param("method.name", "normal")],
+                     metrics=[Metric("acc", 0.99, 0, 0), Metric("acc_audio", 0.01, 0, 0), Metric("acc_visual", 0.99, 0, 0)])
+    client.log_batch(parent, metrics=[Metric("gblend_w_audio", 0.2, 0, 0), Metric("gblend_w_visual", 0.5, 0, 0),
+                                      Metric("gblend_w_joint", 0.3, 0, 0)])
+    return client, parent, ids
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def sentence(page: str, finding_id: str) -> str:
+    match = re.search(rf"<li id='{finding_id}'>(.*?)</li>", page, re.S)
+    assert match, f"no finding {finding_id!r} in the report"
+    return html.unescape(match.group(1))
+
+
+def numbers(text: str) -> list[float]:
+    """Every number written with three decimals, in order of appearance."""
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d{3}\b", text)]
+
+
+@pytest.fixture()
+def hand_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, parent, ids = write_hand_sweep(uri, "hand", HAND_TRIALS)
+    return uri, client, parent, ids
+
+
+def test_utilisation_is_logged_per_epoch_against_the_matching_baseline(hand_sweep):
+    uri, client, parent, ids = hand_sweep
+    log_sweep_imbalance(client, parent)
+    # normal s0 vs the seed-0 baselines: audio 0.5/0.5, 0.8/0.8; visual 0.2/0.4, 0.3/0.6.
+    assert history(client, ids["normal_s0"], "util_audio") == [(0, pytest.approx(1.0)), (1, pytest.approx(1.0))]
+    assert history(client, ids["normal_s0"], "util_visual") == [(0, pytest.approx(0.5)), (1, pytest.approx(0.5))]
+    # normal s2 has no seed-2 baseline: mean over seeds 0 and 1, audio (0.55, 0.85), visual (0.45, 0.65).
+    assert history(client, ids["normal_s2"], "util_audio") == [(0, pytest.approx(0.55 / 0.55)), (1, pytest.approx(0.85 / 0.85))]
+    assert history(client, ids["normal_s2"], "util_visual") == [(0, pytest.approx(0.3 / 0.45)), (1, pytest.approx(0.42 / 0.65))]
+    # ogm_ge window 0-2 (seed 0): visual 0.35/0.4, 0.54/0.6.
+    assert history(client, ids["ogm_ge_w02_s0"], "util_visual") == [(0, pytest.approx(0.875)), (1, pytest.approx(0.9))]
+    # Baselines get no utilisation of their own.
+    assert client.get_metric_history(ids["audio_only_s0"], "util_audio") == []
+    # A second call adds nothing (each epoch logged once).
+    log_sweep_imbalance(client, parent)
+    assert len(client.get_metric_history(ids["normal_s0"], "util_visual")) == 2
+
+
+def test_summary_and_best_trials_on_the_parent(hand_sweep, tmp_path):
+    uri, client, parent, ids = hand_sweep
+    table = log_sweep_imbalance(client, parent).set_index("run_name")
+    # balance = min(util_audio, util_visual), finals:
+    # normal_s0 min(1.0, 0.5) = 0.5; normal_s2 min(1.0, 0.42/0.65 = 0.6462); w01 min(0.76/0.8 = 0.95, 0.45/0.6 = 0.75) = 0.75;
+    # w02 min(0.58/0.8 = 0.725, 0.54/0.6 = 0.9) = 0.725.
+    assert table.loc["normal_s0", "balance"] == pytest.approx(0.5)
+    assert table.loc["normal_s2", "balance"] == pytest.approx(0.42 / 0.65)
+    assert table.loc["ogm_ge_w01_s0", "balance"] == pytest.approx(0.75)
+    assert table.loc["ogm_ge_w02_s0", "balance"] == pytest.approx(0.725)
+    assert table.loc["normal_s2", "match_visual"] == "mean over seeds"
+    assert table.loc["normal_s0", "match_visual"] == "same seed"
+    assert table.loc["normal_s0", "gap"] == pytest.approx(0.8 - 0.3)
+    assert "estimate" not in table.index
+    run = client.get_run(parent)
+    assert run.data.tags["avtune.imbalance.best_by_acc_run_id"] == ids["normal_s0"]  # acc 0.85
+    assert run.data.tags["avtune.imbalance.best_by_balance_run_id"] == ids["ogm_ge_w01_s0"]
+    assert run.data.tags["avtune.imbalance.balance_definition"].startswith("min(util_audio, util_visual)")
+    assert run.data.metrics["best_by_balance/balance"] == pytest.approx(0.75)
+    assert run.data.metrics["best_by_acc/util_visual"] == pytest.approx(0.5)
+    local = Path(client.download_artifacts(parent, "imbalance_summary.csv", str(tmp_path)))
+    header = local.read_text().splitlines()[0].split(",")
+    for column in ("method", "alpha", "window", "fusion", "acc", "acc_audio", "acc_visual", "gap", "util_audio",
+                   "util_visual", "shapley_audio", "shapley_visual", "balance"):
+        assert column in header
+
+
+def test_without_baselines_balance_is_the_shapley_balance(tmp_path):
+    trials = {k: v for k, v in HAND_TRIALS.items() if not k.endswith("only_s0") and not k.endswith("only_s1")}
+    client, parent, ids = write_hand_sweep(f"sqlite:///{tmp_path / 'm.db'}", "noref", trials)
+    table = log_sweep_imbalance(client, parent).set_index("run_name")
+    # 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|): normal_s0 1 - 0.4/0.6; w02 1 - 0.05/0.55.
+    assert table.loc["normal_s0", "balance"] == pytest.approx(1 - 0.4 / 0.6)
+    assert table.loc["ogm_ge_w02_s0", "balance"] == pytest.approx(1 - 0.05 / 0.55)
+    assert table["util_visual"].isna().all()
+    assert client.get_run(parent).data.tags["avtune.imbalance.best_by_balance_run_id"] == ids["ogm_ge_w02_s0"]
+    assert client.get_metric_history(ids["normal_s0"], "util_visual") == []
+
+
+def test_report_words_state_the_hand_numbers(hand_sweep, tmp_path):
+    uri, client, parent, ids = hand_sweep
+    report = build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out")
+    page = report.read_text()
+    # Normal (mean over s0, s2): audio (0.8 + 0.85) / 2 = 0.825, visual (0.3 + 0.42) / 2 = 0.36.
+    dominance = sentence(page, "dominance")
+    assert dominance.startswith("Audio is the dominant modality")
+    # ... Shapley (0.5 + 0.4) / 2, (0.1 + 0.2) / 2; baselines (0.8 + 0.9) / 2, (0.6 + 0.7) / 2.
+    assert numbers(dominance) == pytest.approx([0.825, 0.36, 0.45, 0.15, 0.85, 0.65])
+    weak = sentence(page, "weak_vs_unimodal")
+    assert "visual head reaches 0.360, below the visual_only baseline's 0.650" in weak
+    assert numbers(weak)[2] == pytest.approx(0.36 / 0.65, abs=6e-4)
+    ogm = sentence(page, "ogm_vs_normal")
+    # The OGM trial with the best visual head: window 0-2 (0.54), +0.18 over normal; joint 0.7 vs (0.85 + 0.8) / 2.
+    assert "ogm_ge alpha=0.5 window=0-2" in ogm and "raises the visual head's accuracy" in ogm
+    assert numbers(ogm) == pytest.approx([0.36, 0.54, 0.18, 0.7, 0.825])
+    tradeoff = sentence(page, "tradeoff")
+    # joint + visual: normal 0.825 + 0.36 = 1.185, w01 0.84 + 0.45 = 1.29, w02 0.7 + 0.54 = 1.24.
+    assert "ogm_ge alpha=0.5 window=0-1" in tradeoff
+    assert numbers(tradeoff)[:2] == pytest.approx([0.84, 0.45])
+    window = sentence(page, "window")
+    assert "window 0-1: joint 0.840, visual 0.450; window 0-2: joint 0.700, visual 0.540" in window
+    # Every planned plot applies to this sweep, G-Blend weights from the parent included.
+    for name in ("acc_per_modality", "gap", "utilisation", "ogm_coefficients", "ablation_alpha", "ablation_window",
+                 "shapley", "gblend_weights"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000, name
+        assert f"id=\"fig-{name}\"" in page
+    assert "G-Blend weights: audio 0.200, visual 0.500, joint 0.300" in page
+    # Self-contained: images are embedded.
+    assert page.count("src=\"data:image/png;base64,") == 8
+
+
+def test_bad_names_give_clear_errors(hand_sweep, tmp_path):
+    uri, client, parent, ids = hand_sweep
+    with pytest.raises(ValueError, match="experiment 'nope' not found"):
+        build_report("nope", tracking_uri=uri, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="not a sweep's parent run"):
+        build_report("hand", sweep_run_id=ids["normal_s0"], tracking_uri=uri, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="sweep run 'deadbeef' not found"):
+        build_report("hand", sweep_run_id="deadbeef", tracking_uri=uri, out_dir=tmp_path)
+
+
+# ---- the report of a real tiny sweep ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(ray_local, synth_dataset, tmp_path_factory):
+    from orchestrator import load_spec
+    from orchestrator.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("report_sweep")
+    spec = load_spec({
+        "name": "rep",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 2},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "storage": {"runs_dir": str(tmp / "runs")},
+        "search": {"compare": ["normal", "ogm_ge", "audio_only", "visual_only"], "max_concurrent_trials": 2},
+    })
+    return run_sweep(spec), tmp
+
+
+def final_metrics(client: MlflowClient, parent: str) -> dict[str, dict[str, float]]:
+    """method -> final metrics of its (single) trial, read straight from MLflow."""
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {r.data.params["method.name"]: {**r.data.metrics, "run_id": r.info.run_id} for r in runs}
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tiny_sweep):
+    result, tmp = tiny_sweep
+    client = MlflowClient(result.tracking_uri)
+    report = build_report("rep", tracking_uri=result.tracking_uri, out_dir=tmp / "report")
+    assert report == (tmp / "report" / "report.html").resolve()
+    pngs = sorted(p.name for p in report.parent.glob("*.png"))
+    # No G-Blend in this sweep; every other plot applies.
+    assert pngs == ["ablation_alpha.png", "ablation_window.png", "acc_per_modality.png", "gap.png",
+                    "ogm_coefficients.png", "shapley.png", "utilisation.png"]
+    for name in pngs:
+        data = (report.parent / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert {f"report/{n}" for n in pngs} | {"report/report.html", "report/imbalance_summary.csv", "report/findings.json"} <= logged
+    assert "imbalance_summary.csv" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+
+    finals = final_metrics(client, result.parent_run_id)
+    normal, ogm = finals["normal"], finals["ogm_ge"]
+    base = {"audio": finals["audio_only"]["acc"], "visual": finals["visual_only"]["acc"]}
+    # Utilisation in the joint children, per epoch, = head accuracy / same-seed baseline accuracy.
+    for m in ("audio", "visual"):
+        util = history(client, normal["run_id"], f"util_{m}")
+        assert [step for step, _ in util] == [0, 1]
+        baseline_curve = dict(history(client, finals[f"{m}_only"]["run_id"], "acc"))
+        for step, value in util:
+            assert value == pytest.approx(dict(history(client, normal["run_id"], f"acc_{m}"))[step] / baseline_curve[step])
+
+    # The words match the numbers logged in MLflow.
+    page = report.read_text()
+    dominance = sentence(page, "dominance")
+    if normal["acc_audio"] == normal["acc_visual"]:
+        assert dominance.startswith("Neither modality dominates")
+        return
+    weak = "visual" if normal["acc_audio"] > normal["acc_visual"] else "audio"
+    dominant = "audio" if weak == "visual" else "visual"
+    assert dominance.startswith(f"{dominant.capitalize()} is the dominant modality")
+    assert numbers(dominance)[:2] == pytest.approx([normal[f"acc_{dominant}"], normal[f"acc_{weak}"]], abs=6e-4)
+    under = sentence(page, "weak_vs_unimodal")
+    verdict = "below" if normal[f"acc_{weak}"] < base[weak] else "not below"
+    assert f"The normal joint model's {weak} head reaches {normal[f'acc_{weak}']:.3f}, {verdict} the {weak}_only" in under
+    assert numbers(under)[1] == pytest.approx(base[weak], abs=6e-4)
+    recovered = sentence(page, "ogm_vs_normal")
+    assert numbers(recovered)[0] == pytest.approx(normal[f"acc_{weak}"], abs=6e-4)
+    if ogm[f"acc_{weak}"] != normal[f"acc_{weak}"]:
+        assert numbers(recovered)[1] == pytest.approx(ogm[f"acc_{weak}"], abs=6e-4)
+        assert ("raises" if ogm[f"acc_{weak}"] > normal[f"acc_{weak}"] else "lowers") in recovered
+
+
+@pytest.mark.slow
+def test_cli_report_prints_the_path(tiny_sweep):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    result, tmp = tiny_sweep
+    out = tmp / "cli_report"
+    res = CliRunner().invoke(app, ["report", "rep", "--sweep", result.parent_run_id, "--out", str(out),
+                                   "--tracking-uri", result.tracking_uri])
+    assert res.exit_code == 0, res.output
+    assert str((out / "report.html").resolve()) in res.output.replace("\n", "")
+    assert (out / "report.html").stat().st_size > 10_000
+    bad = CliRunner().invoke(app, ["report", "nosuch", "--tracking-uri", result.tracking_uri, "--out", str(out)])
+    assert bad.exit_code == 2 and "nosuch" in bad.output

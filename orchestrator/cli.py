@@ -13,7 +13,7 @@ from rich.table import Table
 
 app = typer.Typer(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 try:  # the data sub-app lives beside this file
     from orchestrator.cli_data import data_app

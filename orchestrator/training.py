@@ -100,7 +100,15 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
     return experiment_id, run_id
 
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s);
+# worker-group start, every report and the shutdown wait on that poll, which dominates short trials
+# (benchmarks/sweep.py measures before/after). A user's own setting wins; Ray Train forwards the
+# variable from the process that builds the trainer to its controller.
+FAST_POLL_INTERVAL_S = "0.2"
+
+
 def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> TorchTrainer:
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", FAST_POLL_INTERVAL_S)
     storage = (Path(spec.storage.runs_dir) / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     return TorchTrainer(

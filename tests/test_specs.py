@@ -115,3 +115,15 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_spec_builds_its_model_and_search(path):
+    from orchestrator.sweep import build_param_space
+    from workers.train_loop import build_model
+
+    spec = load_spec(path)
+    model = build_model(spec.model_dump(mode="json"), num_classes=6)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    if spec.search is not None:
+        assert build_param_space(spec, {"audio": 0.2, "visual": 0.3, "joint": 0.5})

@@ -1,0 +1,148 @@
+"""A sweep logged to a real `mlflow server` over HTTP, checked in the MLflow web UI itself with headless
+Chromium (Playwright driving Debian's /usr/bin/chromium; no browser is ever downloaded)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+UI_TIMEOUT_MS = 60_000  # two busy cores: the UI's JavaScript can take a while
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    # No background job runner (huey workers for GenAI jobs): nothing here uses it.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", str(tmp / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        # The server and its uvicorn worker share the session we started it in.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_sweep_and_report_show_in_the_mlflow_ui(browser, mlflow_server, ray_local, synth_dataset, tmp_path):
+    from orchestrator import load_spec
+    from orchestrator.report import build_report
+    from orchestrator.sweep import run_sweep
+
+    spec = load_spec({
+        "name": "ui",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 2},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "tracking": {"tracking_uri": mlflow_server},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+        "search": {"compare": ["normal", "ogm_ge"], "max_concurrent_trials": 2},
+    })
+    result = run_sweep(spec)
+    build_report("ui", result.parent_run_id, mlflow_server, out_dir=tmp_path / "report")
+    client = MlflowClient(mlflow_server)
+    children = {r.info.run_name: r.data.metrics for r in client.search_runs(
+        [result.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")}
+    assert len(children) == 2
+
+    page = browser.new_page(viewport={"width": 1800, "height": 1000})
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    # The runs table of the "Model training" view; the sweep's children are nested under its parent run.
+    page.goto(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning")
+    page.get_by_text("sweep_ui", exact=True).wait_for()
+    page.locator(".ag-row [col-id='attributes.`Run Name`'] button").first.click()  # expand the parent
+    for name in children:
+        page.get_by_text(name, exact=True).wait_for()
+    page.get_by_role("button", name="Columns").click()
+    for key in ("acc_audio", "acc_visual"):
+        page.get_by_placeholder("Search columns").fill(key)
+        # The tree node whose whole label is the key (not e.g. best_by_acc/acc_audio, where the key is highlighted).
+        page.locator(f"xpath=//*[@data-testid='column-selector-tree']//span[normalize-space(.)='{key}'][strong]").click()
+    page.keyboard.press("Escape")
+    for key in ("acc_audio", "acc_visual"):
+        page.locator(f"[role=columnheader][col-id='metrics.`{key}`']").wait_for()
+    for name, metrics in children.items():
+        # ag-grid renders the pinned run-name column and the metric columns as separate rows: pair them by row index.
+        row_index = page.locator(".ag-row", has=page.get_by_text(name, exact=True)).first.get_attribute("row-index")
+        for key in ("acc_audio", "acc_visual"):
+            cell = page.locator(f".ag-row[row-index='{row_index}'] [col-id='metrics.`{key}`']").first
+            assert float(cell.inner_text()) == pytest.approx(metrics[key], abs=1e-6), (name, key)
+    page.screenshot(path=str(tmp_path / "mlflow_ui_runs.png"), full_page=True)
+
+    # The report opens in the parent run's artifact viewer, with its embedded plots.
+    page.goto(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}/artifacts")
+    page.get_by_text("report", exact=True).first.click()
+    page.get_by_text("report.html", exact=True).first.click()
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    frame = None
+    while frame is None and time.monotonic() < deadline:
+        for candidate in page.frames[1:]:
+            try:
+                if "avtune imbalance report: ui" in candidate.inner_text("body", timeout=1000):
+                    frame = candidate
+            except Exception:  # noqa: BLE001 - a frame still loading
+                pass
+        time.sleep(0.5)
+    assert frame is not None, "report.html did not render in the MLflow artifact viewer"
+    assert frame.locator("li#dominance").count() == 1
+    loaded = frame.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+    assert loaded and all(loaded), loaded
+    page.screenshot(path=str(tmp_path / "mlflow_ui_report.png"), full_page=True)
+    assert (tmp_path / "mlflow_ui_runs.png").stat().st_size > 10_000
+    page.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_spec", "run_training", "ExperimentSpec", "SpecError", "TrainingResult"]
+__all__ = ["load_spec", "run_training", "build_report", "ExperimentSpec", "SpecError", "TrainingResult"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from orchestrator import training
 
         return getattr(training, name)
+    if name == "build_report":
+        from orchestrator import report
+
+        return report.build_report
     raise AttributeError(name)

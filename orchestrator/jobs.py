@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ray.job_submission import JobSubmissionClient
@@ -36,7 +37,7 @@ def job_client(address: str, token_file: Path | None = None) -> JobSubmissionCli
 
 
 def submit_spec(spec: ExperimentSpec, address: str, tracking_uri: str | None = None, command: str = "sweep",
-                token_file: Path | None = None, pip: list[str] | None = None) -> str:
+                token_file: Path | None = None, pip: list[str] | None = None, agent_wait_seconds: float = 90) -> str:
     """Submit a validated spec as a Ray job; returns the job id.
 
     The job's working_dir holds only the three packages and the spec, so nothing else of the
@@ -56,7 +57,15 @@ def submit_spec(spec: ExperimentSpec, address: str, tracking_uri: str | None = N
             runtime_env["pip"] = pip
         # argv list joined by Ray into a shell line: only fixed words here, never spec values.
         entrypoint = f"python -m orchestrator.cli {command} spec.yaml"
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                 metadata={"avtune.spec": spec.name, "avtune.command": command})
+        deadline = time.monotonic() + agent_wait_seconds
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                         metadata={"avtune.spec": spec.name, "avtune.command": command})
+            except RuntimeError as err:
+                # A freshly started head answers 500 "No available agent" until its job agent is up.
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

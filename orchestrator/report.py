@@ -260,12 +260,16 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
     return joint.sort_values([key, "acc"], ascending=False, kind="stable").iloc[0]
 
 
-def log_sweep_imbalance(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
-    (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table."""
-    sweep = load_sweep(client, parent_run_id)
+    (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table.
+
+    `sweep`: the sweep as already read with :func:`load_sweep` (read here when None).
+    """
+    if sweep is None:
+        sweep = load_sweep(client, parent_run_id)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
     ts = int(time.time() * 1000)
@@ -407,8 +411,8 @@ def findings(table: pd.DataFrame) -> list[dict[str, Any]]:
                             "text": f"{method} alpha={alpha:g}: " + "; ".join(parts)})
         if windows:
             out.append({"id": "window", "group": group, "weak": weak, "by_alpha": windows,
-                        "text": f"{prefix}The modulation window decides the trade-off: "
-                                + " | ".join(w["text"] for w in windows) + "."})
+                        "text": f"{prefix}Modulation window against the trade-off between joint and {weak}-head "
+                                "accuracy: " + " | ".join(w["text"] for w in windows) + "."})
         elif not ogm.empty:
             out.append({"id": "window", "group": group, "weak": weak, "by_alpha": [],
                         "text": f"{prefix}Only one modulation window per alpha was run; search "
@@ -685,7 +689,7 @@ def _img(path: Path, caption: str) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0}td:nth-child(-n+3){text-align:left}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}
+th{background:#f0f0f0}td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}
 li{margin:.4em 0}code{background:#f4f4f4;padding:0 3px}.meta{color:#666;font-size:13px}"""
 
 
@@ -765,9 +769,9 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, Path("runs")))
     sweep_run_id = resolve_sweep(client, experiment, sweep_run_id)
-    if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id)
     sweep = load_sweep(client, sweep_run_id)
+    if log_to_mlflow:
+        log_sweep_imbalance(client, sweep_run_id, sweep)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
     items = findings(table)
@@ -780,7 +784,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
          "acc_audio / acc_visual vs epoch per method, one line per trial; dashed: uni-modal baselines"),
         (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch"),
         (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch (1 = as good as alone)"),
-        (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha"),
+        (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha (computed every epoch, applied only inside the modulation window)"),
         (lambda p: plot_ablation(table, "alpha", p), "ablation_alpha.png",
          "final joint and weak-modality accuracy vs alpha (dashed: normal)"),
         (lambda p: plot_ablation(table, "window", p), "ablation_window.png",

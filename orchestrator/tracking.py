@@ -8,10 +8,12 @@ driver resumes. MLflow itself is the tracker; nothing here stores metrics of its
 """
 from __future__ import annotations
 
+import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import Metric, RunStatus
@@ -69,6 +71,30 @@ def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = 
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
+@contextmanager
+def single_try_requests(seconds: float) -> Iterator[None]:
+    """MLflow HTTP requests made inside get one try and at most `seconds` (>= 1) to answer.
+
+    MLflow's client retries a failed request itself with exponential backoff for about four
+    minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, 120 s timeout). Inside a Ray Train callback that
+    blocks the controller's report loop, and the workers stall at their next report for the whole
+    outage; the logger retries on its own schedule instead. MLflow reads both variables on every
+    request, so the override ends with the block.
+    """
+    override = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(seconds)))}
+    saved = {key: os.environ.get(key) for key in override}
+    os.environ.update(override)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class MlflowEpochLogger(UserCallback):
     """Logs each epoch's report (rank 0's metrics) to an MLflow run, once.
 
@@ -82,7 +108,10 @@ class MlflowEpochLogger(UserCallback):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.retry_seconds = retry_seconds
-        self._pending: list[tuple[int, dict[str, float]]] = []
+        # (epoch, metrics, timestamp): the timestamp is fixed when queued, so a batch re-sent after
+        # an ambiguous failure (a timeout after the server stored it) is identical and MLflow's
+        # store skips it instead of adding a second value at the same step.
+        self._pending: list[tuple[int, dict[str, float], int]] = []
         self._logged_epochs: set[int] | None = None
 
     def _client(self) -> MlflowClient:
@@ -95,17 +124,17 @@ class MlflowEpochLogger(UserCallback):
     def _flush(self, deadline: float) -> bool:
         while self._pending:
             try:
-                client = self._client()
-                if self._logged_epochs is None:
-                    self._logged_epochs = self._load_logged_epochs(client)
-                epoch, values = self._pending[0]
-                if epoch not in self._logged_epochs:
-                    ts = int(time.time() * 1000)
-                    metrics = [Metric(k, float(v), ts, epoch) for k, v in values.items()]
-                    # `epoch` goes last so a partly failed batch is retried in full next time.
-                    for i in range(0, len(metrics), 200):
-                        client.log_batch(self.run_id, metrics=metrics[i : i + 200])
-                    self._logged_epochs.add(epoch)
+                with single_try_requests(deadline - time.monotonic()):
+                    client = self._client()
+                    if self._logged_epochs is None:
+                        self._logged_epochs = self._load_logged_epochs(client)
+                    epoch, values, ts = self._pending[0]
+                    if epoch not in self._logged_epochs:
+                        metrics = [Metric(k, float(v), ts, epoch) for k, v in values.items()]
+                        # `epoch` goes last so a partly failed batch is retried in full next time.
+                        for i in range(0, len(metrics), 200):
+                            client.log_batch(self.run_id, metrics=metrics[i : i + 200])
+                        self._logged_epochs.add(epoch)
                 self._pending.pop(0)
             except Exception:  # noqa: BLE001 - any tracking failure: keep the queue, retry later
                 if time.monotonic() >= deadline:
@@ -120,7 +149,7 @@ class MlflowEpochLogger(UserCallback):
         epoch = int(report[STEP_KEY])
         values = {k: v for k, v in report.items() if isinstance(v, (int, float)) and k != STEP_KEY}
         values[STEP_KEY] = epoch
-        self._pending.append((epoch, values))
+        self._pending.append((epoch, values, int(time.time() * 1000)))
         # Short deadline while training: never stall the run for long on a tracking outage.
         self._flush(deadline=time.monotonic() + 5.0)
 
@@ -131,7 +160,7 @@ class MlflowEpochLogger(UserCallback):
         checkpoint carries the whole history, and epochs already in MLflow are skipped.
         """
         for metrics in history:
-            self._pending.append((int(metrics[STEP_KEY]), dict(metrics)))
+            self._pending.append((int(metrics[STEP_KEY]), dict(metrics), int(time.time() * 1000)))
         return self._flush(deadline=time.monotonic() + self.retry_seconds)
 
 

@@ -123,6 +123,10 @@ def test_sweep_and_report_show_in_the_mlflow_ui(browser, mlflow_server, ray_loca
         for key in ("acc_audio", "acc_visual"):
             cell = page.locator(f".ag-row[row-index='{row_index}'] [col-id='metrics.`{key}`']").first
             assert float(cell.inner_text()) == pytest.approx(metrics[key], abs=1e-6), (name, key)
+    close_assistant = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
+    if close_assistant.count():  # the side panel hides the table's right-hand columns
+        close_assistant.first.click()
+    page.locator("[role=columnheader][col-id='metrics.`acc_visual`']").scroll_into_view_if_needed()
     page.screenshot(path=str(tmp_path / "mlflow_ui_runs.png"), full_page=True)
 
     # The report opens in the parent run's artifact viewer, with its embedded plots.
@@ -138,8 +142,10 @@ def test_sweep_and_report_show_in_the_mlflow_ui(browser, mlflow_server, ray_loca
                     frame = candidate
             except Exception:  # noqa: BLE001 - a frame still loading
                 pass
-        time.sleep(0.5)
-    assert frame is not None, "report.html did not render in the MLflow artifact viewer"
+        page.wait_for_timeout(500)  # not time.sleep: the sync API handles browser events only while waiting
+    if frame is None:
+        page.screenshot(path=str(tmp_path / "mlflow_ui_report_missing.png"), full_page=True)
+    assert frame is not None, f"report.html did not render in the MLflow artifact viewer (see {tmp_path})"
     assert frame.locator("li#dominance").count() == 1
     loaded = frame.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
     assert loaded and all(loaded), loaded

@@ -1,0 +1,325 @@
+"""Fault tolerance on real parts: local Ray Train / Tune, MLflow (SQLite or a real `mlflow server`).
+
+Each test injects one fault a long run meets in practice (a worker killed mid-epoch, the tracking
+server going away, a trial that raises, a damaged file on disk) and checks what the user sees
+afterwards in MLflow and on disk. Deadlines are generous: the machine is shared; no timing asserts.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator import load_spec, run_training
+from orchestrator.sweep import PARENT_TAG, run_sweep
+from orchestrator.training import TrainingResult, log_final_artifacts
+from workers.cache import ClipCache, decode_entry
+from workers.datasets import AVClipDataset, DecodeParams
+from workers.synth import synthesize_dataset
+from workers.train_loop import CHECKPOINT_FILE
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 5
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def busy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """33 training clips; with `busy_spec`'s model an epoch takes ~2 s on one core, long enough to
+    land a fault inside an epoch and to keep training while a server is down."""
+    root = tmp_path_factory.mktemp("busy") / "avtune"
+    synthesize_dataset(root, layout="avtune", classes=3, clips_per_class=16, clip_seconds=1.0, fps=8,
+                       height=32, width=32, sample_rate_hz=16000, seed=3)
+    return root
+
+
+@pytest.fixture()
+def busy_spec(busy_dataset, tmp_path) -> dict:
+    return {
+        "name": "faults",
+        "data": {"source": "dataset", "layout": "avtune", "root": str(busy_dataset),
+                 "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 8, "frame_height": 64, "frame_width": 64, "clip_seconds": 1.0}},
+        "model": {"width": 64},
+        "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+    }
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+class Background:
+    """`fn()` in a daemon thread; `join()` returns its result or re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            self._error = err
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"still running after {timeout} s"
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid, ...
+
+
+def descends_from_us(pid: int) -> bool:
+    """Only this test process's own Ray: other jobs on the machine may run Ray workers too."""
+    me = os.getpid()
+    try:
+        while pid > 1:
+            pid = parent_pid(pid)
+            if pid == me:
+                return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def our_ray_processes(title: str) -> set[int]:
+    """Pids of this session's Ray processes whose title (Ray sets it as the cmdline) starts with `title`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith(title) and descends_from_us(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
+def find_run_id(client: MlflowClient, experiment: str) -> str | None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id])
+    return runs[0].info.run_id if runs else None
+
+
+def logged_steps(client: MlflowClient, run_id: str, key: str = "acc") -> Counter:
+    """How many times each epoch was logged for `key` (MLflow keeps every logged value)."""
+    return Counter(m.step for m in client.get_metric_history(run_id, key))
+
+
+class CheckpointWatch:
+    """Names of every checkpoint folder Ray Train writes under `runs_dir` (each report writes one;
+    `num_to_keep` deletes old ones, so they are collected while the run goes on)."""
+
+    def __init__(self, runs_dir: Path):
+        self.pattern_root = runs_dir / "ray"
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.seen |= {p.name for p in self.pattern_root.glob("*/checkpoint_*") if p.is_dir()}
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return set(self.seen)
+
+
+# ---- 1. a Ray Train worker SIGKILLed mid-epoch --------------------------------------------
+
+
+def test_worker_killed_mid_epoch_resumes_and_logs_each_epoch_once(ray_local, busy_spec):
+    spec = load_spec(busy_spec)
+    runs_dir = Path(busy_spec["storage"]["runs_dir"])
+    client = MlflowClient(f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}")
+    watch = CheckpointWatch(runs_dir)
+    training = Background(lambda: run_training(spec))
+
+    def two_epochs_logged():
+        run_id = (runs_dir / "mlflow.db").exists() and find_run_id(client, "faults")
+        return run_id if run_id and len(logged_steps(client, run_id)) >= 2 else None
+
+    run_id = wait_for(two_epochs_logged, 240, "epochs 0 and 1 in MLflow")
+    (victim,) = wait_for(lambda: our_ray_processes("ray::RayTrainWorker"), 30, "the Ray Train worker", 0.1)
+    os.kill(victim, signal.SIGKILL)
+    before_kill = logged_steps(client, run_id)
+    assert max(before_kill) < EPOCHS - 1, "the run ended before the fault landed"
+    # Ray Train notices the dead worker and starts a new worker group from the last checkpoint.
+    wait_for(lambda: our_ray_processes("ray::RayTrainWorker") - {victim}, 120, "a restarted worker", 0.2)
+
+    result: TrainingResult = training.join(300)
+    checkpoints_written = watch.stop()
+    run = client.get_run(result.run_id)
+    assert result.run_id == run_id and run.info.status == "FINISHED"
+    # Restarted from the last checkpoint, not from scratch (which would write >= 2 + EPOCHS): only
+    # the interrupted epoch, or one whose checkpoint was not yet registered, may have run twice.
+    assert EPOCHS <= len(checkpoints_written) <= EPOCHS + 1
+    for key in ("acc", "loss", "loss_train", "epoch"):
+        assert logged_steps(client, run_id, key) == Counter(range(EPOCHS)), key
+    assert list(result.history.index) == list(range(EPOCHS))
+    # The loop writes state.pt under a temporary name and renames it: no half-written file is ever
+    # inside a checkpoint Ray registered.
+    ckpts = [p for p in (runs_dir / "ray").glob("*/checkpoint_*") if p.is_dir()]
+    assert ckpts and all((c / CHECKPOINT_FILE).is_file() for c in ckpts)
+    assert not list((runs_dir / "ray").rglob("*.partial"))
+
+    # Resumed from the checkpoint with model, optimiser and RNG state: the same numbers as a run
+    # that was never interrupted.
+    undisturbed = run_training(load_spec(merge(busy_spec, {"name": "faults-undisturbed"})))
+    assert list(undisturbed.history.index) == list(result.history.index)
+    for key in ("loss_train", "loss", "acc"):
+        assert result.history[key].tolist() == pytest.approx(undisturbed.history[key].tolist(), rel=1e-4), key
+
+
+# ---- 2. the tracking server goes away for a while ----------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (its own process group), restartable on the same port
+    and the same SQLite + artifact stores."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120) -> None:
+        self.starts += 1
+        log = open(self.folder / f"server-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'm.db'}", "--serve-artifacts",
+             "--artifacts-destination", str(self.folder / "art"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.folder / f"server-{self.starts}.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"mlflow server on port {self.port} not healthy after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+OUTAGE_SECONDS = 30
+
+
+def test_tracking_server_outage_neither_stops_nor_loses_epochs(ray_local, busy_spec, mlflow_server):
+    epochs = 6
+    spec = load_spec(merge(busy_spec, {"train": {"epochs": epochs},
+                                       "tracking": {"tracking_uri": mlflow_server.uri}}))
+    runs_dir = Path(busy_spec["storage"]["runs_dir"])
+    client = MlflowClient(mlflow_server.uri)
+    watch = CheckpointWatch(runs_dir)
+    training = Background(lambda: run_training(spec))
+
+    def epoch_1_logged():
+        run_id = find_run_id(client, "faults")
+        return run_id if run_id and 1 in logged_steps(client, run_id) else None
+
+    run_id = wait_for(epoch_1_logged, 240, "epoch 1 in MLflow")
+    mlflow_server.stop()
+    down_at = time.monotonic()
+    # Training goes on while the server is down: every epoch's checkpoint gets written.
+    # (At least OUTAGE_SECONDS; longer only if the machine is slow, to let the run reach its end.)
+    time.sleep(OUTAGE_SECONDS)
+    give_up = time.monotonic() + 60
+    while len(watch.seen) < epochs and time.monotonic() < give_up:
+        time.sleep(0.5)
+    during_outage = set(watch.seen)
+    mlflow_server.start()
+    outage = time.monotonic() - down_at
+
+    result: TrainingResult = training.join(300)
+    watch.stop()
+    assert len(during_outage) >= epochs, f"only {len(during_outage)} epochs ran during a {outage:.0f} s outage"
+    assert result.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("acc", "loss", "loss_train", "epoch"):
+        assert logged_steps(client, run_id, key) == Counter(range(epochs)), key
+    assert list(result.history.index) == list(range(epochs))
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert "checkpoints/final_model.pt" in artifacts

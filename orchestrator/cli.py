@@ -273,7 +273,12 @@ def demo(
     if result.gblend_weights:
         console.print("G-Blend weights: " + ", ".join(f"{k}={v:.3f}" for k, v in result.gblend_weights.items()))
     print_trials(result.trials, f"demo: parent run {result.parent_run_id}")
+    from orchestrator.report import build_report
+
+    report_path = build_report(exp.tracking.experiment or exp.name, sweep_run_id=result.parent_run_id,
+                               tracking_uri=result.tracking_uri, out_dir=Path(runs_dir) / "reports" / exp.name)
     console.print(f"demo wall time: {time.perf_counter() - started:.0f} s")
+    console.print(f"report: {report_path} (also on the parent run under report/)")
     console.print(f"open the MLflow UI: .venv/bin/avtune ui --runs-dir {runs_dir}   (then http://127.0.0.1:5000)")
 
 

@@ -404,6 +404,10 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         with tempfile.TemporaryDirectory() as tmp:
             trials.to_csv(Path(tmp) / "trials.csv", index=False)
             client.log_artifact(parent_run_id, str(Path(tmp) / "trials.csv"))
+        from orchestrator.report import log_sweep_imbalance
+
+        # Utilisation vs the uni-modal baselines, per child and per epoch, plus the parent's summary.
+        log_sweep_imbalance(client, parent_run_id)
     except BaseException as err:
         finish_run(client, parent_run_id, err)
         raise

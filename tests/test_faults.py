@@ -323,3 +323,141 @@ def test_tracking_server_outage_neither_stops_nor_loses_epochs(ray_local, busy_s
     assert list(result.history.index) == list(range(epochs))
     artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert "checkpoints/final_model.pt" in artifacts
+
+
+# ---- 3. a trial that raises inside a sweep ------------------------------------------------
+
+
+def test_sweep_with_a_failing_trial_completes_and_counts_it(ray_local, synth_dataset, tmp_path):
+    bad_root = tmp_path / "bad"
+    shutil.copytree(synth_dataset, bad_root)
+    broken_clip = sorted((bad_root / "clips").rglob("*.mp4"))[0]
+    broken_clip.write_bytes(os.urandom(2048))  # junk where an mp4 was: PyAV cannot open it
+    spec = {
+        "name": "sweep-faults",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                 "on_bad_media": "error",
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+        "search": {"space": {"data.root": {"grid": [str(synth_dataset), str(bad_root)]}}, "max_concurrent_trials": 2},
+    }
+    result = run_sweep(load_spec(spec))  # returns: Tune reports the errored trial, it does not raise
+
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 2 and parent.data.metrics["trials_failed"] == 1
+    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{result.parent_run_id}'")
+    by_root = {k.data.params["data.root"]: k for k in kids}
+    assert set(by_root) == {str(synth_dataset), str(bad_root)}
+    good, bad = by_root[str(synth_dataset)], by_root[str(bad_root)]
+    assert good.info.status == "FINISHED"
+    assert logged_steps(client, good.info.run_id) == Counter(range(2))
+    assert bad.info.status == "FAILED"
+    assert broken_clip.name in bad.data.tags["error"]
+    assert [r.error is not None for r in result.result_grid].count(True) == 1
+    assert parent.data.tags["avtune.best_run_id"] == good.info.run_id
+
+
+# ---- 4. half-written or hostile files on disk ---------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this calls os.mkdir(path): stands in for any code a hostile pickle would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> None:
+    torch.save({"model": {}, "epoch": 0, "payload": RunsCode(marker)}, path)
+
+
+def test_hostile_pickle_checkpoint_is_refused(tmp_path):
+    state_file = tmp_path / "ckpt" / CHECKPOINT_FILE
+    state_file.parent.mkdir()
+    marker = tmp_path / "code-ran"
+    write_hostile_checkpoint(state_file, marker)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(pickle.UnpicklingError, match="mkdir"):
+        log_final_artifacts(client, "no-run-needed", str(state_file.parent))
+    assert not marker.exists()
+    # The payload is live: a plain unpickler runs it. weights_only is what stopped it above.
+    torch.load(state_file, weights_only=False)
+    assert marker.is_dir()
+
+
+def test_partial_checkpoint_file_is_never_loaded(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    # A complete, loadable state, but under the name the loop writes *before* its rename.
+    torch.save({"model": {}, "epoch": 0, "num_classes": 2, "class_names": ["a", "b"],
+                "best": {"state": None}}, ckpt / (CHECKPOINT_FILE + ".partial"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
+        log_final_artifacts(client, "no-run-needed", str(ckpt))
+
+
+def test_cache_temp_file_of_a_killed_writer_is_ignored_and_the_entry_rebuilt(synth_dataset, tmp_path):
+    params = DecodeParams(num_frames=3, frame_height=32, frame_width=32)
+    cache = tmp_path / "cache"
+    ds = AVClipDataset(synth_dataset, "avtune", "val", params, cache_dir=cache)
+    reference = ds[0]
+    clip_cache = ClipCache(cache, params)
+    entry = clip_cache.entry_path(clip_cache.key(ds.records[0].video_path, ds.records[0].audio_path))
+    data = entry.read_bytes()
+    # What a writer killed mid-write leaves: the first half under its temporary name, no entry.
+    entry.unlink()
+    stale = entry.parent / f".{entry.name}.killed.tmp"
+    stale.write_bytes(data[: len(data) // 2])
+    fresh = AVClipDataset(synth_dataset, "avtune", "val", params, cache_dir=cache)
+    rebuilt = fresh[0]
+    for a, b in zip(rebuilt, reference):
+        torch.testing.assert_close(a, b)
+    assert entry.is_file() and decode_entry(bytearray(entry.read_bytes()))[1]["frames"].shape == (3, 32, 32, 3)
+
+
+@pytest.fixture()
+def small_spec(synth_dataset, tmp_path) -> dict:
+    return {
+        "name": "resume-faults",
+        "data": {"source": "dataset", "layout": "avtune", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+    }
+
+
+def test_resume_from_a_damaged_checkpoint_fails_naming_the_file(ray_local, small_spec, tmp_path):
+    first = run_training(load_spec(small_spec))
+    state_file = Path(first.checkpoint_path) / CHECKPOINT_FILE
+    client = MlflowClient(first.tracking_uri)
+    longer = load_spec(merge(small_spec, {"train": {"epochs": 2}}))
+
+    # Truncated on disk (the storage, not the loop, lost its tail): never trained from silently.
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception) as failure:
+        run_training(longer, resume_run_id=first.run_id)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FAILED"
+    assert str(state_file) in run.data.tags["error"], run.data.tags["error"][-2000:]
+    assert str(state_file) in str(failure.value)
+    assert logged_steps(client, first.run_id) == Counter([0])
+
+    # Replaced by a pickle that runs code: refused by the loop's weights_only load.
+    marker = tmp_path / "code-ran"
+    write_hostile_checkpoint(state_file, marker)
+    with pytest.raises(Exception, match="UnpicklingError") as failure:
+        run_training(longer, resume_run_id=first.run_id)
+    assert str(state_file) in str(failure.value)
+    assert not marker.exists()
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    assert logged_steps(client, first.run_id) == Counter([0])

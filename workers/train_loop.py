@@ -264,7 +264,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            state_file = Path(ckpt_dir) / CHECKPOINT_FILE
+            try:
+                state = torch.load(state_file, map_location="cpu", weights_only=True)
+            except Exception as err:
+                # A registered checkpoint always holds a complete state.pt (written, then renamed,
+                # before the report), so this is damage on disk or a foreign file: stop and name it
+                # rather than train on from scratch or from whatever could be read.
+                # The path goes last: Ray Train keeps the tail of a worker's error.
+                raise RuntimeError(f"checkpoint cannot be loaded ({type(err).__name__}): truncated, corrupt, or holding "
+                                   f"objects other than tensors and plain data, which weights_only refuses: {state_file}") from err
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-cluster test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not cluster" tests
+
+test-cluster: setup
+	$(BIN)/python -m pytest -q -m cluster tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -12,20 +12,20 @@ import copy
 import itertools
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, dump_spec_yaml, flatten, validate_spec
-from orchestrator.tracking import MlflowEpochLogger, finish_run, log_params_batched, resolve_tracking_uri
-from orchestrator.training import build_trainer, connect_ray, ensure_data, log_final_artifacts, run_name_for, start_mlflow_run
+from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
+from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
+from orchestrator.training import build_trainer, connect_ray, ensure_data, log_final_artifacts, start_mlflow_run
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "avtune.trial_id"
@@ -220,16 +220,22 @@ def sweep_state_file(spec: ExperimentSpec) -> Path:
     return (Path(spec.storage.runs_dir) / "sweeps" / f"{spec.name}.json").resolve()
 
 
+def make_trainable(spec: ExperimentSpec, parent_run_id: str, tracking_uri: str, name: str, stage: str):
+    """The Tune function trainable with its fixed arguments and its own tiny CPU share (the
+    trial's Train workers get `scaling.*`); the same for a new Tuner and for Tuner.restore."""
+    return tune.with_resources(
+        tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
+                             tracking_uri=tracking_uri, sweep_name=name, stage=stage),
+        {"cpu": spec.search.trial_cpus},
+    )
+
+
 def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, parent_run_id: str,
                tracking_uri: str, stage: str, max_concurrent: int | None = None,
                scheduler_on: bool = True) -> tuple[tune.Tuner, str]:
     search = spec.search
     storage = str((Path(spec.storage.runs_dir) / "ray").resolve())
-    trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
-                             tracking_uri=tracking_uri, sweep_name=name, stage=stage),
-        {"cpu": search.trial_cpus},
-    )
+    trainable = make_trainable(spec, parent_run_id, tracking_uri, name, stage)
     search_alg = None
     if search.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -321,10 +327,7 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
         at_n[head] = (hist["loss_train"][first], hist["loss"][first])
         at_n_plus[head] = (hist["loss_train"][second], hist["loss"][second])
     weights = estimate_blend_weights(at_n, at_n_plus)
-    from mlflow.entities import Metric
-    import time as _time
-
-    ts = int(_time.time() * 1000)
+    ts = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(f"gblend_w_{h}", float(w), ts, 0) for h, w in weights.items()])
     return weights
 
@@ -371,11 +374,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         param_space = build_param_space(spec, weights)
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
-            trainable = tune.with_resources(
-                tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
-                                     tracking_uri=tracking_uri, sweep_name=name, stage="main"),
-                {"cpu": spec.search.trial_cpus},
-            )
+            trainable = make_trainable(spec, parent_run_id, tracking_uri, name, "main")
             tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
             path = trainable_path
         else:
@@ -396,10 +395,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
             for key in ("acc", "acc_audio", "acc_visual", "gap_av", "test_acc"):
                 if best.get(key) is not None and not pd.isna(best.get(key)):
                     summary[f"best_{key}"] = float(best[key])
-        from mlflow.entities import Metric
-        import time as _time
-
-        ts = int(_time.time() * 1000)
+        ts = int(time.time() * 1000)
         client.log_batch(parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in summary.items()])
         with tempfile.TemporaryDirectory() as tmp:
             trials.to_csv(Path(tmp) / "trials.csv", index=False)

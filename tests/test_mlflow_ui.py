@@ -2,13 +2,7 @@
 Chromium (Playwright driving Debian's /usr/bin/chromium; no browser is ever downloaded)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,51 +16,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 UI_TIMEOUT_MS = 60_000  # two busy cores: the UI's JavaScript can take a while
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    # No background job runner (huey workers for GenAI jobs): nothing here uses it.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(tmp / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        # The server and its uvicorn worker share the session we started it in.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -78,7 +27,8 @@ def browser():
         browser.close()
 
 
-def test_sweep_and_report_show_in_the_mlflow_ui(browser, mlflow_server, ray_local, synth_dataset, tmp_path):
+def test_sweep_and_report_show_in_the_mlflow_ui(browser, module_mlflow_server, ray_local, synth_dataset, tmp_path):
+    mlflow_server = module_mlflow_server.uri
     from orchestrator import load_spec
     from orchestrator.report import build_report
     from orchestrator.sweep import run_sweep

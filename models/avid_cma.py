@@ -518,10 +518,10 @@ class AVIDCriterion(nn.Module):
         """
         # Scores of +-1/0.07 need float32: bf16 would round them by ~0.06, so autocast is off here.
         with torch.autocast(device_type=_require_embeddings(emb).visual.device.type, enabled=False):
-            return self._instance_forward(emb, indices, negative_indices)
+            return self._loss(emb, indices, negative_indices)
 
-    def _instance_forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
-                          ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
         video, audio, idx = self._check(emb, indices)
         cfg = self.config
         with torch.no_grad():
@@ -619,14 +619,9 @@ class CMACriterion(AVIDCriterion):
         if freq > 0 and epoch > 0 and epoch % freq == 0:
             self.refresh_positives()
 
-    def forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """As :meth:`AVIDCriterion.forward`, with positive-set terms; sampled negatives avoid the positive set."""
-        with torch.autocast(device_type=_require_embeddings(emb).visual.device.type, enabled=False):
-            return self._cma_forward(emb, indices, negative_indices)
-
-    def _cma_forward(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
-                     ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, emb: AVEmbeddings, indices: Tensor, negative_indices: Tensor | None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+        """As :meth:`AVIDCriterion._loss`, with positive-set terms; sampled negatives avoid the positive set."""
         video, audio, idx = self._check(emb, indices)
         cfg = self.config
         with torch.no_grad():

@@ -11,17 +11,22 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
@@ -160,6 +165,60 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
     return run_id
 
 
+# ---- stopping a trial's Train run ---------------------------------------------------------
+#
+# When a scheduler (ASHA) stops a trial, Tune calls the trainable's `cleanup()` and then ends the
+# trial actor. The trial's Train controller is owned by that actor and dies with it, ungracefully,
+# so its worker group's placement group outlives it (a placement group made by a non-detached actor
+# lives until the driver's job ends). Ray Train's PlacementGroupCleaner would remove it, but it
+# watches the controller through the State API, which needs the dashboard; without it the CPUs stay
+# reserved and the next trial's worker group times out waiting for them. So the trial does what
+# Ray Train's own Ctrl-C handler does, which Train cannot install off the main thread (as in Tune):
+# `TrainController.abort()`, which aborts the worker group (removing its placement group) first.
+
+_TRAIN_RUN: dict[str, Any] = {}  # this trial actor's running Train run: {"mailbox": Queue}
+_STOPPED_BY_TUNE = threading.Event()
+
+
+class ControllerHandle(ControllerCallback):
+    """Runs in the Train controller: sends its own actor handle back to the trial, for `abort()`."""
+
+    def __init__(self, mailbox: Queue):
+        self.mailbox = mailbox
+
+    def after_controller_start(self, train_run_context) -> None:
+        self.mailbox.put(ray.get_runtime_context().current_actor)
+
+
+def abort_train_run(timeout_s: float = 60) -> None:
+    """Abort this trial actor's Train run, if one is running (called from Tune's `cleanup()`)."""
+    mailbox = _TRAIN_RUN.get("mailbox")
+    if mailbox is None:
+        return
+    _STOPPED_BY_TUNE.set()
+    try:
+        controller = mailbox.get(block=False)  # absent: the controller has not started yet
+    except (queue.Empty, ray.exceptions.RayError):
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # abort() ends with the controller's own exit_actor()
+    except ray.exceptions.GetTimeoutError:
+        pass  # the placement group then lives until the job ends (or Train's cleaner sees the controller die)
+
+
+class AbortTrainOnStop:
+    """Mixin for the Tune function trainable (Tune's `__mixins__` hook): abort the trial's Train
+    run before Tune's own cleanup ends the trial actor."""
+
+    def cleanup(self):
+        try:
+            abort_train_run()
+        finally:
+            super().cleanup()
+
+
 def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
                 sweep_name: str, stage: str) -> None:
     """Tune function trainable: one Ray Train run per trial."""
@@ -168,16 +227,24 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage)
     logger = MlflowEpochLogger(tracking_uri, run_id)
+    mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    _TRAIN_RUN["mailbox"] = mailbox
     try:
-        trainer = build_trainer(spec, f"{sweep_name}-{trial_id}", [logger, TuneReportCallback()])
+        trainer = build_trainer(spec, f"{sweep_name}-{trial_id}",
+                                [logger, TuneReportCallback(), ControllerHandle(mailbox)])
         result = trainer.fit()
+        _TRAIN_RUN.pop("mailbox", None)
         with result.checkpoint.as_directory() as ckpt_dir:
             state = log_final_artifacts(client, run_id, ckpt_dir)
         if not logger.reconcile(state["history"]):
             raise RuntimeError(f"tracking server {tracking_uri} unreachable: some epochs could not be logged")
     except BaseException as err:
+        if _STOPPED_BY_TUNE.is_set():
+            return  # aborted on purpose; ChildRunStatus marks the run KILLED on the driver
         finish_run(client, run_id, err)
         raise
+    finally:
+        _TRAIN_RUN.pop("mailbox", None)
     finish_run(client, run_id)
 
 
@@ -223,11 +290,10 @@ def sweep_state_file(spec: ExperimentSpec) -> Path:
 def make_trainable(spec: ExperimentSpec, parent_run_id: str, tracking_uri: str, name: str, stage: str):
     """The Tune function trainable with its fixed arguments and its own tiny CPU share (the
     trial's Train workers get `scaling.*`); the same for a new Tuner and for Tuner.restore."""
-    return tune.with_resources(
-        tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
-                             tracking_uri=tracking_uri, sweep_name=name, stage=stage),
-        {"cpu": spec.search.trial_cpus},
-    )
+    fn = tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
+                              tracking_uri=tracking_uri, sweep_name=name, stage=stage)
+    fn.__mixins__ = (AbortTrainOnStop,)
+    return tune.with_resources(fn, {"cpu": spec.search.trial_cpus})
 
 
 def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, parent_run_id: str,
@@ -251,6 +317,9 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
             time_attr="training_iteration", metric=search.metric, mode=search.mode,
             max_t=spec.train.epochs, grace_period=search.asha_grace_epochs,
             reduction_factor=search.asha_reduction_factor,
+            # A trial that reaches max_t (its last epoch) ends by itself: its fit() returns and its
+            # final artifacts are logged; only rung decisions stop trials.
+            stop_last_trials=False,
         )
     path = str(Path(storage) / name)
     tuner = tune.Tuner(
@@ -286,7 +355,7 @@ def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", 
         window = ""
         if "method.modulation_starts" in params:
             window = f"{params['method.modulation_starts']}-{params['method.modulation_ends']}"
-        rows.append({
+        row = {
             "run_id": run.info.run_id, "trial_id": tags.get(TRIAL_TAG, ""), "run_name": run.info.run_name,
             "status": run.info.status, "method": method, "alpha": float(params["method.alpha"]) if "method.alpha" in params else None,
             "window": window, "fusion": params.get("model.fusion", ""),
@@ -294,7 +363,9 @@ def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", 
             "acc": m.get("acc"), "acc_audio": m.get("acc_audio"), "acc_visual": m.get("acc_visual"),
             "best_acc": m.get("best_acc"), "test_acc": m.get("test_acc"),
             "gap_av": (m["acc_audio"] - m["acc_visual"]) if "acc_audio" in m and "acc_visual" in m else None,
-        })
+        }
+        row.setdefault(metric, m.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
+        rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty and metric in frame:
         frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not cluster" tests
+	$(BIN)/python -m pytest -q tests
 
 test-cluster: setup
 	$(BIN)/python -m pytest -q -m cluster tests

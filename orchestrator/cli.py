@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +21,11 @@ try:  # the data sub-app lives beside this file
     app.add_typer(data_app, name="data", help="Generate and inspect audio-visual clip datasets.")
 except ImportError:  # pragma: no cover - during development only
     pass
+
+# Options shared by train / sweep / submit, declared once.
+SpecArg = Annotated[Path, typer.Argument(help="experiment spec (YAML)")]
+SetOpt = Annotated[Optional[List[str]], typer.Option("--set", help="override a field, e.g. --set model.fusion=film")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")]
 
 METRIC_COLUMNS = ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "k_visual")
 
@@ -41,9 +46,9 @@ def _load(spec_path: Path, overrides: list[str]):
 
 @app.command()
 def train(
-    spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field, e.g. --set model.fusion=film"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    spec: SpecArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
     resume: Optional[str] = typer.Option(None, help="MLflow run id of an interrupted run to continue"),
 ) -> None:
     """Train one spec under Ray Train; per-epoch acc / acc_audio / acc_visual go to MLflow."""
@@ -100,9 +105,9 @@ def print_trials(frame, title: str) -> None:
 
 @app.command()
 def sweep(
-    spec: Path = typer.Argument(..., help="experiment spec (YAML) with a search section"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field, e.g. --set train.epochs=4"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    spec: SpecArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: search.max_concurrent_trials)"),
     resume: bool = typer.Option(False, "--resume", help="continue this spec's interrupted sweep (same parent run)"),
 ) -> None:
@@ -152,10 +157,10 @@ def results(
 
 @app.command()
 def submit(
-    spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
+    spec: SpecArg,
     address: str = typer.Option(..., help="Ray Jobs address, e.g. http://HOST:8265"),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI the job logs to"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field before submitting"),
+    set_: SetOpt = None,
     train_only: bool = typer.Option(False, "--train", help="run `avtune train` instead of `avtune sweep`"),
     token_file: Optional[Path] = typer.Option(None, help="Ray auth token file (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"),
 ) -> None:

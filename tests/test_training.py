@@ -120,3 +120,28 @@ def test_training_error_marks_the_run_failed(ray_local, base_spec, synth_dataset
 def test_spec_error_names_the_field(base_spec):
     with pytest.raises(SpecError, match=r"model\.fusion"):
         load_spec(merge(base_spec, {"model": {"fusion": "average"}}))
+
+
+def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
+    """`avtune train SPEC --set ...` trains and prints the per-epoch table; `avtune runs` reads it back
+    from MLflow; a bad `--set` is refused naming the field, before anything starts."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(base_spec))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train", str(spec_file), "--set", "model.fusion=average"])
+    assert bad.exit_code == 2 and "model.fusion" in bad.output, bad.output
+    res = runner.invoke(app, ["train", str(spec_file), "--set", "method.name=ogm_ge", "--set", "method.alpha=0.3"])
+    assert res.exit_code == 0, res.output
+    assert "acc_audio" in res.output and "k_audio" in res.output and "checkpoint:" in res.output
+    run_id = res.output.split(" run ")[-1].split()[0]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method.alpha"] == "0.3"
+    assert epochs_logged(client, run_id) == [0, 1]
+    listed = runner.invoke(app, ["runs", "t", "--runs-dir", str(tmp_path / "runs")])
+    assert listed.exit_code == 0 and run_id[:12] in listed.output and "FINISHED" in listed.output, listed.output

@@ -67,6 +67,8 @@ def synth(
     sample_rate_hz: int = typer.Option(16000, help="audio sampling rate"),
     audio_informative: float = typer.Option(0.9, help="share of clips whose audio carries their class signature"),
     visual_informative: float = typer.Option(0.6, help="share of clips whose video carries their class signature"),
+    audio_noise_std: float = typer.Option(0.03, help="white-noise std on the waveform (full scale 1): how hard audio is to recognise"),
+    visual_noise_std: float = typer.Option(12.0, help="pixel-noise std (0-255): how hard video is to recognise"),
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Generate H.264/AAC clips with per-class audio and visual signatures and a known imbalance."""
@@ -81,7 +83,8 @@ def synth(
                 out, layout=layout.value, classes=classes, clips_per_class=clips_per_class,
                 clip_seconds=clip_seconds, fps=fps, height=height, width=width,
                 sample_rate_hz=sample_rate_hz, audio_informative=audio_informative,
-                visual_informative=visual_informative, seed=seed,
+                visual_informative=visual_informative, audio_noise_std=audio_noise_std,
+                visual_noise_std=visual_noise_std, seed=seed,
             )
     except ValueError as err:
         _fail(str(err))

@@ -527,7 +527,10 @@ def plot_utilisation(sweep: SweepData, per_epoch: dict[str, pd.DataFrame], path:
         ax.set_title(f"util_{m} = acc_{m} (joint) / {UNIMODAL[m]} acc")
         _epoch_axis(ax)
     axes[0].set_ylabel("utilisation")
-    axes[1].legend(fontsize=7)
+    # A sweep with one uni-modal baseline has curves on one side only: the legend goes where they are.
+    drawn = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if drawn:
+        drawn[-1].legend(fontsize=7)
     fig.savefig(path, dpi=90)
     return path
 

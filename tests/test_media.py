@@ -180,6 +180,46 @@ def test_signatures_survive_encoding(tmp_path):
         assert correct == len(held_out)
 
 
+def test_noise_knobs_set_each_modality_difficulty_alone(tmp_path):
+    """audio_noise_std / visual_noise_std: defaults reproduce the original clips byte for byte (and
+    stay out of the card); a non-default level changes only its own modality's media."""
+    params = dict(classes=3, clips_per_class=3, clip_seconds=0.5, fps=8, height=32, width=32,
+                  audio_informative=1.0, visual_informative=1.0, seed=4)
+    card_plain = synthesize_dataset(tmp_path / "plain", **params)
+    synthesize_dataset(tmp_path / "defaults", audio_noise_std=0.03, visual_noise_std=12.0, **params)
+    card_audio = synthesize_dataset(tmp_path / "audio", audio_noise_std=0.3, **params)
+    card_visual = synthesize_dataset(tmp_path / "visual", visual_noise_std=40.0, **params)
+    assert "audio_noise_std" not in card_plain["params"] and "visual_noise_std" not in card_plain["params"]
+    assert card_audio["params"]["audio_noise_std"] == 0.3 and "visual_noise_std" not in card_audio["params"]
+    assert card_visual["params"]["visual_noise_std"] == 40.0
+    # Noise changes how hard a signature is to recognise, not which signature a clip carries.
+    for card in (card_audio, card_visual):
+        assert card["best_achievable_accuracy"] == card_plain["best_achievable_accuracy"]
+    for name in ("manifest.csv", "signatures.csv", "card.json"):
+        assert (tmp_path / "defaults" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    decode = {**DECODE, "clip_seconds": 0.5}
+    audio_std, pixel_std = Counter(), Counter()  # sums over clips
+    for row in _rows(tmp_path / "plain" / "manifest.csv"):
+        assert (tmp_path / "defaults" / row["path"]).read_bytes() == (tmp_path / "plain" / row["path"]).read_bytes()
+        clips = {}
+        for variant in ("plain", "audio", "visual"):
+            path = tmp_path / variant / row["path"]
+            clips[variant] = decode_clip(path, path, **decode)
+        frames, wave = clips["plain"]
+        assert torch.equal(clips["audio"][0], frames) and not torch.equal(clips["audio"][1], wave)
+        assert torch.equal(clips["visual"][1], wave) and not torch.equal(clips["visual"][0], frames)
+        for variant, (f, w) in clips.items():
+            audio_std[variant] += float(w.std())
+            # neighbouring-pixel differences: pixel noise, plus the object's few edge pixels
+            pixel_std[variant] += float(f.float().diff(dim=2).abs().mean())
+    assert audio_std["audio"] > 1.5 * audio_std["plain"]
+    assert pixel_std["visual"] > 1.5 * pixel_std["plain"]
+    with pytest.raises(ValueError, match="audio_noise_std"):
+        synthesize_dataset(tmp_path / "x", audio_noise_std=-0.1)
+    with pytest.raises(ValueError, match="visual_noise_std"):
+        synthesize_dataset(tmp_path / "x", visual_noise_std=float("nan"))
+
+
 def test_synth_rejects_bad_parameters_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match="audio_informative"):
         synthesize_dataset(tmp_path / "x", audio_informative=1.5)

@@ -12,6 +12,16 @@ clips are allocated to classes proportionally to class size (largest remainder, 
 the seeded RNG). A classifier that recognises the signature perfectly can therefore reach at most
 the "best achievable" accuracies the card reports, which are computed from the realised signatures.
 
+Difficulty: ``audio_noise_std`` (white noise on the waveform, full scale 1; the chord peaks at
+0.25-0.4) and ``visual_noise_std`` (Gaussian pixel noise, 0-255 scale, on the background; half of
+it on the object) set how hard each signature is to *recognise*, independently of how often it is
+informative. They change how fast a network learns a modality, not which signature a clip carries,
+so the card's best achievable accuracies stay exact for a perfect recogniser (an upper bound for a
+real one). The defaults (0.03 and 12) are the generator's original levels: outputs for existing
+parameters are byte-identical, and the card lists these two parameters only when they differ
+from the defaults. E.g. ``audio_noise_std=0.45`` makes audio the slower modality to learn even
+when fully informative (the visual-dominant case of ``tests/test_phenomenon.py``).
+
 Outputs next to the media: ``manifest.csv`` (``path,label,split[,audio_path]``), ``classes.txt``,
 ``signatures.csv`` (per-clip ground truth: which class's signature each modality carries),
 and ``card.json`` (written last: its presence means the set is complete).
@@ -76,8 +86,10 @@ SHAPES = ("square", "disc", "diamond")
 _LOW_HZ = 200.0
 _HIGH_HZ = 3500.0
 _CHORD_RATIO = 1.25  # second tone a major third above the first
+# Default noise levels (audio_noise_std / visual_noise_std of synthesize_dataset).
 _NOISE_STD_AUDIO = 0.03
 _NOISE_STD_PIXEL = 12.0
+DIFFICULTY_DEFAULTS = {"audio_noise_std": _NOISE_STD_AUDIO, "visual_noise_std": _NOISE_STD_PIXEL}
 _BACKGROUND = 110.0
 # CREMA-D clip ids are ACTOR_SENTENCE_EMOTION_LEVEL; these are its 12 sentence codes.
 _CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
@@ -113,7 +125,8 @@ def class_signatures(classes: int, sample_rate_hz: int) -> list[dict[str, Any]]:
 
 
 def _render_video(
-    signature: dict[str, Any], rng: np.random.Generator, num_frames: int, height: int, width: int
+    signature: dict[str, Any], rng: np.random.Generator, num_frames: int, height: int, width: int,
+    noise_std: float = _NOISE_STD_PIXEL,
 ) -> np.ndarray:
     """uint8 ``(num_frames, height, width, 3)``: a moving object over a noisy grey background."""
     side = min(height, width)
@@ -129,7 +142,7 @@ def _render_video(
     x0, y0 = start(width, dx), start(height, dy)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     colour = np.array(signature["colour_rgb"], dtype=np.float32)
-    noise = rng.normal(0.0, _NOISE_STD_PIXEL, size=(num_frames, height, width, 3)).astype(np.float32)
+    noise = rng.normal(0.0, noise_std, size=(num_frames, height, width, 3)).astype(np.float32)
     frames = np.full((num_frames, height, width, 3), _BACKGROUND, dtype=np.float32) + noise
     for t in range(num_frames):
         progress = t / (num_frames - 1) if num_frames > 1 else 0.0
@@ -145,7 +158,8 @@ def _render_video(
 
 
 def _render_audio(
-    signature: dict[str, Any], rng: np.random.Generator, num_samples: int, sample_rate_hz: int
+    signature: dict[str, Any], rng: np.random.Generator, num_samples: int, sample_rate_hz: int,
+    noise_std: float = _NOISE_STD_AUDIO,
 ) -> np.ndarray:
     """float32 ``(num_samples,)`` in [-1, 1]: the class chord, amplitude-modulated, plus noise."""
     t = np.arange(num_samples, dtype=np.float64) / sample_rate_hz
@@ -155,7 +169,7 @@ def _render_audio(
     envelope = 0.6 + 0.4 * np.sin(2 * np.pi * signature["am_hz"] * t + phases[0])
     chord = (np.sin(2 * np.pi * low * t + phases[1]) + 0.7 * np.sin(2 * np.pi * high * t + phases[2])) / 1.7
     amplitude = rng.uniform(0.25, 0.4)
-    signal = amplitude * envelope * chord + rng.normal(0.0, _NOISE_STD_AUDIO, size=num_samples)
+    signal = amplitude * envelope * chord + rng.normal(0.0, noise_std, size=num_samples)
     return np.clip(signal, -1.0, 1.0).astype(np.float32)
 
 
@@ -405,14 +419,18 @@ class _RenderJob:
     height: int
     width: int
     sample_rate_hz: int
+    audio_noise_std: float = _NOISE_STD_AUDIO
+    visual_noise_std: float = _NOISE_STD_PIXEL
 
 
 def _render_clip(job: _RenderJob) -> None:
     # Separate streams per modality so the video of a clip does not depend on its audio draws.
     video_rng = np.random.default_rng([job.seed, job.index, 1])
     audio_rng = np.random.default_rng([job.seed, job.index, 2])
-    frames = _render_video(job.visual_signature, video_rng, job.num_frames, job.height, job.width)
-    samples = _render_audio(job.audio_signature, audio_rng, job.num_samples, job.sample_rate_hz)
+    frames = _render_video(job.visual_signature, video_rng, job.num_frames, job.height, job.width,
+                           job.visual_noise_std)
+    samples = _render_audio(job.audio_signature, audio_rng, job.num_samples, job.sample_rate_hz,
+                            job.audio_noise_std)
     root = Path(job.root)
     common = dict(fps=job.fps, sample_rate_hz=job.sample_rate_hz)
     _write_media(root / job.video_rel, frames=frames, samples=samples if job.video_has_audio else None, **common)
@@ -586,6 +604,8 @@ def synthesize_dataset(
     seed: int = 0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     num_workers: int | None = None,
+    audio_noise_std: float = _NOISE_STD_AUDIO,
+    visual_noise_std: float = _NOISE_STD_PIXEL,
 ) -> dict[str, Any]:
     """Generate a dataset of encoded clips under ``out_dir``; return the card (also ``card.json``).
 
@@ -600,13 +620,21 @@ def synthesize_dataset(
         split_fractions: (train, val, test) shares per class. For layouts without an official
             validation list the val share is fixed by the loader's derivation rule instead.
         num_workers: encoding processes (default: up to 2, one for small sets).
+        audio_noise_std, visual_noise_std: difficulty of recognising each modality's signature
+            (see the module docstring): std of the white noise added to the waveform (full
+            scale 1) and of the pixel noise (0-255). The defaults reproduce the original clips
+            byte for byte; the card's ``params`` lists them only when they differ.
     """
     params = _validate(
         layout=layout, classes=classes, clips_per_class=clips_per_class, clip_seconds=clip_seconds,
         fps=fps, height=height, width=width, sample_rate_hz=sample_rate_hz,
         audio_informative=audio_informative, visual_informative=visual_informative, seed=seed,
-        split_fractions=split_fractions,
+        split_fractions=split_fractions, audio_noise_std=audio_noise_std, visual_noise_std=visual_noise_std,
     )
+    # Difficulty knobs at their defaults stay out of the card, so existing cards are unchanged byte for byte.
+    for knob, default in DIFFICULTY_DEFAULTS.items():
+        if params[knob] == default:
+            del params[knob]
     started = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -632,7 +660,7 @@ def synthesize_dataset(
         _RenderJob(
             str(root), seed, clip.index, signatures[clip.audio_signature], signatures[clip.visual_signature],
             clip.video_rel, clip.audio_rel, clip.video_has_audio, num_frames, num_samples, float(fps),
-            height, width, sample_rate_hz,
+            height, width, sample_rate_hz, float(audio_noise_std), float(visual_noise_std),
         )
         for clip in clips
     ]
@@ -701,6 +729,11 @@ def _validate(**params: Any) -> dict[str, Any]:
     for field in ("audio_informative", "visual_informative"):
         if not 0.0 <= params[field] <= 1.0:
             fail(field, "must be in [0, 1]")
+    for field in DIFFICULTY_DEFAULTS:
+        value = params[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or value < 0:
+            fail(field, "must be a finite number >= 0")
     fractions = tuple(float(f) for f in params["split_fractions"])
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         fail("split_fractions", "must be three non-negative shares (train, val, test) summing to 1")
@@ -708,6 +741,8 @@ def _validate(**params: Any) -> dict[str, Any]:
         fail("split_fractions", "the train share must be positive")
     out = dict(params)
     out["split_fractions"] = list(fractions)
+    for field in DIFFICULTY_DEFAULTS:
+        out[field] = float(params[field])
     out["fps"] = float(params["fps"]) if not float(params["fps"]).is_integer() else int(params["fps"])
     return out
 

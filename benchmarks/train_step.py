@@ -71,9 +71,12 @@ def bare_loop_step_seconds(spec, epochs: int) -> float:
 
 
 def avtune_step_seconds(spec) -> tuple[float, float, object]:
+    import ray
+
     from orchestrator.training import run_training
 
     result = run_training(spec)
+    ray.shutdown()  # the bare loop that follows runs on a machine without Ray, as a bare loop would
     hist = result.history.iloc[1:]
     steps = len_train_steps(spec)
     return float((hist["train_seconds"] / steps).median()), float(hist["epoch_seconds"].median()), result

@@ -232,6 +232,9 @@ class SearchSpec(_Strict):
     num_samples: int = Field(1, ge=1, le=10000)
     max_concurrent_trials: int = Field(1, ge=1, le=1024)
     trial_cpus: float = Field(0.01, gt=0, description="CPU share of the Tune trial itself; its Train workers get scaling.*")
+    trial_max_failures: int = Field(1, ge=0, description=(
+        "Tune FailureConfig: re-runs of a trial whose Train run gave up (e.g. its node was lost); "
+        "worker crashes are already retried from checkpoints by train.max_failures; 0 for deterministic code"))
     asha_grace_epochs: int = Field(1, ge=1)
     asha_reduction_factor: float = Field(2.0, gt=1)
 

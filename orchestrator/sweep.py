@@ -333,7 +333,7 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
             callbacks=[ChildRunStatus(tracking_uri, parent_run_id)],
             verbose=0,
         ),

@@ -292,7 +292,9 @@ def test_sweep_with_a_failing_trial_completes_and_counts_it(ray_local, synth_dat
         "model": {"width": 8},
         "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "storage": {"runs_dir": str(tmp_path / "runs")},
-        "search": {"space": {"data.root": {"grid": [str(synth_dataset), str(bad_root)]}}, "max_concurrent_trials": 2},
+        # A broken clip fails the same way every time: no Tune re-run of the trial either.
+        "search": {"space": {"data.root": {"grid": [str(synth_dataset), str(bad_root)]}}, "max_concurrent_trials": 2,
+                   "trial_max_failures": 0},
     }
     result = run_sweep(load_spec(spec))  # returns: Tune reports the errored trial, it does not raise
 

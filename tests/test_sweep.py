@@ -185,3 +185,9 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     for kid in kids:
         assert kid.info.status == "FINISHED"
         assert steps(client, kid.info.run_id) == [0, 1, 2, 3]
+
+
+def test_trial_retries_are_validated():
+    assert load_spec({"search": {"compare": ["normal"], "trial_max_failures": 0}}).search.trial_max_failures == 0
+    with pytest.raises(SpecError, match=r"search\.trial_max_failures"):
+        load_spec({"search": {"compare": ["normal"], "trial_max_failures": -1}})

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workers.datasets import DecodeParams
+from workers.synth import DIFFICULTY_DEFAULTS, drop_default_difficulty
 
 LAYOUTS = ("avtune", "cremad", "vggsound", "kinetics-sounds", "ave")
 FUSIONS = ("sum", "concat", "film", "gated")
@@ -43,17 +44,14 @@ class SynthSpec(_Strict):
     visual_informative: float = Field(0.6, ge=0, le=1)
     seed: int = 0
     # Difficulty of recognising each modality's signature (workers.synth module docstring).
-    audio_noise_std: float = Field(0.03, ge=0, le=10, description="white noise std on the waveform (full scale 1)")
-    visual_noise_std: float = Field(12.0, ge=0, le=255, description="pixel noise std (0-255)")
+    audio_noise_std: float = Field(DIFFICULTY_DEFAULTS["audio_noise_std"], ge=0, le=10,
+                                   description="white noise std on the waveform (full scale 1)")
+    visual_noise_std: float = Field(DIFFICULTY_DEFAULTS["visual_noise_std"], ge=0, le=255,
+                                    description="pixel noise std (0-255)")
 
     def folder_key(self) -> str:
         """Stable short hash: the same parameters reuse the same generated folder."""
-        dumped = self.model_dump(mode="json")
-        # Knobs added later are left out at their defaults, so older specs keep their folders.
-        for knob in ("audio_noise_std", "visual_noise_std"):
-            if dumped[knob] == SynthSpec.model_fields[knob].default:
-                del dumped[knob]
-        blob = json.dumps(dumped, sort_keys=True).encode()
+        blob = json.dumps(drop_default_difficulty(self.model_dump(mode="json")), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -229,6 +229,7 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
     run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage)
     logger = MlflowEpochLogger(tracking_uri, run_id)
     mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    _STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
     _TRAIN_RUN["mailbox"] = mailbox
     try:
         trainer = build_trainer(spec, f"{sweep_name}-{trial_id}",

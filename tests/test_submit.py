@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port
 from orchestrator import load_spec
 from orchestrator.jobs import job_client, submit_spec
 
@@ -25,12 +25,6 @@ from orchestrator.jobs import job_client, submit_spec
 # included: the head's job agent then never served, "No available agent to submit job").
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, seconds: float) -> None:

@@ -90,6 +90,12 @@ _CHORD_RATIO = 1.25  # second tone a major third above the first
 _NOISE_STD_AUDIO = 0.03
 _NOISE_STD_PIXEL = 12.0
 DIFFICULTY_DEFAULTS = {"audio_noise_std": _NOISE_STD_AUDIO, "visual_noise_std": _NOISE_STD_PIXEL}
+
+
+def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the difficulty knobs that are at their defaults: they were added later, so
+    cards and generated-folder keys of existing parameter sets stay byte for byte the same."""
+    return {k: v for k, v in params.items() if k not in DIFFICULTY_DEFAULTS or v != DIFFICULTY_DEFAULTS[k]}
 _BACKGROUND = 110.0
 # CREMA-D clip ids are ACTOR_SENTENCE_EMOTION_LEVEL; these are its 12 sentence codes.
 _CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
@@ -631,10 +637,7 @@ def synthesize_dataset(
         audio_informative=audio_informative, visual_informative=visual_informative, seed=seed,
         split_fractions=split_fractions, audio_noise_std=audio_noise_std, visual_noise_std=visual_noise_std,
     )
-    # Difficulty knobs at their defaults stay out of the card, so existing cards are unchanged byte for byte.
-    for knob, default in DIFFICULTY_DEFAULTS.items():
-        if params[knob] == default:
-            del params[knob]
+    params = drop_default_difficulty(params)
     started = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)

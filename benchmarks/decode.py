@@ -38,7 +38,7 @@ import av  # noqa: E402
 import torch  # noqa: E402
 
 from workers.datasets import AVClipDataset, DecodeParams  # noqa: E402
-from workers.synth import synthesize_dataset  # noqa: E402
+from orchestrator.synth import synthesize_dataset  # noqa: E402
 
 TARGET_NO_CACHE = 0.9
 TARGET_WARM_CACHE = 20.0

@@ -1,4 +1,4 @@
-"""`avtune data ...`: generate and inspect audio-visual clip datasets (thin over workers.synth)."""
+"""`avtune data ...`: generate and inspect audio-visual clip datasets (thin over orchestrator.synth)."""
 from __future__ import annotations
 
 import json
@@ -74,7 +74,7 @@ def synth(
     """Generate H.264/AAC clips with per-class audio and visual signatures and a known imbalance."""
     import time
 
-    from workers.synth import synthesize_dataset
+    from orchestrator.synth import synthesize_dataset
 
     started = time.perf_counter()
     try:
@@ -104,7 +104,7 @@ def inspect(
 ) -> None:
     """Show clips per class and split, stream properties, durations and the generation card."""
     from workers.layouts import ManifestError
-    from workers.synth import inspect_dataset
+    from orchestrator.synth import inspect_dataset
 
     try:
         summary = inspect_dataset(root, layout.value, probe_limit=probe_limit)

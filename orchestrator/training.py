@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.specs import ExperimentSpec, OGMMethod, dump_spec_yaml, flatten
+from orchestrator.specs import ExperimentSpec, dump_spec_yaml, flatten
 from orchestrator.tracking import (
     MlflowEpochLogger,
     finish_run,
@@ -24,7 +24,8 @@ from orchestrator.tracking import (
     metric_history_frame,
     resolve_tracking_uri,
 )
-from workers.synth import synthesize_dataset
+from orchestrator.synth import synthesize_dataset
+from workers.methods import get_method
 from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
 
 
@@ -70,9 +71,7 @@ def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
 def run_name_for(spec: ExperimentSpec) -> str:
     """Names that say what ran, for comparing in the MLflow UI: method, fusion, alpha and window."""
     m = spec.method
-    parts = [m.name, spec.model.fusion]
-    if isinstance(m, OGMMethod):
-        parts += [f"a{m.alpha:g}", f"w{m.modulation_starts}-{m.modulation_ends}"]
+    parts = [m.name, spec.model.fusion, *get_method(m.name).run_label(m)]
     parts.append(f"s{spec.train.seed}")
     return "_".join(parts)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from workers.layouts import LAYOUTS
-from workers.synth import synthesize_dataset
+from orchestrator.synth import synthesize_dataset
 
 # One place for the small-set parameters, so tests can compute expectations from them.
 SMALL_SET = dict(

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from workers.cache import ClipCache, DecodeParams, decode_entry, encode_entry
+from workers.cache import ClipCache, DecodeParams, cache_key, decode_entry, encode_entry
 from workers.datasets import AVClipDataset, decode_record, load_records
 from workers.features import log_mel
 from workers.layouts import LAYOUTS, ManifestError
@@ -327,7 +327,7 @@ def test_decode_params_validation_names_the_field():
     with pytest.raises(pydantic.ValidationError):
         params.num_frames = 8  # frozen
     assert DecodeParams(**params.model_dump()) == params
-    assert params.cache_key() == DecodeParams().cache_key() != DecodeParams(num_frames=8).cache_key()
+    assert cache_key(params) == cache_key(DecodeParams()) != cache_key(DecodeParams(num_frames=8))
 
 
 def test_dataset_arguments_are_checked(synth_dataset):

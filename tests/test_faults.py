@@ -26,7 +26,7 @@ from orchestrator.sweep import PARENT_TAG, run_sweep
 from orchestrator.training import TrainingResult, log_final_artifacts
 from workers.cache import ClipCache, decode_entry
 from workers.datasets import AVClipDataset, DecodeParams
-from workers.synth import synthesize_dataset
+from orchestrator.synth import synthesize_dataset
 from workers.train_loop import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow

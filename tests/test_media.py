@@ -17,7 +17,7 @@ import torch
 from conftest import SMALL_SET
 from workers.features import log_mel, spectrogram_ogm
 from workers.media import BadMediaError, decode_clip, probe_media
-from workers.synth import synthesize_dataset
+from orchestrator.synth import synthesize_dataset
 
 DECODE = dict(num_frames=4, frame_height=32, frame_width=32, sample_rate_hz=16000, clip_seconds=1.0)
 

@@ -24,7 +24,7 @@ steadiest gain. Over seeds 0-5 on this set: visual-only 0.430 +- 0.035, normal's
 
 Visual dominant: with the generator's default noise the chords are learned faster than any video
 signature even when video is fully informative and audio is not, so audio is never starved. The
-generator's difficulty knob ``audio_noise_std`` (workers.synth) buries the chords in white noise
+generator's difficulty knob ``audio_noise_std`` (orchestrator.synth) buries the chords in white noise
 (std 0.45 against chord peaks of 0.25-0.4) while both modalities stay fully informative: audio alone
 still learns them (slowly, to ~0.86 in 12 epochs) but video is learned first, and in the joint model
 video fits the training set and starves the audio encoder. Same model, optimiser and fusion as above;
@@ -47,7 +47,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import load_spec
 from orchestrator.sweep import run_sweep, trials_frame
-from workers.synth import synthesize_dataset
+from orchestrator.synth import synthesize_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -120,10 +120,11 @@ def test_yaml_is_loaded_safely(tmp_path):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_spec_builds_its_model_and_search(path):
     from orchestrator.sweep import build_param_space
-    from workers.train_loop import build_model
+    from workers.engine import Runtime
+    from workers.methods import get_method
 
     spec = load_spec(path)
-    model = build_model(spec.model_dump(mode="json"), num_classes=6)
+    model = get_method(spec.method.name)(spec, Runtime()).build_model(num_classes=6)
     assert sum(p.numel() for p in model.parameters()) > 0
     if spec.search is not None:
         assert build_param_space(spec, {"audio": 0.2, "visual": 0.3, "joint": 0.5})

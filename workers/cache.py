@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.features import log_mel_num_frames, ms_to_samples, stft_num_frames
 from workers.media import clip_num_samples
+from workers.specs import DecodeParams
 
 __all__ = [
     "DecodeParams",
+    "cache_key",
     "ClipCache",
     "CacheEntryError",
     "audio_feature_shape",
@@ -58,41 +59,10 @@ _DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 _ALIGN = 64  # payload and tensor offsets, so float32 views are aligned
 
 
-class DecodeParams(BaseModel):
-    """How clips are decoded and featurised (part of the experiment spec and of the cache key).
-
-    ``audio_feature="logmel"``: :func:`workers.features.log_mel` with ``n_mels`` bins, ``win_ms``
-    windows and ``hop_ms`` hop. ``"spectrogram"``: :func:`workers.features.spectrogram_ogm` with
-    ``n_fft = round(win_ms * sr / 1000)`` and ``hop = round(hop_ms * sr / 1000)``; OGM-GE's CREMA-D
-    setting (n_fft 512, hop 353 at 22050 Hz) is ``sample_rate_hz=22050, win_ms=23.22,
-    hop_ms=16.01``, its VGGSound one (256 / 128 at 16 kHz) is ``win_ms=16, hop_ms=8``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_frames: int = Field(4, gt=0, description="video frames sampled uniformly per clip")
-    frame_height: int = Field(64, gt=0)
-    frame_width: int = Field(64, gt=0)
-    sample_rate_hz: int = Field(16000, gt=0)
-    clip_seconds: float = Field(1.0, gt=0)
-    audio_feature: Literal["logmel", "spectrogram"] = "logmel"
-    n_mels: int = Field(40, gt=0)
-    win_ms: float = Field(25.0, gt=0)
-    hop_ms: float = Field(10.0, gt=0)
-    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    @field_validator("normalize_std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(v <= 0 for v in value):
-            raise ValueError(f"every channel's std must be positive, got {value}")
-        return value
-
-    def cache_key(self) -> str:
-        """16 hex digits identifying these parameters (and the cache format)."""
-        blob = json.dumps({"version": CACHE_FORMAT_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def cache_key(params: DecodeParams) -> str:
+    """16 hex digits identifying decode parameters (and the cache format)."""
+    blob = json.dumps({"version": CACHE_FORMAT_VERSION, **params.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def audio_feature_shape(params: DecodeParams) -> tuple[int, int, int]:
@@ -170,7 +140,7 @@ class ClipCache:
 
     def __init__(self, cache_dir: str | os.PathLike[str], params: DecodeParams) -> None:
         self.params = params
-        self.directory = Path(cache_dir) / params.cache_key()
+        self.directory = Path(cache_dir) / cache_key(params)
         self._frames_shape = (params.num_frames, params.frame_height, params.frame_width, 3)
         self._audio_shape = audio_feature_shape(params)
         # Resolved paths, memoised per instance: resolving walks every path component.

@@ -1,6 +1,6 @@
 """On-disk dataset layouts: where the media files and the split lists live, for each dataset.
 
-The generator (:mod:`workers.synth`) writes these layouts and the loader (:mod:`workers.datasets`)
+The generator (:mod:`orchestrator.synth`) writes these layouts and the loader (:mod:`workers.datasets`)
 reads them, so both sides share the definitions here. Each reader returns :class:`ManifestRow`
 entries with paths *relative to the dataset root*; confinement to the root, label checks and file
 checks happen in :func:`workers.datasets.load_records`.

@@ -61,6 +61,7 @@ from workers.layouts import (
     derive_validation,
     round_half_up,
 )
+from workers.specs import DIFFICULTY_DEFAULTS, drop_default_difficulty
 
 __all__ = [
     "synthesize_dataset",
@@ -86,16 +87,9 @@ SHAPES = ("square", "disc", "diamond")
 _LOW_HZ = 200.0
 _HIGH_HZ = 3500.0
 _CHORD_RATIO = 1.25  # second tone a major third above the first
-# Default noise levels (audio_noise_std / visual_noise_std of synthesize_dataset).
-_NOISE_STD_AUDIO = 0.03
-_NOISE_STD_PIXEL = 12.0
-DIFFICULTY_DEFAULTS = {"audio_noise_std": _NOISE_STD_AUDIO, "visual_noise_std": _NOISE_STD_PIXEL}
-
-
-def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` without the difficulty knobs that are at their defaults: they were added later, so
-    cards and generated-folder keys of existing parameter sets stay byte for byte the same."""
-    return {k: v for k, v in params.items() if k not in DIFFICULTY_DEFAULTS or v != DIFFICULTY_DEFAULTS[k]}
+# Default noise levels (audio_noise_std / visual_noise_std of synthesize_dataset): the spec's.
+_NOISE_STD_AUDIO = DIFFICULTY_DEFAULTS["audio_noise_std"]
+_NOISE_STD_PIXEL = DIFFICULTY_DEFAULTS["visual_noise_std"]
 _BACKGROUND = 110.0
 # CREMA-D clip ids are ACTOR_SENTENCE_EMOTION_LEVEL; these are its 12 sentence codes.
 _CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")

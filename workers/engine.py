@@ -1,0 +1,221 @@
+"""The training engine: plain PyTorch, no Ray, no MLflow.
+
+`fit` is one loop read top to bottom (setup; per epoch the method's step, validation, best-on-
+validation selection, one `report`; test numbers of the selected model at the end). Everything a
+balancing method does differently is a hook of its registered class (`workers.methods`); the loop
+never branches on a method's name. What runs it is injected, as torchtune's recipes take a metric
+logger: `report(metrics, state)` receives each epoch's metrics and, on rank 0, the full checkpoint
+state; `load_state()` returns the state to resume from, or None. `Runtime` carries the device, the
+rank and the wrappers for DDP (`ray.train.torch.prepare_model` / `prepare_data_loader` under Ray
+Train, identity in-process).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from workers.datasets import AVClipDataset
+from workers.distributed import all_reduce_sum, unwrap
+from workers.methods import Method, get_method
+from workers.specs import ExperimentSpec
+
+Report = Callable[[dict[str, float], "dict[str, Any] | None"], None]
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class Runtime:
+    """Where and how the engine runs: one process on the CPU unless told otherwise."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    prepare_model: Callable[[nn.Module], nn.Module] = _identity
+    prepare_data_loader: Callable[[DataLoader], DataLoader] = _identity
+
+
+class Batch(NamedTuple):
+    audio: torch.Tensor
+    visual: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+# ---- building blocks -------------------------------------------------------------------
+
+
+def build_datasets(spec: ExperimentSpec) -> dict[str, AVClipDataset]:
+    data = spec.data
+    cache_dir = None
+    if data.cache:
+        cache_dir = Path(data.cache_dir) if data.cache_dir else Path(data.root) / ".avtune-cache"
+    out: dict[str, AVClipDataset] = {}
+    class_names = None
+    for split in ("train", "val", "test"):
+        out[split] = AVClipDataset(Path(data.root), data.layout, split, data.decode, cache_dir=cache_dir,
+                                   on_bad_media=data.on_bad_media, class_names=class_names)
+        class_names = out[split].class_names
+    return out
+
+
+def build_loaders(spec: ExperimentSpec, datasets: dict[str, AVClipDataset], runtime: Runtime) -> dict[str, DataLoader]:
+    t = spec.train
+    kw = dict(num_workers=spec.data.loader_workers, pin_memory=runtime.device.type == "cuda")
+    train = datasets["train"]
+    # drop_last: a trailing batch of one breaks BatchNorm (AVSlowFast's audio lateral sees B x 1 slow frame).
+    loaders = {"train": runtime.prepare_data_loader(
+        DataLoader(train, batch_size=t.batch_size, shuffle=True, drop_last=len(train) > t.batch_size, **kw))}
+    # Every rank evaluates the whole (small) held-out split: identical numbers on every rank,
+    # no sampler padding skewing accuracy. Model selection uses `val`; `test` is only reported.
+    for name, split in (("val", "val"), ("test", "test"), ("train_eval", "train")):
+        loaders[name] = DataLoader(datasets[split], batch_size=t.batch_size * 2, shuffle=False, **kw)
+    return loaders
+
+
+def build_optimizer(spec: ExperimentSpec, params) -> torch.optim.Optimizer:
+    t = spec.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str, Any] | None] = lambda: None,
+        runtime: Runtime | None = None) -> list[dict[str, float]]:
+    """Train `spec` for `spec.train.epochs` epochs (continuing from `load_state()` if it returns a
+    state) and return the per-epoch metrics history."""
+    runtime = runtime or Runtime()
+    t = spec.train
+    # Each worker gets cpus_per_worker cores; more torch threads would oversubscribe them.
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    seed_everything(t.seed)
+    device = runtime.device
+
+    datasets = build_datasets(spec)
+    num_classes = datasets["train"].num_classes
+    loaders = build_loaders(spec, datasets, runtime)
+    method: Method = get_method(spec.method.name)(spec, runtime)
+
+    model = method.build_model(num_classes).to(device)
+    if t.channels_last and device.type == "cuda":
+        # AVSlowFast mixes 4-D (audio) and 5-D (video) convs and converts each itself.
+        model = model.to_channels_last() if hasattr(model, "to_channels_last") else model.to(memory_format=torch.channels_last)
+    model = runtime.prepare_model(model)
+    raw = unwrap(model)
+    method.setup(raw, datasets)
+
+    optimizer = build_optimizer(spec, [p for p in raw.parameters() if p.requires_grad])
+    # StepLR every lr_decay_step epochs by lr_decay_ratio (OGM-GE main.py: StepLR(70, 0.1)).
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_step, t.lr_decay_ratio)
+    use_bf16 = t.bf16_autocast and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    start_epoch, best, history = 0, {"acc": -1.0, "epoch": -1, "state": None}, []
+    state = load_state()
+    if state is not None:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        best, history = state["best"], state["history"]
+        restore_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+
+    for epoch in range(start_epoch, t.epochs):
+        started = time.perf_counter()
+        if runtime.world_size > 1:
+            loaders["train"].sampler.set_epoch(epoch)
+        method.start_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = defaultdict(float)  # running sums kept on the device
+        steps = 0
+        for step, (audio, visual, labels, index) in enumerate(loaders["train"]):
+            batch = Batch(audio.to(device), visual.to(device), labels.to(device), index.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(batch.audio, batch.visual)
+                loss = method.loss(out, batch, sums)
+            loss.backward()
+            method.after_backward(out, batch, epoch, step, sums)
+            optimizer.step()
+            method.after_step(out, batch)
+            sums["loss_train"] += loss.detach().float()
+            steps += 1
+        scheduler.step()
+        train_seconds = time.perf_counter() - started
+
+        metrics: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        # One device->host copy per epoch, not one `.item()` sync per step (a stall per step on CUDA).
+        metrics.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
+        # Mean training loss over all ranks: each rank saw a different shard.
+        metrics["loss_train"] = all_reduce_sum(torch.tensor([metrics["loss_train"]])).item() / runtime.world_size
+        metrics.update(method.evaluate(loaders, autocast))
+        method.end_epoch(epoch, metrics)
+
+        if metrics["acc"] > best["acc"]:
+            best = {"acc": metrics["acc"], "epoch": epoch, "state": weights_copy(raw)}
+        metrics["best_acc"], metrics["best_epoch"] = best["acc"], best["epoch"]
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        metrics["train_seconds"] = train_seconds
+
+        if epoch == t.epochs - 1:
+            # Held-out test numbers of the model chosen on validation; never used for selection.
+            current = weights_copy(raw)
+            raw.load_state_dict(best["state"])
+            metrics.update({f"test_{k}": v for k, v in method.test_metrics(loaders, autocast).items()})
+            raw.load_state_dict(current)
+
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+        history.append(metrics)
+        checkpoint = None
+        if runtime.rank == 0:
+            checkpoint = {
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(), "epoch": epoch, "best": best, "rng": rng_state(),
+                "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
+            }
+        report(metrics, checkpoint)
+    return history

@@ -1,0 +1,78 @@
+"""Evaluation on a whole held-out split: classifier accuracies (joint, per head, Shapley values of the
+two modalities) and, for self-supervised methods, linear probes on frozen features."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models import linear_probe_accuracy
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, autocast,
+                        shapley: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the joint and per-modality logits over a whole split.
+
+    With `shapley`, also the joint accuracy with a modality *masked* and each modality's Shapley
+    value of the joint accuracy (two players). Masking replaces that modality's input with zeros:
+    a silent log-mel / a frame at the dataset mean after normalisation, i.e. no information,
+    through the same network. phi_a = 1/2 [(v(a) - v(0)) + (v(av) - v(v))], and likewise phi_v,
+    so phi_a + phi_v = v(av) - v(0).
+    """
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    n = 0
+    for audio, visual, labels, _ in loader:
+        audio, visual, labels = audio.to(device), visual.to(device), labels.to(device)
+        with autocast():
+            out = model(audio, visual)
+        n += labels.numel()
+        for suffix, logits in (("", out.logits), ("_audio", out.logits_audio), ("_visual", out.logits_visual)):
+            if logits is None:
+                continue
+            logits = logits.float()
+            sums["acc" + suffix] += (logits.argmax(1) == labels).sum().item()
+            sums["loss" + suffix] += F.cross_entropy(logits, labels, reduction="sum").item()
+        if shapley:
+            for key, a, v in (("acc_mask_audio", torch.zeros_like(audio), visual),
+                              ("acc_mask_visual", audio, torch.zeros_like(visual)),
+                              ("acc_mask_both", torch.zeros_like(audio), torch.zeros_like(visual))):
+                with autocast():
+                    sums[key] += (model(a, v).logits.float().argmax(1) == labels).sum().item()
+    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    if shapley:
+        v_av, v_0 = metrics["acc"], metrics["acc_mask_both"]
+        v_a, v_v = metrics["acc_mask_visual"], metrics["acc_mask_audio"]  # audio alone = visual masked
+        metrics["shapley_audio"] = 0.5 * ((v_a - v_0) + (v_av - v_v))
+        metrics["shapley_visual"] = 0.5 * ((v_v - v_0) + (v_av - v_a))
+    if "acc_audio" in metrics and "acc_visual" in metrics:
+        metrics["gap_av"] = metrics["acc_audio"] - metrics["acc_visual"]
+    return metrics
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model.eval()
+    fa, fv, ys = [], [], []
+    for audio, visual, labels, _ in loader:
+        emb = model(audio.to(device), visual.to(device))
+        fa.append(emb.features_audio.float().cpu())
+        fv.append(emb.features_visual.float().cpu())
+        ys.append(labels)
+    return torch.cat(fa), torch.cat(fv), torch.cat(ys)
+
+
+def evaluate_linear_probes(model, train_loader, val_loader, device, num_classes, probe_epochs, seed) -> dict[str, float]:
+    """AVID/CMA evaluation: linear probes on frozen encoder features (Morgado et al., Sec. 5)."""
+    tra, trv, try_ = extract_features(model, train_loader, device)
+    vaa, vav, vay = extract_features(model, val_loader, device)
+    probe = lambda tr, va: linear_probe_accuracy(tr, try_, va, vay, num_classes, epochs=probe_epochs, seed=seed)
+    return {
+        "acc_audio": probe(tra, vaa),
+        "acc_visual": probe(trv, vav),
+        "acc": probe(torch.cat([tra, trv], 1), torch.cat([vaa, vav], 1)),
+    }

@@ -1,0 +1,170 @@
+"""The method registry and the contract between a balancing method and the training engine.
+
+A method is one class, registered by name (the pattern of timm's ``register_model``), that owns
+
+* its spec section: a pydantic model for the ``method:`` block (``Section``), whose ``name`` field is a
+  ``Literal`` of the names it answers to (OGM's section serves ``ogm`` and ``ogm_ge``);
+* the hooks :func:`workers.engine.fit` calls: build the model, the loss of a batch, after backward,
+  after the optimiser step, evaluation, end of epoch, and its own checkpoint state;
+* what a sweep and the report need to know (``modality``, ``label_fields``, ``needs_estimation``).
+
+Method files import no torch at module level (``lazy_module``), so the spec, which derives its
+``method`` union from this registry, loads without torch: the driver validates specs fast and the
+worker validates the spec it receives into the same pydantic model.
+"""
+from __future__ import annotations
+
+import importlib
+import typing
+from collections import defaultdict
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+class lazy_module:
+    """A module imported on first attribute access: method files name torch and models this way, so
+    importing them (and the spec that collects their sections) loads neither. A plain proxy, not a
+    `sys.modules` entry, so nothing that scans `sys.modules` (inspect, pickle) triggers the import."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+torch = lazy_module("torch")
+evaluation = lazy_module("workers.evaluation")
+
+
+class StrictModel(BaseModel):
+    """Base of every spec model: unknown fields are errors naming the field path."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodSection(StrictModel):
+    """Base of every method's spec section (the ``method:`` block)."""
+
+    name: str
+
+
+class Method:
+    """One balancing method. Subclasses set ``Section`` and override the hooks they need.
+
+    The defaults describe plain supervised joint training: cross-entropy on the joint logits (plus
+    the detached probe heads where the model has them), classifier evaluation with Shapley values,
+    test numbers of the best-validation model at the end.
+    """
+
+    Section: ClassVar[type[MethodSection]]
+    # "audio" / "visual" for a uni-modal baseline; None for a joint model.
+    modality: ClassVar[str | None] = None
+    # Section fields that label a trial (run names, the report's configurations, `compare` crossing).
+    label_fields: ClassVar[tuple[str, ...]] = ()
+    # True: per-epoch metrics come from linear probes on frozen features, not classifier heads.
+    self_supervised: ClassVar[bool] = False
+
+    def __init__(self, spec: Any, runtime: Any) -> None:
+        self.spec = spec
+        self.config = spec.method
+        self.runtime = runtime
+
+    # ---- what a sweep needs to know (class level: no model, no data) ----
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return typing.get_args(cls.Section.model_fields["name"].annotation)
+
+    @classmethod
+    def needs_estimation(cls, section: MethodSection) -> bool:
+        """Whether a sweep must run an estimation stage first (G-Blend's offline weights)."""
+        return False
+
+    @classmethod
+    def run_label(cls, section: MethodSection) -> list[str]:
+        """Short parts of a run name that say which settings of this method ran."""
+        return []
+
+    @classmethod
+    def spec_problems(cls, spec: Any) -> list[str]:
+        """Checks that need other sections of the spec (e.g. epochs, frames); one text per problem."""
+        return []
+
+    # ---- hooks the engine calls, in the order it calls them ----
+
+    def build_model(self, num_classes: int):
+        raise NotImplementedError
+
+    def setup(self, model, datasets: dict[str, Any]) -> None:
+        """After the model is built and wrapped: ``model`` is the unwrapped module."""
+        self.model = model
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def loss(self, out, batch, sums: defaultdict):
+        F = torch.nn.functional
+        loss = F.cross_entropy(out.logits, batch.labels)
+        if getattr(self.model, "has_probe_heads", False):  # probe heads see detached features: this trains only them
+            loss = loss + F.cross_entropy(out.logits_audio, batch.labels) + F.cross_entropy(out.logits_visual, batch.labels)
+        return loss
+
+    def after_backward(self, out, batch, epoch: int, step: int, sums: defaultdict) -> None:
+        pass
+
+    def after_step(self, out, batch) -> None:
+        pass
+
+    def evaluate(self, loaders: dict[str, Any], autocast) -> dict[str, float]:
+        return evaluation.evaluate_classifier(self.model, loaders["val"], self.runtime.device, autocast,
+                                              shapley=self.modality is None)
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """May add metrics of its own to ``metrics`` (e.g. G-Blend's weights)."""
+
+    def test_metrics(self, loaders: dict[str, Any], autocast) -> dict[str, float]:
+        """Held-out numbers of the model in ``self.model`` (the engine loads the best-on-validation
+        weights first); {} where the method has no test protocol."""
+        return evaluation.evaluate_classifier(self.model, loaders["test"], self.runtime.device, autocast)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register ``cls`` under every name its section's ``name`` allows."""
+    for name in cls.names():
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+        _REGISTRY[name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method.name: unknown method {name!r} (registered: {', '.join(method_names())})") from None
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def method_sections() -> tuple[type[MethodSection], ...]:
+    return tuple(dict.fromkeys(cls.Section for cls in _REGISTRY.values()))
+
+
+def unimodal_methods() -> dict[str, str]:
+    """modality -> name of its uni-modal baseline method."""
+    return {cls.modality: name for name, cls in _REGISTRY.items() if cls.modality}

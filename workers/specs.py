@@ -1,0 +1,338 @@
+"""Typed experiment specs: one pydantic model per section, loaded from YAML or built in Python.
+
+Every model forbids unknown fields, so a typo is an error naming the field path, and the
+defaults run on a laptop (generated clips, tiny encoders, one CPU worker, local MLflow).
+The `method` section is the union of the registered methods' sections (`workers.methods`).
+
+This module imports neither torch nor PyAV: the driver validates specs without them, and every
+Train worker validates the spec it receives back into these models.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.methods import StrictModel, get_method, method_names, method_sections
+from workers.methods.supervised import NormalSection
+
+LAYOUTS = ("avtune", "cremad", "vggsound", "kinetics-sounds", "ave")
+FUSIONS = ("sum", "concat", "film", "gated")
+ENCODER_ARCHS = ("resnet10", "resnet18")
+VISUAL_ARCHS = ("resnet10", "resnet18", "r2plus1d", "r3d")
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message names each bad field path and what it allows."""
+
+
+_Strict = StrictModel
+
+# Default noise levels of the generator (audio_noise_std / visual_noise_std of synthesize_dataset).
+DIFFICULTY_DEFAULTS = {"audio_noise_std": 0.03, "visual_noise_std": 12.0}
+
+
+def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the difficulty knobs that are at their defaults: they were added later, so
+    cards and generated-folder keys of existing parameter sets stay byte for byte the same."""
+    return {k: v for k, v in params.items() if k not in DIFFICULTY_DEFAULTS or v != DIFFICULTY_DEFAULTS[k]}
+
+
+class DecodeParams(StrictModel):
+    """How clips are decoded and featurised (part of the experiment spec and of the cache key).
+
+    ``audio_feature="logmel"``: :func:`workers.features.log_mel` with ``n_mels`` bins, ``win_ms``
+    windows and ``hop_ms`` hop. ``"spectrogram"``: :func:`workers.features.spectrogram_ogm` with
+    ``n_fft = round(win_ms * sr / 1000)`` and ``hop = round(hop_ms * sr / 1000)``; OGM-GE's CREMA-D
+    setting (n_fft 512, hop 353 at 22050 Hz) is ``sample_rate_hz=22050, win_ms=23.22,
+    hop_ms=16.01``, its VGGSound one (256 / 128 at 16 kHz) is ``win_ms=16, hop_ms=8``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_frames: int = Field(4, gt=0, description="video frames sampled uniformly per clip")
+    frame_height: int = Field(64, gt=0)
+    frame_width: int = Field(64, gt=0)
+    sample_rate_hz: int = Field(16000, gt=0)
+    clip_seconds: float = Field(1.0, gt=0)
+    audio_feature: Literal["logmel", "spectrogram"] = "logmel"
+    n_mels: int = Field(40, gt=0)
+    win_ms: float = Field(25.0, gt=0)
+    hop_ms: float = Field(10.0, gt=0)
+    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("normalize_std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"every channel's std must be positive, got {value}")
+        return value
+
+
+class SynthSpec(_Strict):
+    """Parameters of the generated clips (see `avtune data synth`)."""
+
+    classes: int = Field(6, ge=2, le=64)
+    clips_per_class: int = Field(50, ge=3)
+    clip_seconds: float = Field(1.0, gt=0, le=30)
+    fps: int = Field(10, ge=1, le=60)
+    height: int = Field(64, ge=16, le=512)
+    width: int = Field(64, ge=16, le=512)
+    sample_rate_hz: int = Field(16000, ge=4000, le=48000)
+    audio_informative: float = Field(0.9, ge=0, le=1)
+    visual_informative: float = Field(0.6, ge=0, le=1)
+    seed: int = 0
+    # Difficulty of recognising each modality's signature (orchestrator.synth module docstring).
+    audio_noise_std: float = Field(DIFFICULTY_DEFAULTS["audio_noise_std"], ge=0, le=10,
+                                   description="white noise std on the waveform (full scale 1)")
+    visual_noise_std: float = Field(DIFFICULTY_DEFAULTS["visual_noise_std"], ge=0, le=255,
+                                    description="pixel noise std (0-255)")
+
+    def folder_key(self) -> str:
+        """Stable short hash: the same parameters reuse the same generated folder."""
+        blob = json.dumps(drop_default_difficulty(self.model_dump(mode="json")), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class DataSpec(_Strict):
+    source: Literal["generated", "dataset"] = "generated"
+    layout: Literal["avtune", "cremad", "vggsound", "kinetics-sounds", "ave"] = "avtune"
+    root: Path | None = Field(None, description="dataset root; generated data defaults to <runs_dir>/data/<hash>")
+    synth: SynthSpec = SynthSpec()
+    decode: DecodeParams = DecodeParams()
+    cache: bool = True
+    cache_dir: Path | None = Field(None, description="defaults to <root>/.avtune-cache")
+    on_bad_media: Literal["error", "skip"] = "error"
+    loader_workers: int = Field(0, ge=0, le=32)
+
+    @model_validator(mode="after")
+    def _dataset_needs_root(self) -> "DataSpec":
+        if self.source == "dataset" and self.root is None:
+            raise ValueError("data.root is required when data.source is 'dataset'")
+        return self
+
+
+class ModelSpec(_Strict):
+    audio_arch: Literal["resnet10", "resnet18"] = "resnet10"
+    visual_arch: Literal["resnet10", "resnet18", "r2plus1d", "r3d"] = "resnet10"
+    width: int = Field(16, ge=4, le=256, description="channels of the first ResNet stage")
+    fusion: Literal["sum", "concat", "film", "gated"] = "concat"
+
+
+# ---- methods: a discriminated union on `name`, one section per registered method ---------------
+
+MethodSpec = Annotated[Union[method_sections()], Field(discriminator="name")]
+METHOD_NAMES = method_names()
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(3, ge=1, le=10000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_decay_step: int = Field(70, ge=1, description="epochs between StepLR decays")
+    lr_decay_ratio: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    bf16_autocast: bool = False
+    channels_last: bool = False
+    max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker-group restarts from the last checkpoint")
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, le=256)
+
+
+class TrackingSpec(_Strict):
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else sqlite under storage.runs_dir")
+    experiment: str | None = Field(None, description="None: the spec's name")
+
+
+class StorageSpec(_Strict):
+    runs_dir: Path = Path("runs")
+
+
+class SearchDimension(_Strict):
+    """One searched field: exactly one of grid / choice / uniform / loguniform."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDimension":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{given[0]} must list at least one value")
+        if given[0] in ("uniform", "loguniform"):
+            low, high = values
+            if not low < high:
+                raise ValueError(f"{given[0]} needs low < high, got {values}")
+            if given[0] == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform needs a positive low bound, got {low}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None)
+
+
+class SearchSpec(_Strict):
+    """A Ray Tune search over spec field paths (`method.alpha`, `model.fusion`, ...)."""
+
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+    compare: list[Literal[METHOD_NAMES]] = Field(
+        default_factory=list, description="methods run side by side on the same data and seeds")
+    searcher: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1, le=10000)
+    max_concurrent_trials: int = Field(1, ge=1, le=1024)
+    trial_cpus: float = Field(0.01, gt=0, description="CPU share of the Tune trial itself; its Train workers get scaling.*")
+    trial_max_failures: int = Field(1, ge=0, description=(
+        "Tune FailureConfig: re-runs of a trial whose Train run gave up (e.g. its node was lost); "
+        "worker crashes are already retried from checkpoints by train.max_failures; 0 for deterministic code"))
+    asha_grace_epochs: int = Field(1, ge=1)
+    asha_reduction_factor: float = Field(2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpec":
+        if not self.space and not self.compare:
+            raise ValueError("search.space is empty: give at least one field to search or a compare list")
+        for path in self.space:
+            if path.split(".")[0] not in ("data", "model", "method", "train", "scaling"):
+                raise ValueError(f"search.space: {path!r} is not a searchable spec field path (data./model./method./train./scaling.)")
+        if self.searcher == "optuna":
+            grids = [p for p, d in self.space.items() if d.kind == "grid"]
+            if grids:
+                raise ValueError(f"search.searcher optuna cannot sample grid dimensions {grids}: use choice")
+        return self
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field("avtune", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    method: MethodSpec = NormalSection()
+    train: TrainSpec = TrainSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: StorageSpec = StorageSpec()
+    search: SearchSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentSpec":
+        problems = get_method(self.method.name).spec_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---- loading, overrides and error text ----------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for e in err.errors():
+        loc = list(e["loc"])
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_NAMES:
+            del loc[1]  # the union's tag is not a field the user wrote
+        path = ".".join(str(p) for p in loc)
+        msg = e["msg"]
+        if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            msg = f"{msg} (allowed: {', '.join(METHOD_NAMES)})"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {path or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_spec(data: Any, source: str = "<python>") -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, source)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.fusion=film` -> (["model", "fusion"], "film"); the value is parsed as YAML (safe)."""
+    if "=" not in text:
+        raise SpecError(f"override {text!r}: expected KEY=VALUE, e.g. model.fusion=film")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"override {text!r}: empty field name in {key!r}")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {text!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_spec(path_or_data: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Load and validate a spec from a YAML file (safe loader) or a dict, then apply `k=v` overrides."""
+    if isinstance(path_or_data, dict):
+        data, source = path_or_data, "<dict>"
+    else:
+        path = Path(path_or_data)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise SpecError(f"cannot read spec {path}: {err.strerror or err}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(f"spec {path} is not valid YAML: {err}") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec {source}: the top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate_spec(data, source)
+
+
+def dump_spec_yaml(spec: ExperimentSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their JSON text (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out

@@ -139,19 +139,15 @@ def results(
     """Print a sweep's trials table (method, alpha, window, fusion, accuracies, gap), sorted by the metric."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.report import resolve_sweep
     from orchestrator.sweep import trials_frame
     from orchestrator.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri, runs_dir))
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        _fail(f"experiment {experiment!r} not found")
-    if sweep_id is None:
-        parents = client.search_runs([exp.experiment_id], filter_string="tags.`avtune.kind` = 'sweep'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if not parents:
-            _fail(f"experiment {experiment!r} has no sweep")
-        sweep_id = parents[0].info.run_id
+    try:
+        sweep_id = resolve_sweep(client, experiment, sweep_id)
+    except ValueError as err:
+        _fail(str(err))
     print_trials(trials_frame(client, sweep_id, metric), f"{experiment}: sweep {sweep_id}")
 
 

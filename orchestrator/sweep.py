@@ -31,13 +31,30 @@ from ray.util.queue import Queue
 
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
-from orchestrator.training import build_trainer, connect_ray, ensure_data, log_final_artifacts, start_mlflow_run
+from orchestrator.training import (
+    build_trainer,
+    connect_ray,
+    ensure_data,
+    log_final_artifacts,
+    run_name_for,
+    start_mlflow_run,
+)
+from workers.methods import get_method, unimodal_methods
 
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "avtune.trial_id"
-SWEEP_TAG = "avtune.sweep"
-STAGE_TAG = "avtune.stage"
-GBLEND_HEADS = {"audio": "audio_only", "visual": "visual_only", "joint": "normal"}
+# The tags are orchestrator.runs' (avtune's one MLflow vocabulary); importable from here as before.
+from orchestrator.runs import (
+    MAIN_STAGE,
+    PARENT_TAG,
+    STAGE_TAG,
+    SWEEP_KIND_TAG,
+    SWEEP_TAG,
+    TRIAL_COLUMNS,
+    TRIAL_TAG,
+    child_runs,
+    trial_row,
+)
+# G-Blend estimation: each head of the blended model is trained alone as its own method.
+GBLEND_HEADS = {**unimodal_methods(), "joint": "normal"}
 
 
 @dataclass
@@ -73,8 +90,10 @@ def tune_domain(dim: SearchDimension):
 
 
 def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | None) -> list[dict[str, Any]]:
-    """The `compare` shorthand: one method dict per compared method, OGM variants crossed with the
-    grid over `method.*` fields (e.g. every searched alpha and window)."""
+    """The `compare` shorthand: one method section per compared method, each crossed with the grid over
+    the `method.*` fields its section has (e.g. every searched alpha and window for OGM variants; a
+    normal run has no alpha). A compared method of the spec's own section starts from its fields.
+    Sections that need an estimation stage get the estimated weights."""
     search = spec.search
     method_dims = {p.split(".", 1)[1]: d for p, d in search.space.items() if p.startswith("method.")}
     for key, dim in method_dims.items():
@@ -83,18 +102,15 @@ def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | Non
     base = spec.method.model_dump(mode="json")
     methods: list[dict[str, Any]] = []
     for name in search.compare:
-        if name in ("ogm", "ogm_ge"):
-            ogm_base = {k: v for k, v in base.items() if k in ("alpha", "modulation_starts", "modulation_ends")}
-            keys = list(method_dims)
-            for values in itertools.product(*(method_dims[k].grid for k in keys)):
-                methods.append({**ogm_base, **dict(zip(keys, values)), "name": name})
-        elif name == "gblend":
-            g = {k: v for k, v in base.items() if base.get("name") == "gblend" and k != "name"}
-            if gblend_weights is not None and g.get("weights", "estimate") == "estimate":
-                g["weights"] = gblend_weights
-            methods.append({**g, "name": "gblend"})
-        else:
-            methods.append({"name": name})
+        cls = get_method(name)
+        fields = cls.Section.model_fields
+        start = {k: v for k, v in base.items() if get_method(base["name"]) is cls and k != "name"}
+        keys = [k for k in method_dims if k in fields]
+        for values in itertools.product(*(method_dims[k].grid for k in keys)):
+            entry = {**start, **dict(zip(keys, values)), "name": name}
+            if gblend_weights is not None and cls.needs_estimation(cls.Section.model_validate(entry)):
+                entry["weights"] = gblend_weights
+            methods.append(entry)
     # Deduplicate identical dicts (e.g. an OGM with no searched fields listed twice).
     unique = {json.dumps(m, sort_keys=True): m for m in methods}
     return list(unique.values())
@@ -151,18 +167,15 @@ def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -
 def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, trial_id: str,
                          sweep_name: str, stage: str) -> str:
     """One child run per trial id: a restarted trial or a resumed sweep continues the same run."""
-    parent = client.get_run(parent_run_id)
-    found = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-        max_results=1,
-    )
+    found = child_runs(client, parent_run_id, trial_id=trial_id, max_results=1)
     if found:
         if found[0].info.status != "RUNNING":
             client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage}
-    _, run_id = start_mlflow_run(client, spec, tags=tags)
+    # A stage's runs say so in their names: the estimation stage trains the same methods as the main one.
+    run_name = run_name_for(spec) if stage == MAIN_STAGE else f"{stage}_{run_name_for(spec)}"
+    _, run_id = start_mlflow_run(client, spec, tags=tags, run_name=run_name)
     return run_id
 
 
@@ -262,12 +275,7 @@ class ChildRunStatus(tune.Callback):
 
     def _child(self, trial):
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        parent = client.get_run(self.parent_run_id)
-        found = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'",
-            max_results=1,
-        )
+        found = child_runs(client, self.parent_run_id, trial_id=trial.trial_id, max_results=1)
         return client, (found[0] if found else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -329,7 +337,7 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg, scheduler=scheduler,
-            num_samples=search.num_samples if stage == "main" else 1,
+            num_samples=search.num_samples if stage == MAIN_STAGE else 1,
             max_concurrent_trials=max_concurrent or search.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
@@ -343,33 +351,16 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
 
 
 def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
-                 stage: str | None = "main") -> pd.DataFrame:
-    """One row per child run: method, alpha, window, fusion, acc, acc_audio, acc_visual, gap, status."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                              max_results=10000)
+                 stage: str | None = MAIN_STAGE) -> pd.DataFrame:
+    """One row per child run of `stage` (all stages when None), best `metric` first: the columns of
+    `orchestrator.runs.trial_row` (method, alpha, window, fusion, accuracies, gap_av, status, ...)."""
     rows = []
-    for run in runs:
-        tags, params, m = run.data.tags, run.data.params, run.data.metrics
-        if stage and tags.get(STAGE_TAG, "main") != stage:
-            continue
-        method = params.get("method.name", "")
-        window = ""
-        if "method.modulation_starts" in params:
-            window = f"{params['method.modulation_starts']}-{params['method.modulation_ends']}"
-        row = {
-            "run_id": run.info.run_id, "trial_id": tags.get(TRIAL_TAG, ""), "run_name": run.info.run_name,
-            "status": run.info.status, "method": method, "alpha": float(params["method.alpha"]) if "method.alpha" in params else None,
-            "window": window, "fusion": params.get("model.fusion", ""),
-            "epochs": int(m["epoch"]) + 1 if "epoch" in m else 0,
-            "acc": m.get("acc"), "acc_audio": m.get("acc_audio"), "acc_visual": m.get("acc_visual"),
-            "best_acc": m.get("best_acc"), "test_acc": m.get("test_acc"),
-            "gap_av": (m["acc_audio"] - m["acc_visual"]) if "acc_audio" in m and "acc_visual" in m else None,
-        }
-        row.setdefault(metric, m.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
+    for run in child_runs(client, parent_run_id, stage=stage or None):
+        row = trial_row(run)
+        row.setdefault(metric, run.data.metrics.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    if not frame.empty and metric in frame:
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*TRIAL_COLUMNS, metric])))
+    if not frame.empty:
         frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
     return frame
 
@@ -406,9 +397,12 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
 
 
 def needs_gblend_estimation(spec: ExperimentSpec) -> bool:
-    method_is_estimating_gblend = spec.method.name == "gblend" and spec.method.mode == "offline" and spec.method.weights == "estimate"
-    compare_has_gblend = "gblend" in spec.search.compare and (spec.method.name != "gblend" or spec.method.weights == "estimate")
-    return method_is_estimating_gblend or compare_has_gblend
+    """Whether the spec's method, or a compared one, needs the offline estimation stage."""
+    sections = [spec.method]
+    for name in spec.search.compare:
+        cls = get_method(name)
+        sections.append(spec.method if get_method(spec.method.name) is cls else cls.Section(name=name))
+    return any(get_method(s.name).needs_estimation(s) for s in sections)
 
 
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
@@ -431,7 +425,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     else:
         check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0}
                                                         if needs_gblend_estimation(spec) else None))
-        experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={"avtune.kind": "sweep"},
+        experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
                                                         run_name=f"sweep_{spec.name}")
         state = {"parent_run_id": parent_run_id}
     name = f"{spec.name}-{parent_run_id[:8]}"
@@ -447,11 +441,11 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         param_space = build_param_space(spec, weights)
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
-            trainable = make_trainable(spec, parent_run_id, tracking_uri, name, "main")
+            trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)
             tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
             path = trainable_path
         else:
-            tuner, path = make_tuner(spec, param_space, name, parent_run_id, tracking_uri, "main", max_concurrent)
+            tuner, path = make_tuner(spec, param_space, name, parent_run_id, tracking_uri, MAIN_STAGE, max_concurrent)
         client.set_tag(parent_run_id, "avtune.ray_experiment_path", path)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "search_space.json").write_text(json.dumps(spec.search.model_dump(mode="json"), indent=2))

@@ -49,7 +49,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, runs_dir: Path) ->
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    location = artifact_root(client._tracking_client.tracking_uri, runs_dir)
+    location = artifact_root(client.tracking_uri, runs_dir)  # MlflowClient's public property: the URI it was made with
     if location:
         location = f"{location}/{name}"
     return client.create_experiment(name, artifact_location=location)

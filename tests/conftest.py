@@ -141,3 +141,44 @@ def module_mlflow_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def session_mlflow_server(tmp_path_factory):
+    """One tracking server for the whole session (the shared sweep logs into it)."""
+    server = MlflowServer(tmp_path_factory.mktemp("session_mlflow_server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+SHARED_SWEEP = "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(ray_local, synth_dataset, session_mlflow_server, tmp_path_factory):
+    """One real sweep shared by the sweep, report and MLflow-UI tests: Ray Tune trials, each a Ray Train
+    run, logged over HTTP to a real `mlflow server`. It compares normal, OGM-GE, G-Blend (so its offline
+    estimation stage runs first: audio-only, visual-only and joint trials) and both uni-modal baselines,
+    2 epochs each. Returns (SweepResult, its folder)."""
+    from orchestrator import load_spec
+    from orchestrator.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("shared_sweep")
+    spec = load_spec({
+        "name": SHARED_SWEEP,
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "gblend", "mode": "offline", "weights": "estimate", "estimate_epochs": 1,
+                   "estimate_window_epochs": 1},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "tracking": {"tracking_uri": session_mlflow_server.uri},
+        "storage": {"runs_dir": str(tmp / "runs")},
+        "search": {"compare": ["normal", "ogm_ge", "gblend", "audio_only", "visual_only"],
+                   "space": {"method.alpha": {"grid": [0.5]}, "method.modulation_ends": {"grid": [2]}},
+                   "max_concurrent_trials": 2},
+    })
+    return run_sweep(spec), tmp

@@ -27,35 +27,24 @@ def browser():
         browser.close()
 
 
-def test_sweep_and_report_show_in_the_mlflow_ui(browser, module_mlflow_server, ray_local, synth_dataset, tmp_path):
-    mlflow_server = module_mlflow_server.uri
-    from orchestrator import load_spec
+def test_sweep_and_report_show_in_the_mlflow_ui(browser, shared_sweep, tmp_path):
     from orchestrator.report import build_report
-    from orchestrator.sweep import run_sweep
 
-    spec = load_spec({
-        "name": "ui",
-        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
-                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
-        "model": {"width": 8},
-        "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 2},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
-        "tracking": {"tracking_uri": mlflow_server},
-        "storage": {"runs_dir": str(tmp_path / "runs")},
-        "search": {"compare": ["normal", "ogm_ge"], "max_concurrent_trials": 2},
-    })
-    result = run_sweep(spec)
-    build_report("ui", result.parent_run_id, mlflow_server, out_dir=tmp_path / "report")
+    result, _ = shared_sweep
+    mlflow_server = result.tracking_uri
+    build_report("shared", result.parent_run_id, mlflow_server, out_dir=tmp_path / "report")
     client = MlflowClient(mlflow_server)
     children = {r.info.run_name: r.data.metrics for r in client.search_runs(
-        [result.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")}
-    assert len(children) == 2
+        [result.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.`avtune.stage` = 'main'")
+        if {"acc_audio", "acc_visual"} <= set(r.data.metrics)}
+    assert len(children) == 3  # normal, ogm_ge, gblend: the joint models
 
     page = browser.new_page(viewport={"width": 1800, "height": 1000})
     page.set_default_timeout(UI_TIMEOUT_MS)
     # The runs table of the "Model training" view; the sweep's children are nested under its parent run.
     page.goto(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning")
-    page.get_by_text("sweep_ui", exact=True).wait_for()
+    page.get_by_text("sweep_shared", exact=True).wait_for()
     page.locator(".ag-row [col-id='attributes.`Run Name`'] button").first.click()  # expand the parent
     for name in children:
         page.get_by_text(name, exact=True).wait_for()
@@ -88,7 +77,7 @@ def test_sweep_and_report_show_in_the_mlflow_ui(browser, module_mlflow_server, r
     while frame is None and time.monotonic() < deadline:
         for candidate in page.frames[1:]:
             try:
-                if "avtune imbalance report: ui" in candidate.inner_text("body", timeout=1000):
+                if "avtune imbalance report: shared" in candidate.inner_text("body", timeout=1000):
                     frame = candidate
             except Exception:  # noqa: BLE001 - a frame still loading
                 pass

@@ -1,6 +1,9 @@
 """The modality-imbalance phenomenon of Peng et al. (OGM-GE, CVPR 2022, Sec. 1 and Fig. 1), reproduced
-end to end (generated mp4 clips -> Ray Tune sweep -> MLflow) twice: on clips whose audio is the dominant
-modality, and on clips where the roles swap and video dominates.
+(generated mp4 clips -> the training engine -> MLflow, logged as a sweep's parent and children) twice:
+on clips whose audio is the dominant modality, and on clips where the roles swap and video dominates.
+The trials run in-process through `workers.engine.fit`, the function every Ray Train worker runs, and
+are logged with avtune's own run and epoch loggers: this is a property of the models and methods, and
+the Ray Train / Tune wiring has its own tests (test_training.py, test_sweep.py).
 
 Claims checked in each case, on means over three seeds:
 1. the normal joint model under-uses the weak modality: its weak head ends below a network trained on
@@ -46,8 +49,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator import load_spec
-from orchestrator.sweep import run_sweep, trials_frame
+from orchestrator.report import log_sweep_imbalance
+from orchestrator.sweep import trials_frame
 from orchestrator.synth import synthesize_dataset
+from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
+from orchestrator.training import start_mlflow_run
+from workers.engine import fit
 
 pytestmark = pytest.mark.slow
 
@@ -78,14 +85,34 @@ CASES = {
 }
 
 
+def run_as_sweep(spec_data: dict, methods: list[dict], seeds: list[int]) -> tuple[str, str, str]:
+    """Each (method, seed) trained in-process and logged as one child of a sweep parent run, with the
+    params, tags and per-epoch metrics a sweep trial logs. Returns (tracking_uri, parent_run_id, name)."""
+    spec = load_spec(spec_data)
+    uri = resolve_tracking_uri(None, spec.storage.runs_dir)
+    client = MlflowClient(uri)
+    _, parent = start_mlflow_run(client, spec, tags={"avtune.kind": "sweep"}, run_name=f"sweep_{spec.name}")
+    for method in methods:
+        for seed in seeds:
+            trial = load_spec({**spec_data, "method": method, "train": {**spec_data["train"], "seed": seed}})
+            _, run_id = start_mlflow_run(client, trial, tags={
+                "mlflow.parentRunId": parent, "avtune.stage": "main", "avtune.trial_id": f"{method['name']}_{seed}"})
+            history = fit(trial, report=lambda metrics, state: None)
+            assert MlflowEpochLogger(uri, run_id).reconcile(history)
+            finish_run(client, run_id)
+    log_sweep_imbalance(client, parent)
+    finish_run(client, parent)
+    return uri, parent, spec.name
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(ray_local, tmp_path, case):
+def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(tmp_path, case):
     c = CASES[case]
     epochs, weak, dominant = c["epochs"], c["weak"], c["dominant"]
     root = tmp_path / case
     synthesize_dataset(root, layout="avtune", classes=16, clips_per_class=20, clip_seconds=0.5, fps=8, height=32,
                        width=32, seed=0, split_fractions=(0.5, 0.4, 0.1), **c["synth"])
-    spec = load_spec({
+    spec_data = {
         "name": f"phenomenon_{case}",
         "data": {"source": "dataset", "root": str(root), "cache_dir": str(tmp_path / "cache"),
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
@@ -94,12 +121,11 @@ def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(ray_local, t
         "train": {"epochs": epochs, "batch_size": 16, "optimizer": "sgd", "learning_rate": 0.02, "momentum": 0.9,
                   "weight_decay": 1e-4},
         "storage": {"runs_dir": str(tmp_path / "runs")},
-        "search": {"compare": ["normal", "ogm_ge", f"{weak}_only"], "space": {"train.seed": {"grid": SEEDS}},
-                   "max_concurrent_trials": 2},
-    })
-    result = run_sweep(spec)
-    client = MlflowClient(result.tracking_uri)
-    trials = trials_frame(client, result.parent_run_id)
+    }
+    methods = [{"name": "normal"}, spec_data["method"], {"name": f"{weak}_only"}]
+    tracking_uri, parent_run_id, name = run_as_sweep(spec_data, methods, SEEDS)
+    client = MlflowClient(tracking_uri)
+    trials = trials_frame(client, parent_run_id)
     assert (trials["status"] == "FINISHED").all(), trials[["run_name", "status"]]
     assert trials.groupby("method").size().to_dict() == {"normal": 3, "ogm_ge": 3, f"{weak}_only": 3}
     assert (trials["epochs"] == epochs).all()
@@ -121,7 +147,7 @@ def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(ray_local, t
     # The report states the same in words, from MLflow alone.
     from orchestrator.report import build_report
 
-    html_path = build_report(spec.name, result.parent_run_id, result.tracking_uri, out_dir=tmp_path / "report",
+    html_path = build_report(name, parent_run_id, tracking_uri, out_dir=tmp_path / "report",
                              log_to_mlflow=False)
     text = html_path.read_text()
     assert sentence(text, "dominance").startswith(f"{dominant.capitalize()} is the dominant modality")

@@ -185,45 +185,26 @@ def test_bad_names_give_clear_errors(hand_sweep, tmp_path):
         build_report("hand", sweep_run_id="deadbeef", tracking_uri=uri, out_dir=tmp_path)
 
 
-# ---- the report of a real tiny sweep ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_sweep(ray_local, synth_dataset, tmp_path_factory):
-    from orchestrator import load_spec
-    from orchestrator.sweep import run_sweep
-
-    tmp = tmp_path_factory.mktemp("report_sweep")
-    spec = load_spec({
-        "name": "rep",
-        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp / "cache"),
-                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
-        "model": {"width": 8},
-        "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 2},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
-        "storage": {"runs_dir": str(tmp / "runs")},
-        "search": {"compare": ["normal", "ogm_ge", "audio_only", "visual_only"], "max_concurrent_trials": 2},
-    })
-    return run_sweep(spec), tmp
+# ---- the report of the real shared sweep (conftest.shared_sweep) ----------------------------
 
 
 def final_metrics(client: MlflowClient, parent: str) -> dict[str, dict[str, float]]:
-    """method -> final metrics of its (single) trial, read straight from MLflow."""
+    """method -> final metrics of its (single) main-stage trial, read straight from MLflow."""
     exp_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`avtune.stage` = 'main'")
     return {r.data.params["method.name"]: {**r.data.metrics, "run_id": r.info.run_id} for r in runs}
 
 
 @pytest.mark.slow
-def test_report_of_a_real_sweep(tiny_sweep):
-    result, tmp = tiny_sweep
+def test_report_of_a_real_sweep(shared_sweep):
+    result, tmp = shared_sweep
     client = MlflowClient(result.tracking_uri)
-    report = build_report("rep", tracking_uri=result.tracking_uri, out_dir=tmp / "report")
+    report = build_report("shared", tracking_uri=result.tracking_uri, out_dir=tmp / "report")
     assert report == (tmp / "report" / "report.html").resolve()
     pngs = sorted(p.name for p in report.parent.glob("*.png"))
-    # No G-Blend in this sweep; every other plot applies.
+    # Every plot applies to this sweep (OGM-GE, G-Blend, both baselines).
     assert pngs == ["ablation_alpha.png", "ablation_window.png", "acc_per_modality.png", "gap.png",
-                    "ogm_coefficients.png", "shapley.png", "utilisation.png"]
+                    "gblend_weights.png", "ogm_coefficients.png", "shapley.png", "utilisation.png"]
     for name in pngs:
         data = (report.parent / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -264,14 +245,14 @@ def test_report_of_a_real_sweep(tiny_sweep):
 
 
 @pytest.mark.slow
-def test_cli_report_prints_the_path(tiny_sweep):
+def test_cli_report_prints_the_path(shared_sweep):
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
 
-    result, tmp = tiny_sweep
+    result, tmp = shared_sweep
     out = tmp / "cli_report"
-    res = CliRunner().invoke(app, ["report", "rep", "--sweep", result.parent_run_id, "--out", str(out),
+    res = CliRunner().invoke(app, ["report", "shared", "--sweep", result.parent_run_id, "--out", str(out),
                                    "--tracking-uri", result.tracking_uri])
     assert res.exit_code == 0, res.output
     assert str((out / "report.html").resolve()) in res.output.replace("\n", "")

@@ -76,22 +76,41 @@ def test_invalid_grid_combination_is_rejected_before_running(synth_dataset, tmp_
 
 
 @pytest.mark.slow
-def test_two_trial_grid_has_parent_and_two_complete_children(ray_local, synth_dataset, tmp_path):
-    result = run_sweep(load_spec(sweep_spec(synth_dataset, tmp_path)))
+def test_compare_sweep_has_parent_and_complete_children(shared_sweep):
+    result, _ = shared_sweep
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["avtune.kind"] == "sweep"
-    assert parent.data.metrics["trials"] == 2 and parent.data.metrics["trials_failed"] == 0
-    kids = children(client, result.parent_run_id)
-    assert len(kids) == 2
-    assert sorted(float(k.data.params["method.alpha"]) for k in kids) == [0.1, 0.8]
-    for kid in kids:
+    assert parent.data.metrics["trials"] == 5 and parent.data.metrics["trials_failed"] == 0
+    kids = {k.data.params["method.name"]: k for k in children(client, result.parent_run_id)}
+    assert sorted(kids) == ["audio_only", "gblend", "normal", "ogm_ge", "visual_only"]
+    assert float(kids["ogm_ge"].data.params["method.alpha"]) == 0.5
+    for name, kid in kids.items():
         assert kid.info.status == "FINISHED"
-        for key in ("acc", "acc_audio", "acc_visual", "k_audio", "k_visual", "ratio_av"):
-            assert steps(client, kid.info.run_id, key) == [0, 1], key
-    assert set(result.trials["run_id"]) == {k.info.run_id for k in kids}
+        keys = ("acc", "loss") if name.endswith("_only") else ("acc", "acc_audio", "acc_visual", "shapley_audio")
+        for key in keys + (("k_audio", "k_visual", "ratio_av") if name == "ogm_ge" else ()):
+            assert steps(client, kid.info.run_id, key) == [0, 1], (name, key)
+    assert set(result.trials["run_id"]) == {k.info.run_id for k in kids.values()}
     assert parent.data.tags["avtune.best_run_id"] == result.trials.iloc[0]["run_id"]
+
+
+@pytest.mark.slow
+def test_gblend_stage_weights_are_on_parent_and_used_by_main_trial(shared_sweep):
+    result, _ = shared_sweep
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    weights = {h: parent.data.metrics[f"gblend_w_{h}"] for h in ("audio", "visual", "joint")}
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
+    assert weights == pytest.approx(result.gblend_weights)
+    estimation = children(client, result.parent_run_id, stage="gblend-estimate")
+    assert sorted(r.data.params["method.name"] for r in estimation) == ["audio_only", "normal", "visual_only"]
+    for run in estimation:  # N + n = 2 epochs, read at epochs N and N + n
+        assert run.info.status == "FINISHED" and steps(client, run.info.run_id, "loss") == [0, 1]
+    (main,) = [k for k in children(client, result.parent_run_id) if k.data.params["method.name"] == "gblend"]
+    for head, w in weights.items():
+        assert float(main.data.params[f"method.weights.{head}"]) == pytest.approx(w)
+        assert main.data.metrics[f"gblend_w_{head}"] == pytest.approx(w)
 
 
 @pytest.mark.slow
@@ -124,25 +143,6 @@ def test_asha_stopped_trial_is_marked_killed(ray_local, synth_dataset, tmp_path)
         assert later.info.status == "KILLED" and later.data.tags["avtune.stopped_by"] == "scheduler"
         assert steps(client, later.info.run_id)[:1] == [0]
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_gblend_stage_weights_are_on_parent_and_used_by_main_trial(ray_local, synth_dataset, tmp_path):
-    spec = sweep_spec(synth_dataset, tmp_path,
-                      search={"space": {"train.seed": {"grid": [0]}}, "max_concurrent_trials": 2})
-    spec["method"] = {"name": "gblend", "mode": "offline", "weights": "estimate",
-                      "estimate_epochs": 1, "estimate_window_epochs": 1}
-    result = run_sweep(load_spec(spec))
-    client = MlflowClient(result.tracking_uri)
-    parent = client.get_run(result.parent_run_id)
-    weights = {h: parent.data.metrics[f"gblend_w_{h}"] for h in ("audio", "visual", "joint")}
-    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
-    estimation = children(client, result.parent_run_id, stage="gblend-estimate")
-    assert sorted(r.data.params["method.name"] for r in estimation) == ["audio_only", "normal", "visual_only"]
-    (main,) = children(client, result.parent_run_id)
-    for head, w in weights.items():
-        assert float(main.data.params[f"method.weights.{head}"]) == pytest.approx(w)
-        assert main.data.metrics[f"gblend_w_{head}"] == pytest.approx(w)
 
 
 @pytest.mark.slow

@@ -1,4 +1,8 @@
-"""End to end on real parts: spec -> Ray Train (local Ray) -> MLflow (SQLite), on generated mp4 clips."""
+"""End to end on real parts: spec -> Ray Train (local Ray) -> MLflow (SQLite), on generated mp4 clips.
+
+One Ray Train run per wiring concern: logging, params and artifacts (through the CLI), 2-worker DDP,
+resume, a failing run. Every method's training itself is tested in-process through the same engine
+(tests/test_engine.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,16 +15,7 @@ from orchestrator.specs import SpecError
 
 pytestmark = pytest.mark.slow
 
-METHOD_CASES = {
-    "normal": {"method": {"name": "normal"}},
-    "ogm_ge": {"method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 1}},
-    "gblend": {"method": {"name": "gblend", "mode": "online", "estimate_epochs": 1, "estimate_window_epochs": 1}},
-    "audio_only": {"method": {"name": "audio_only"}},
-    "visual_only": {"method": {"name": "visual_only"}},
-    "avslowfast": {"method": {"name": "avslowfast", "config": "tiny"}, "data": {"decode": {"num_frames": 4}}},
-    "avid": {"method": {"name": "avid", "config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16}},
-    "cma": {"method": {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16}},
-}
+OGM_GE = {"method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 1}}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -58,36 +53,14 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-@pytest.mark.parametrize("method", list(METHOD_CASES))
-def test_each_method_trains_and_logs_every_epoch_once(ray_local, base_spec, method):
-    spec = load_spec(merge(base_spec, METHOD_CASES[method]))
-    result = run_training(spec)
-    client = MlflowClient(result.tracking_uri)
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    for key in ("acc", "acc_audio", "acc_visual", "loss") if method not in ("audio_only", "visual_only") else ("acc", "loss"):
-        assert epochs_logged(client, result.run_id, key) == [0, 1], key
-    if method.startswith("ogm"):
-        assert epochs_logged(client, result.run_id, "k_audio") == [0, 1]
-        assert epochs_logged(client, result.run_id, "ratio_av") == [0, 1]
-    if method == "gblend":
-        weights = [run.data.metrics[f"gblend_w_{h}"] for h in ("audio", "visual", "joint")]
-        assert sum(weights) == pytest.approx(1.0, abs=1e-6)
-    assert run.data.params["method.name"] == method
-    assert run.data.tags["avtune.method"] == method
-    artifacts = artifact_paths(client, result.run_id)
-    assert {"spec.yaml", "card.json", "checkpoints/final_model.pt"} <= artifacts
-    assert list(result.history.index) == [0, 1]
-    assert 0.0 <= result.metrics["acc"] <= 1.0
-
-
-@pytest.mark.parametrize("method", ["normal", "ogm_ge"])
-def test_two_workers_ddp_logs_each_epoch_once(ray_local, base_spec, method):
-    spec = load_spec(merge(base_spec, {**METHOD_CASES[method], "scaling": {"num_workers": 2, "cpus_per_worker": 1}}))
+def test_two_workers_ddp_logs_each_epoch_once(ray_local, base_spec):
+    # OGM-GE: its scores are all-reduced and its noise seeded alike on both ranks (workers/methods/ogm.py).
+    spec = load_spec(merge(base_spec, {**OGM_GE, "scaling": {"num_workers": 2, "cpus_per_worker": 1}}))
     result = run_training(spec)
     client = MlflowClient(result.tracking_uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert epochs_logged(client, result.run_id) == [0, 1]
+    for key in ("acc", "acc_audio", "acc_visual", "k_audio"):
+        assert epochs_logged(client, result.run_id, key) == [0, 1], key
 
 
 def test_resume_continues_the_epoch_count(ray_local, base_spec):
@@ -142,6 +115,10 @@ def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.alpha"] == "0.3"
-    assert epochs_logged(client, run_id) == [0, 1]
+    assert run.data.params["method.name"] == run.data.tags["avtune.method"] == "ogm_ge"
+    for key in ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "ratio_av", "shapley_audio"):
+        assert epochs_logged(client, run_id, key) == [0, 1], key
+    assert "test_acc" in run.data.metrics
+    assert {"spec.yaml", "card.json", "checkpoints/final_model.pt", "checkpoints/best_model.pt"} <= artifact_paths(client, run_id)
     listed = runner.invoke(app, ["runs", "t", "--runs-dir", str(tmp_path / "runs")])
     assert listed.exit_code == 0 and run_id[:12] in listed.output and "FINISHED" in listed.output, listed.output

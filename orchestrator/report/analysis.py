@@ -1,0 +1,452 @@
+"""Imbalance analysis of a sweep, from MLflow alone: utilisation, balance, the summary and the findings
+(the figures are ``orchestrator.report.plots``', the page ``orchestrator.report.html``').
+
+Everything here reads what the sweep logged (the parent run, its child runs, their per-epoch
+metrics and params), so a report can be rebuilt later against any tracking URI.
+
+Definitions (also written into the report):
+
+* **Utilisation** of modality m in a joint trial (the "uni-modal accuracy gap" of Peng et al.,
+  OGM-GE, CVPR 2022, Sec. 1 / Fig. 1, as a ratio): the accuracy of m's head inside the joint
+  model (``acc_audio`` / ``acc_visual``) divided by the accuracy of the matching uni-modal
+  baseline (``audio_only`` / ``visual_only``) at the same epoch. 1 means the joint model uses m
+  as well as a network trained on m alone; below 1, m is under-optimised. The baseline is the
+  run with the same params apart from the method (so the same seed) when the sweep has one,
+  else the mean over the baselines of the other seeds, else the mean over all baselines of m.
+  An epoch the baseline never reached is compared with the baseline's last epoch.
+* **Balance** of a joint trial: ``min(util_audio, util_visual)``, the utilisation of its
+  less-used modality (1 = neither modality is under-used). Without uni-modal baselines in the
+  sweep it falls back to the Shapley balance ``1 - |phi_a - phi_v| / (|phi_a| + |phi_v|)``
+  of the final two-player Shapley values of joint accuracy (1 = both contribute equally).
+* **Dominant modality**: the one whose head is more accurate in the normal joint model (mean
+  over its seeds; all joint trials when the sweep has no normal run). The other one is "weak".
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
+                               trial_row)
+from workers.methods import get_method, unimodal_methods
+
+MODALITIES = ("audio", "visual")
+# Per-epoch metrics the report reads (each child logs more; only these are fetched).
+HISTORY_KEYS = ("acc", "acc_audio", "acc_visual", "gap_av", "k_audio", "k_visual", "shapley_audio",
+                "shapley_visual", "util_audio", "util_visual", "gblend_w_audio", "gblend_w_visual", "gblend_w_joint")
+SUMMARY_FILE = "imbalance_summary.csv"
+REPORT_DIR = "report"
+BALANCE_UTIL = "min(util_audio, util_visual): utilisation of the less-used modality"
+BALANCE_SHAPLEY = "1 - |shapley_audio - shapley_visual| / (|shapley_audio| + |shapley_visual|)"
+
+
+# ---- which methods are which: the method registry says -------------------------------------
+
+
+def baseline_method(modality: str) -> str:
+    """The uni-modal baseline method of `modality` ("audio" -> "audio_only")."""
+    return unimodal_methods()[modality]
+
+
+def is_unimodal(method: str) -> bool:
+    """A uni-modal baseline; an unknown name (a run logged by a foreign tool) is not one."""
+    return method in unimodal_methods().values()
+
+
+def is_ogm(method: str) -> bool:
+    """OGM's family (ogm, ogm_ge): the methods whose trials are labelled by alpha (and a window).
+    An unknown name (a run logged by a foreign tool) is not OGM: the report reads, it does not judge."""
+    try:
+        return "alpha" in get_method(method).label_fields
+    except ValueError:
+        return False
+
+
+def ogm_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` whose method is OGM's family."""
+    return frame[frame["method"].map(is_ogm).astype(bool)]
+
+
+# ---- reading a sweep from MLflow ----------------------------------------------------------
+
+
+@dataclass
+class SweepData:
+    """A sweep's main-stage trials as logged in MLflow.
+
+    ``trials``: one row per child run: the columns of :func:`orchestrator.runs.trial_row` (run_id,
+    run_name, status, method, alpha, window, fusion, seed, epochs, the final metrics, ...),
+    ``config`` (label of the trial's settings without the seed) and ``group`` (label of the
+    non-method settings without the seed; "" when only methods vary).
+    ``histories``: run_id -> per-epoch metrics (index = epoch). ``params``: run_id -> params.
+    """
+
+    parent_run_id: str
+    experiment_name: str
+    tracking_uri: str
+    parent_metrics: dict[str, float]
+    trials: pd.DataFrame
+    histories: dict[str, pd.DataFrame]
+    params: dict[str, dict[str, str]] = field(repr=False)
+
+
+def _history(client: MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataFrame:
+    columns = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
+    frame = pd.DataFrame(columns, dtype=float).sort_index()
+    frame.index.name = "epoch"
+    return frame
+
+
+def _config(row: dict[str, Any], group: str) -> str:
+    """A trial's settings without the seed, e.g. "ogm_ge alpha=0.5 window=0-2 (fusion=film)"."""
+    config = row["method"]
+    if row["alpha"] is not None:
+        config += f" alpha={row['alpha']:g}"
+    if row["window"]:
+        config += f" window={row['window']}"
+    if group:
+        config += f" ({group})"
+    return config
+
+
+def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
+    """Read a sweep's parent run and its main-stage child runs (their histories included)."""
+    parent = client.get_run(parent_run_id)
+    if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
+        raise ValueError(f"run {parent_run_id} is not a sweep's parent run (no tag {SWEEP_KIND_TAG}=sweep)")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    runs = child_runs(client, parent_run_id, stage=MAIN_STAGE, experiment_id=parent.info.experiment_id)
+    params = {r.info.run_id: dict(r.data.params) for r in runs}
+    # Settings that differ between trials (besides the method and the seed) name configurations.
+    all_keys = sorted({k for p in params.values() for k in p})
+    varying = [k for k in all_keys if len({p.get(k, "") for p in params.values()}) > 1]
+    context_keys = [k for k in varying if not k.startswith("method.") and k != SEED_PARAM]
+    rows, histories = [], {}
+    for run in runs:
+        row, p, m = trial_row(run), params[run.info.run_id], run.data.metrics
+        row["group"] = ", ".join(f"{k.split('.', 1)[-1]}={p.get(k, '')}" for k in context_keys)
+        row["config"] = _config(row, row["group"])
+        keys = [k for k in HISTORY_KEYS if k in m]
+        histories[run.info.run_id] = _history(client, run.info.run_id, keys) if keys else pd.DataFrame()
+        rows.append(row)
+    trials = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "config", "group"])
+    trials = trials.sort_values(["group", "method", "alpha", "window", "seed"], na_position="first").reset_index(drop=True)
+    return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
+                     parent_metrics=dict(parent.data.metrics), trials=trials, histories=histories, params=params)
+
+
+def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | None = None) -> str:
+    """The sweep's parent run id: `sweep_run_id` checked to belong to `experiment`, or the
+    experiment's latest sweep. Raises ValueError naming what was not found."""
+    uri = client.tracking_uri
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"experiment {experiment!r} not found at tracking URI {uri}")
+    if sweep_run_id is None:
+        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_KIND_TAG}` = 'sweep'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise ValueError(f"experiment {experiment!r} has no sweep (no run tagged {SWEEP_KIND_TAG}=sweep)")
+        return parents[0].info.run_id
+    try:
+        run = client.get_run(sweep_run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException / RestException
+        raise ValueError(f"sweep run {sweep_run_id!r} not found at tracking URI {uri}: {err}") from None
+    if run.info.experiment_id != exp.experiment_id:
+        raise ValueError(f"sweep run {sweep_run_id} belongs to another experiment than {experiment!r}")
+    return sweep_run_id
+
+
+# ---- utilisation and balance --------------------------------------------------------------
+
+
+def _is_joint(row: pd.Series) -> bool:
+    return not is_unimodal(row["method"]) and number(row["acc_audio"]) is not None \
+        and number(row["acc_visual"]) is not None
+
+
+def matching_baselines(sweep: SweepData, run_id: str, modality: str) -> tuple[list[str], str]:
+    """Run ids of the uni-modal baselines of `modality` that a trial is compared with, and how
+    they were matched: "same seed" (same params apart from the method, fusion aside when the
+    baselines were not crossed with it), "mean over seeds" (same params apart from the seed),
+    "mean over all baselines", or "none"."""
+    trials = sweep.trials
+    candidates = trials[(trials["method"] == baseline_method(modality)) & trials["acc"].notna()]["run_id"].tolist()
+    if not candidates:
+        return [], "none"
+    mine = sweep.params[run_id]
+
+    def context(params: dict[str, str], drop: tuple[str, ...]) -> dict[str, str]:
+        return {k: v for k, v in params.items() if not k.startswith("method.") and k not in drop}
+
+    for drop, how in (((), "same seed"), ((FUSION_PARAM,), "same seed"), ((FUSION_PARAM, SEED_PARAM), "mean over seeds")):
+        found = [c for c in candidates if context(sweep.params[c], drop) == context(mine, drop)]
+        if found:
+            return found, how
+    return candidates, "mean over all baselines"
+
+
+def baseline_curve(sweep: SweepData, run_ids: list[str]) -> tuple[pd.Series, float]:
+    """Per-epoch accuracy (mean over `run_ids`) and the mean of their final accuracies."""
+    curves = [sweep.histories[r]["acc"] for r in run_ids if "acc" in sweep.histories[r]]
+    curve = pd.concat(curves, axis=1).mean(axis=1) if curves else pd.Series(dtype=float)
+    finals = sweep.trials.set_index("run_id").loc[run_ids, "acc"].astype(float)
+    return curve, float(finals.mean())
+
+
+def utilisation(sweep: SweepData) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Final utilisation per joint trial (columns util_audio, util_visual, baseline_audio,
+    baseline_visual, match_audio, match_visual; index run_id) and per-epoch utilisation
+    (run_id -> DataFrame with util_audio / util_visual, index epoch). See the module docstring."""
+    finals, per_epoch = {}, {}
+    for _, row in sweep.trials.iterrows():
+        if not _is_joint(row):
+            continue
+        run_id, out, curves = row["run_id"], {}, {}
+        hist = sweep.histories[run_id]
+        for m in MODALITIES:
+            baselines, how = matching_baselines(sweep, run_id, m)
+            out[f"match_{m}"] = how
+            if not baselines:
+                continue
+            curve, final = baseline_curve(sweep, baselines)
+            out[f"baseline_{m}"] = final
+            if final > 0:
+                out[f"util_{m}"] = float(row[f"acc_{m}"]) / final
+            if f"acc_{m}" in hist and not curve.empty:
+                # Epochs the baseline never reached (e.g. stopped early) use its last epoch.
+                reference = curve.reindex(hist.index).fillna(curve.iloc[-1])
+                ratio = hist[f"acc_{m}"] / reference.where(reference > 0)
+                curves[f"util_{m}"] = ratio
+        finals[run_id] = out
+        if curves:
+            per_epoch[run_id] = pd.DataFrame(curves).dropna(how="all")
+    frame = pd.DataFrame.from_dict(finals, orient="index")
+    for col in ("util_audio", "util_visual", "baseline_audio", "baseline_visual", "match_audio", "match_visual"):
+        if col not in frame:
+            frame[col] = np.nan if not col.startswith("match") else "none"
+    frame.index.name = "run_id"
+    return frame, per_epoch
+
+
+def shapley_balance(shapley_audio: float | None, shapley_visual: float | None) -> float | None:
+    """1 - |phi_a - phi_v| / (|phi_a| + |phi_v|): 1 when both modalities add the same to joint accuracy."""
+    a, v = number(shapley_audio), number(shapley_visual)
+    if a is None or v is None or abs(a) + abs(v) == 0:
+        return None
+    return 1.0 - abs(a - v) / (abs(a) + abs(v))
+
+
+def imbalance_summary(sweep: SweepData, util: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """The per-trial table (trials x method, alpha, window, fusion, acc, acc_audio, acc_visual,
+    gap, util_*, shapley_*, balance) and the balance definition used (see the module docstring)."""
+    if util is None:
+        util, _ = utilisation(sweep)
+    table = sweep.trials.merge(util, how="left", left_on="run_id", right_index=True)
+    table["gap"] = table["acc_audio"].astype(float) - table["acc_visual"].astype(float)
+    joint = table.apply(_is_joint, axis=1)
+    have_util = joint & table["util_audio"].notna() & table["util_visual"].notna()
+    if have_util.any():
+        definition = BALANCE_UTIL
+        table["balance"] = np.where(have_util, table[["util_audio", "util_visual"]].min(axis=1), np.nan)
+    else:
+        definition = BALANCE_SHAPLEY
+        table["balance"] = [shapley_balance(a, v) if j else None
+                            for a, v, j in zip(table["shapley_audio"], table["shapley_visual"], joint)]
+    table["balance"] = table["balance"].astype(float)
+    columns = ["run_id", "run_name", "status", "method", "alpha", "window", "fusion", "seed", "config", "group",
+               "epochs", "acc", "acc_audio", "acc_visual", "gap", "util_audio", "util_visual", "shapley_audio",
+               "shapley_visual", "balance", "baseline_audio", "baseline_visual", "match_audio", "match_visual", "test_acc"]
+    return table[columns], definition
+
+
+def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
+    """The joint trial with the highest `key`, ties broken by joint accuracy."""
+    joint = table[table.apply(_is_joint, axis=1) & table[key].notna()]
+    if joint.empty:
+        return None
+    return joint.sort_values([key, "acc"], ascending=False, kind="stable").iloc[0]
+
+
+def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None) -> pd.DataFrame:
+    """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
+    epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
+    ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
+    (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table.
+
+    `sweep`: the sweep as already read with :func:`load_sweep` (read here when None).
+    """
+    if sweep is None:
+        sweep = load_sweep(client, parent_run_id)
+    util, per_epoch = utilisation(sweep)
+    table, definition = imbalance_summary(sweep, util)
+    ts = int(time.time() * 1000)
+    for run_id, curves in per_epoch.items():
+        metrics = []
+        for key in curves.columns:
+            logged = {m.step for m in client.get_metric_history(run_id, key)}
+            metrics += [Metric(key, float(v), ts, int(epoch)) for epoch, v in curves[key].dropna().items()
+                        if int(epoch) not in logged]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[i : i + 500])
+    parent_metrics, tags = [], {"avtune.imbalance.balance_definition": definition}
+    for label, key in (("best_by_acc", "acc"), ("best_by_balance", "balance")):
+        best = _best(table, key)
+        if best is None:
+            continue
+        tags[f"avtune.imbalance.{label}_run_id"] = best["run_id"]
+        tags[f"avtune.imbalance.{label}_run_name"] = str(best["run_name"])
+        for col in ("acc", "acc_audio", "acc_visual", "gap", "util_audio", "util_visual", "shapley_audio",
+                    "shapley_visual", "balance"):
+            value = number(best[col])
+            if value is not None:
+                parent_metrics.append(Metric(f"{label}/{col}", value, ts, 0))
+    for key, value in tags.items():
+        client.set_tag(parent_run_id, key, value)
+    if parent_metrics:
+        client.log_batch(parent_run_id, metrics=parent_metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
+        client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
+    return table
+
+
+# ---- findings in words ----------------------------------------------------------------------
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def config_means(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of each configuration's final numbers (column n = trials averaged)."""
+    numeric = ["acc", "acc_audio", "acc_visual", "gap", "util_audio", "util_visual", "shapley_audio", "shapley_visual",
+               "balance"]
+    done = table[table["acc"].notna()].copy()
+    done[numeric] = done[numeric].astype(float)
+    grouped = done.groupby(["group", "config"], sort=False, dropna=False)
+    out = grouped[numeric].mean()
+    out["n"] = grouped.size()
+    first = grouped[["method", "alpha", "window", "fusion"]].first()
+    return pd.concat([first, out], axis=1).reset_index()
+
+
+def findings(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The comparisons the report states, per group of trials sharing their non-method settings.
+
+    Each finding: ``{"id", "group", "text", **numbers}``; numbers are means over seeds.
+    """
+    out: list[dict[str, Any]] = []
+    means = config_means(table)
+    for group, configs in means.groupby("group", sort=False):
+        prefix = f"[{group}] " if group else ""
+        joint = configs[~configs["method"].map(is_unimodal).astype(bool) & configs["acc_audio"].notna()
+                         & configs["acc_visual"].notna()]
+        if joint.empty:
+            continue
+        normal = joint[joint["method"] == "normal"]
+        reference = normal if not normal.empty else joint
+        ref_name = "the normal joint model" if not normal.empty else "the joint trials"
+        normal_acc = float((normal["acc"] * normal["n"]).sum() / normal["n"].sum()) if not normal.empty else None
+        acc_a = float((reference["acc_audio"] * reference["n"]).sum() / reference["n"].sum())
+        acc_v = float((reference["acc_visual"] * reference["n"]).sum() / reference["n"].sum())
+        n_ref = int(reference["n"].sum())
+        seeds = f" (mean over {n_ref} trials)" if n_ref > 1 else ""
+        baselines = {m: configs[configs["method"] == baseline_method(m)] for m in MODALITIES}
+        base_acc = {m: (float((b["acc"] * b["n"]).sum() / b["n"].sum()) if not b.empty else None) for m, b in baselines.items()}
+        if acc_a == acc_v:
+            out.append({"id": "dominance", "group": group, "dominant": None, "acc_audio": acc_a, "acc_visual": acc_v,
+                        "text": f"{prefix}Neither modality dominates: in {ref_name} both heads reach {_f(acc_a)}{seeds}."})
+            continue
+        dominant = "audio" if acc_a > acc_v else "visual"
+        weak = "visual" if dominant == "audio" else "audio"
+        accs = {"audio": acc_a, "visual": acc_v}
+        shap = {m: float((reference[f"shapley_{m}"] * reference["n"]).sum() / reference["n"].sum())
+                if reference[f"shapley_{m}"].notna().all() else None for m in MODALITIES}
+        text = (f"{prefix}{dominant.capitalize()} is the dominant modality: in {ref_name} its head reaches "
+                f"{_f(accs[dominant])} against {_f(accs[weak])} for {weak}{seeds}")
+        if shap["audio"] is not None and shap["visual"] is not None:
+            text += f"; Shapley values of joint accuracy: audio {_f(shap['audio'])}, visual {_f(shap['visual'])}"
+        if base_acc["audio"] is not None and base_acc["visual"] is not None:
+            text += (f"; trained alone, audio reaches {_f(base_acc['audio'])} ({baseline_method('audio')}) and visual "
+                     f"{_f(base_acc['visual'])} ({baseline_method('visual')})")
+        out.append({"id": "dominance", "group": group, "dominant": dominant, "weak": weak, "acc_audio": acc_a,
+                    "acc_visual": acc_v, "shapley_audio": shap["audio"], "shapley_visual": shap["visual"],
+                    "text": text + "."})
+
+        if not normal.empty and base_acc[weak] is not None:
+            util = accs[weak] / base_acc[weak] if base_acc[weak] > 0 else None
+            verdict = ("below" if accs[weak] < base_acc[weak] else "not below")
+            tail = (f": the joint model under-uses the {weak} modality" if verdict == "below"
+                    else f": no under-use of the {weak} modality shows in this sweep")
+            out.append({"id": "weak_vs_unimodal", "group": group, "weak": weak, "normal_weak_acc": accs[weak],
+                        "unimodal_acc": base_acc[weak], "utilisation": util, "below": verdict == "below",
+                        "text": f"{prefix}The normal joint model's {weak} head reaches {_f(accs[weak])}, {verdict} the "
+                                f"{baseline_method(weak)} baseline's {_f(base_acc[weak])} (utilisation {_f(util)}){tail}."})
+
+        ogm = ogm_rows(joint)
+        if not normal.empty and not ogm.empty:
+            best = ogm.sort_values([f"acc_{weak}", "acc"], ascending=False, kind="stable").iloc[0]
+            delta = float(best[f"acc_{weak}"]) - accs[weak]
+            change = "raises" if delta > 0 else ("leaves" if delta == 0 else "lowers")
+            text = (f"{prefix}The best OGM/OGM-GE trial for the {weak} modality, {best['config']}, {change} the {weak} "
+                    f"head's accuracy {'from' if delta else 'at'} {_f(accs[weak])} (normal)"
+                    + (f" to {_f(float(best[f'acc_{weak}']))} ({delta:+.3f})" if delta else "")
+                    + f"; its joint accuracy is {_f(float(best['acc']))} against {_f(normal_acc)} for normal.")
+            out.append({"id": "ogm_vs_normal", "group": group, "weak": weak, "config": best["config"],
+                        "ogm_weak_acc": float(best[f"acc_{weak}"]), "normal_weak_acc": accs[weak], "delta": delta,
+                        "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, "text": text})
+
+        # Trade-off: the configuration with the highest joint + weak-head accuracy (equal weights).
+        score = joint["acc"] + joint[f"acc_{weak}"]
+        best = joint.loc[score.idxmax()]
+        text = (f"{prefix}Best trade-off (highest joint + {weak}-head accuracy): {best['config']}, joint "
+                f"{_f(float(best['acc']))}, {weak} head {_f(float(best[f'acc_{weak}']))}")
+        if not normal.empty and best["method"] != "normal":
+            text += f" (normal: joint {_f(normal_acc)}, {weak} head {_f(accs[weak])})"
+        out.append({"id": "tradeoff", "group": group, "weak": weak, "config": best["config"], "acc": float(best["acc"]),
+                    "weak_acc": float(best[f"acc_{weak}"]), "text": text + "."})
+        windows = []
+        for (method, alpha), same in ogm.groupby(["method", "alpha"], sort=True):
+            if same["window"].nunique() < 2:
+                continue
+            same = same.assign(_start=same["window"].str.split("-").str[0].astype(int),
+                               _end=same["window"].str.split("-").str[1].astype(int)).sort_values(["_start", "_end"])
+            parts = [f"window {w}: joint {_f(float(a))}, {weak} {_f(float(x))}"
+                     for w, a, x in zip(same["window"], same["acc"], same[f"acc_{weak}"])]
+            windows.append({"method": method, "alpha": float(alpha),
+                            "windows": {w: {"acc": float(a), "weak_acc": float(x)}
+                                        for w, a, x in zip(same["window"], same["acc"], same[f"acc_{weak}"])},
+                            "text": f"{method} alpha={alpha:g}: " + "; ".join(parts)})
+        if windows:
+            out.append({"id": "window", "group": group, "weak": weak, "by_alpha": windows,
+                        "text": f"{prefix}Modulation window against the trade-off between joint and {weak}-head "
+                                "accuracy: " + " | ".join(w["text"] for w in windows) + "."})
+        elif not ogm.empty:
+            out.append({"id": "window", "group": group, "weak": weak, "by_alpha": [],
+                        "text": f"{prefix}Only one modulation window per alpha was run; search "
+                                "method.modulation_ends to see how the window trades joint for weak-modality accuracy."})
+    return out
+
+
+def gblend_weights(sweep: SweepData) -> dict[str, float] | None:
+    """The offline G-Blend weights on the parent run, else the mean final weights of G-Blend trials."""
+    heads = ("audio", "visual", "joint")
+    if all(f"gblend_w_{h}" in sweep.parent_metrics for h in heads):
+        return {h: float(sweep.parent_metrics[f"gblend_w_{h}"]) for h in heads}
+    runs = sweep.trials[sweep.trials["method"] == "gblend"]["run_id"]
+    finals = [sweep.histories[r][[f"gblend_w_{h}" for h in heads]].dropna().iloc[-1]
+              for r in runs if {f"gblend_w_{h}" for h in heads} <= set(sweep.histories[r].columns)]
+    if not finals:
+        return None
+    mean = pd.concat(finals, axis=1).mean(axis=1)
+    return {h: float(mean[f"gblend_w_{h}"]) for h in heads}

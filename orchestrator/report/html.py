@@ -1,0 +1,152 @@
+"""The report's page: ``build_report`` reads the sweep, writes the plots, ``report.html``
+(self-contained, images embedded), the summary CSV and ``findings.json``, and logs them to MLflow.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from orchestrator.report.analysis import (REPORT_DIR, SUMMARY_FILE, SweepData, config_means, findings, gblend_weights,
+                                          imbalance_summary, load_sweep, log_sweep_imbalance, resolve_sweep,
+                                          utilisation)
+from orchestrator.report.plots import (plot_ablation, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
+                                       plot_shapley, plot_utilisation)
+
+
+TABLE_COLUMNS = ["run_name", "status", "method", "alpha", "window", "fusion", "seed", "epochs", "acc", "acc_audio",
+                 "acc_visual", "gap", "util_audio", "util_visual", "shapley_audio", "shapley_visual", "balance"]
+
+
+def _html_table(frame: pd.DataFrame, columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for _, row in frame.iterrows():
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                text = ""
+            elif isinstance(v, (float, np.floating)):
+                text = f"{v:g}" if c == "alpha" else f"{v:.3f}"
+            else:
+                text = str(v)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure id="fig-{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)} '
+            f'(<code>{html.escape(path.name)}</code>)</figcaption></figure>')
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#f0f0f0}td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}
+li{margin:.4em 0}code{background:#f4f4f4;padding:0 3px}.meta{color:#666;font-size:13px}"""
+
+
+def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: list[dict[str, Any]],
+                figures: list[tuple[Path, str]], weights: dict[str, float] | None) -> str:
+    title = f"avtune imbalance report: {sweep.experiment_name}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p class='meta'>sweep parent run <code>{sweep.parent_run_id}</code>, {len(table)} trials, "
+             f"tracking URI <code>{html.escape(sweep.tracking_uri)}</code>, generated {stamp}. "
+             "All accuracies are on the validation split at the last epoch; numbers in the findings are means over seeds.</p>",
+             "<h2>Findings</h2><ul>"]
+    parts += [f"<li id='{html.escape(i['id'])}'>{html.escape(i['text'])}</li>" for i in items]
+    if not items:
+        parts.append("<li>No joint audio-visual trial with per-modality accuracies in this sweep.</li>")
+    parts.append("</ul>")
+    parts.append("<h2>Definitions</h2><ul>"
+                 "<li><b>utilisation</b> util_m = accuracy of modality m's head inside the joint model / accuracy of the "
+                 "matching uni-modal baseline (same seed when the sweep has it, else mean over seeds), per epoch and final.</li>"
+                 f"<li><b>balance</b> = {html.escape(definition)}.</li>"
+                 "<li><b>Shapley values</b>: two-player Shapley values of joint accuracy, a modality masked by zero input.</li>"
+                 "<li><b>dominant modality</b>: the one whose head is more accurate in the normal joint model.</li></ul>")
+    parts.append("<h2>Trials</h2>" + _html_table(table, TABLE_COLUMNS))
+    means = config_means(table)
+    if (means["n"] > 1).any():
+        parts.append("<h3>Means over seeds</h3>" + _html_table(
+            means, ["config", "n", "acc", "acc_audio", "acc_visual", "gap", "util_audio", "util_visual", "balance"]))
+    if weights:
+        parts.append("<p>G-Blend weights: " + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()) + "</p>")
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(path, caption) for path, caption in figures]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def default_report_dir(runs_dir: Path, experiment: str, sweep_run_id: str) -> Path:
+    return Path(runs_dir) / "reports" / f"{experiment}-{sweep_run_id[:8]}"
+
+
+def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri: str | None = None,
+                 out_dir: Path | None = None, log_to_mlflow: bool = True) -> Path:
+    """Write the imbalance report of a sweep (default: the experiment's latest) and return the
+    path of ``report.html``.
+
+    Reads MLflow only (`tracking_uri` default: MLFLOW_TRACKING_URI, else ``runs/mlflow.db``).
+    Writes PNG plots, ``report.html`` (self-contained: images embedded),
+    ``imbalance_summary.csv`` and ``findings.json`` into `out_dir` (default
+    ``runs/reports/<experiment>-<run id prefix>``). With `log_to_mlflow`, also logs utilisation
+    into the child runs and the summary on the parent (:func:`log_sweep_imbalance`), and the
+    report's files as artifacts under ``report/`` of the sweep's parent run.
+    """
+    from orchestrator.tracking import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, Path("runs")))
+    sweep_run_id = resolve_sweep(client, experiment, sweep_run_id)
+    sweep = load_sweep(client, sweep_run_id)
+    if log_to_mlflow:
+        log_sweep_imbalance(client, sweep_run_id, sweep)
+    util, per_epoch = utilisation(sweep)
+    table, definition = imbalance_summary(sweep, util)
+    items = findings(table)
+
+    out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = gblend_weights(sweep)
+    planned = [
+        (lambda p: plot_modality_curves(sweep, p), "acc_per_modality.png",
+         "acc_audio / acc_visual vs epoch per method, one line per trial; dashed: uni-modal baselines"),
+        (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch"),
+        (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch (1 = as good as alone)"),
+        (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha (computed every epoch, applied only inside the modulation window)"),
+        (lambda p: plot_ablation(table, "alpha", p), "ablation_alpha.png",
+         "final joint and weak-modality accuracy vs alpha (dashed: normal)"),
+        (lambda p: plot_ablation(table, "window", p), "ablation_window.png",
+         "final joint and weak-modality accuracy vs modulation window (dashed: normal)"),
+        (lambda p: plot_shapley(table, p), "shapley.png", "final Shapley values of joint accuracy per trial"),
+        (lambda p: plot_gblend(weights, p), "gblend_weights.png", "G-Blend loss weights"),
+    ]
+    figures = []
+    for plot, name, caption in planned:
+        (out / name).unlink(missing_ok=True)  # a plot that no longer applies must not linger from an older report
+        path = plot(out / name)
+        if path is not None:
+            figures.append((path, caption))
+    table.to_csv(out / SUMMARY_FILE, index=False)
+    (out / "findings.json").write_text(json.dumps(
+        {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
+        indent=2, default=str))
+    report = out / "report.html"
+    report.write_text(render_html(sweep, table, definition, items, figures, weights), encoding="utf-8")
+    if log_to_mlflow:
+        for path in [report, out / SUMMARY_FILE, out / "findings.json", *(p for p, _ in figures)]:
+            client.log_artifact(sweep_run_id, str(path), artifact_path=REPORT_DIR)
+    return report.resolve()

@@ -1,0 +1,91 @@
+"""avtune's MLflow vocabulary: the tags that tie a sweep's runs together, the one query for a
+sweep's child runs, and the one row a trial becomes in a table.
+
+The sweep driver, the CLI and the report all read runs through here, so what one writes the others
+read the same way. No Ray, no torch: the report and the CLI import this without paying for either.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+# MLflow's own nesting tag: the UI shows a sweep's children under their parent run by it.
+PARENT_TAG = "mlflow.parentRunId"
+# Tune's trial id on the child: a restarted trial or a resumed sweep finds its run again.
+TRIAL_TAG = "avtune.trial_id"
+SWEEP_TAG = "avtune.sweep"
+# "main", or a preliminary stage such as "gblend-estimate" whose children are not the sweep's trials.
+STAGE_TAG = "avtune.stage"
+MAIN_STAGE = "main"
+# "sweep" on a sweep's parent run: how a sweep is told apart from a single training run.
+SWEEP_KIND_TAG = "avtune.kind"
+METHOD_TAG = "avtune.method"
+
+# Params (flattened spec fields) that tables show or match trials on.
+METHOD_PARAM = "method.name"
+SEED_PARAM = "train.seed"
+FUSION_PARAM = "model.fusion"
+
+# Final metrics a trial's row carries as logged (the last epoch's value; best_acc / test_acc at the end).
+ROW_METRICS = ("acc", "acc_audio", "acc_visual", "best_acc", "test_acc")
+# The columns of `trial_row`, in order: a table of an empty sweep still has them.
+TRIAL_COLUMNS = ("run_id", "trial_id", "run_name", "status", "method", "alpha", "window", "fusion", "seed", "epochs",
+                 *ROW_METRICS, "gap_av", "shapley_audio", "shapley_visual")
+
+
+def number(value: Any) -> float | None:
+    """`value` as a float; None when it is missing, not a number or NaN (params are strings)."""
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = None, trial_id: str | None = None,
+               max_results: int = 10000, experiment_id: str | None = None) -> list[Run]:
+    """The child runs of a sweep's parent run, in MLflow's default order (newest first).
+
+    `stage`: only that stage's children; a run without the stage tag counts as "main" (MLflow's
+    filter cannot say "missing or equal", so this one is applied here). `trial_id`: only that
+    trial's run. `experiment_id`: the parent's experiment when the caller has it (saves a request).
+    """
+    if experiment_id is None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=max_results)
+    return [r for r in runs if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
+
+
+def _window(params: dict[str, str]) -> str:
+    """OGM's modulation window as "<starts>-<ends>" (epochs [starts, ends)); "" for other methods."""
+    if "method.modulation_starts" not in params:
+        return ""
+    return f"{params['method.modulation_starts']}-{params.get('method.modulation_ends', '')}"
+
+
+def trial_row(run: Run) -> dict[str, Any]:
+    """One trial as a table row (columns `TRIAL_COLUMNS`): which run, the settings that label it,
+    its final metrics. Missing values are None ("" for text fields)."""
+    tags, params, m = run.data.tags, run.data.params, run.data.metrics
+    have_heads = "acc_audio" in m and "acc_visual" in m
+    return {
+        "run_id": run.info.run_id, "trial_id": tags.get(TRIAL_TAG, ""), "run_name": run.info.run_name,
+        "status": run.info.status,
+        # A run whose params lack the method (logged by hand) still names it in avtune's run tag.
+        "method": params.get(METHOD_PARAM, tags.get(METHOD_TAG, "")),
+        "alpha": number(params.get("method.alpha")), "window": _window(params),
+        "fusion": params.get(FUSION_PARAM, ""), "seed": params.get(SEED_PARAM, ""),
+        # `epoch` is logged as the last epoch's index, so a run that logged nothing has 0 epochs.
+        "epochs": int(m["epoch"]) + 1 if "epoch" in m else 0,
+        **{k: m.get(k) for k in ROW_METRICS},
+        "gap_av": m["acc_audio"] - m["acc_visual"] if have_heads else None,
+        "shapley_audio": m.get("shapley_audio"), "shapley_visual": m.get("shapley_visual"),
+    }

@@ -1,0 +1,179 @@
+"""Every registered method through the Ray-free engine, in-process, on generated mp4 clips: per-epoch
+metrics, the checkpoint state through torch.save / torch.load(weights_only=True), and a resume that
+continues exactly where an undisturbed run goes. Ray Train runs the same `fit` (tests/test_training.py)."""
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.engine import fit
+from workers.methods import get_method, method_names
+from workers.specs import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Per-method settings small enough for seconds per run; every registered method must be listed.
+METHOD_SETTINGS = {
+    "normal": {},
+    "ogm": {"alpha": 0.5, "modulation_ends": 2},
+    "ogm_ge": {"alpha": 0.5, "modulation_ends": 2},
+    "gblend": {"mode": "online", "estimate_epochs": 1, "estimate_window_epochs": 1},
+    "audio_only": {},
+    "visual_only": {},
+    "avslowfast": {"config": "tiny"},
+    "avid": {"config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16},
+    "cma": {"config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16},
+}
+# Keys that hold wall-clock time, not results.
+TIMING_KEYS = {"epoch_seconds", "train_seconds"}
+
+
+def engine_spec(root: Path, cache: Path, name: str, epochs: int = 2):
+    frames = 4 if name == "avslowfast" else 2
+    return load_spec({
+        "name": "engine",
+        "data": {"source": "dataset", "root": str(root), "cache_dir": str(cache),
+                 "decode": {"num_frames": frames, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": name, **METHOD_SETTINGS[name]},
+        "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+    })
+
+
+class Recorder:
+    """`report` for the engine: keeps each epoch's metrics and its checkpoint state as bytes, the way
+    a checkpoint leaves the process (torch.save), loaded back with weights_only=True."""
+
+    def __init__(self):
+        self.metrics: list[dict[str, float]] = []
+        self.states: list[bytes] = []
+
+    def __call__(self, metrics, state):
+        self.metrics.append(metrics)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.states.append(buffer.getvalue())
+
+    def state(self, epoch: int):
+        return torch.load(io.BytesIO(self.states[epoch]), map_location="cpu", weights_only=True)
+
+
+def results(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def test_every_registered_method_has_engine_settings():
+    assert set(method_names()) == set(METHOD_SETTINGS)
+
+
+@pytest.mark.parametrize("name", list(METHOD_SETTINGS))
+def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tmp_path, name):
+    cls = get_method(name)
+    straight = Recorder()
+    history = fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3), report=straight)
+    assert [m["epoch"] for m in straight.metrics] == [0.0, 1.0, 2.0]
+    assert history == straight.metrics
+    for metrics in straight.metrics:
+        expected = {"acc", "loss_train", "lr", "best_acc", "best_epoch"}
+        expected |= {"acc_audio", "acc_visual", "gap_av"} if cls.modality is None else set()
+        expected |= {"shapley_audio", "shapley_visual"} if cls.modality is None and not cls.self_supervised else set()
+        expected |= {"k_audio", "k_visual", "ratio_av", "modulation_active"} if "alpha" in cls.label_fields else set()
+        expected |= {"gblend_w_audio", "gblend_w_visual", "gblend_w_joint"} if name == "gblend" else set()
+        assert expected <= set(metrics), expected - set(metrics)
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert 0.0 <= metrics["acc"] <= 1.0
+    # Held-out test numbers come once, at the end, for classifiers; self-supervised methods have none.
+    assert ("test_acc" in straight.metrics[-1]) == (not cls.self_supervised)
+    assert not any(k.startswith("test_") for m in straight.metrics[:-1] for k in m)
+
+    state = straight.state(0)
+    assert state["epoch"] == 0 and state["history"] == straight.metrics[:1]
+    assert state["num_classes"] == 3 and len(state["class_names"]) == 3
+    resumed = Recorder()
+    fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3), report=resumed, load_state=lambda: state)
+    assert [m["epoch"] for m in resumed.metrics] == [1.0, 2.0]
+    # Same model, optimiser, method state and RNG streams: the same numbers as the undisturbed run.
+    assert [results(m) for m in resumed.metrics] == [results(m) for m in straight.metrics[1:]]
+
+
+def test_ogm_modulation_window_and_coefficients_follow_the_spec(synth_dataset, tmp_path):
+    recorder = Recorder()
+    spec = engine_spec(synth_dataset, tmp_path / "cache", "ogm_ge", epochs=3)
+    spec = spec.model_copy(update={"method": spec.method.model_copy(update={"modulation_starts": 1, "modulation_ends": 2})})
+    fit(spec, report=recorder)
+    assert [m["modulation_active"] for m in recorder.metrics] == [0.0, 1.0, 0.0]
+    for m in recorder.metrics:
+        # One modality is damped (k < 1), the other keeps k = 1 (official main.py's rule).
+        assert min(m["k_audio"], m["k_visual"]) < 1.0 or m["ratio_av"] == pytest.approx(1.0)
+
+
+def test_given_gblend_weights_are_normalised_and_used(synth_dataset, tmp_path):
+    recorder = Recorder()
+    spec = engine_spec(synth_dataset, tmp_path / "cache", "gblend")
+    spec = spec.model_copy(update={"method": get_method("gblend").Section(
+        mode="offline", weights={"audio": 1, "visual": 1, "joint": 2})})
+    fit(spec, report=recorder)
+    for m in recorder.metrics:
+        assert (m["gblend_w_audio"], m["gblend_w_visual"], m["gblend_w_joint"]) == pytest.approx((0.25, 0.25, 0.5))
+
+
+def test_spec_import_loads_neither_torch_nor_pyav():
+    code = ("import sys, workers.specs, orchestrator.specs; "
+            "loaded = [m for m in ('torch', 'av', 'ray') if m in sys.modules]; print(loaded)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_engine_has_no_branch_on_a_method_name():
+    source = (REPO / "workers" / "engine.py").read_text() + (REPO / "workers" / "train_loop.py").read_text()
+    for name in method_names():
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+
+
+def readme_example_method() -> str:
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- example-method: begin -->", 1)[1].split("<!-- example-method: end -->", 1)[0]
+    return block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+
+
+def test_readme_example_method(synth_dataset, tmp_path):
+    """README's "Adding a method" file, run as written: registered by one file, its loss by hand,
+    two epochs through the engine, and its name accepted wherever the spec names methods."""
+    (tmp_path / "unimodal_aux.py").write_text(readme_example_method())
+    code = f"""
+import math, sys, torch
+sys.path.insert(0, {str(tmp_path)!r})
+import unimodal_aux  # one file: registering it is all a method needs
+from models import AVOutput
+from workers.engine import Batch, Runtime, fit
+from workers.specs import load_spec
+
+spec = load_spec({{
+    "data": {{"source": "dataset", "root": {str(synth_dataset)!r}, "cache_dir": {str(tmp_path / 'cache')!r},
+             "decode": {{"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}}}},
+    "model": {{"width": 8}}, "method": {{"name": "unimodal_aux", "aux_weight": 0.5}},
+    "train": {{"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001}},
+    "search": {{"compare": ["normal", "unimodal_aux"], "space": {{"method.aux_weight": {{"grid": [0.5, 1.0]}}}}}},
+}})
+method = unimodal_aux.UnimodalAux(spec, Runtime())
+method.setup(None, {{}})
+# Hand-computed: two classes, one clip of label 0. CE(z, 0) = log(1 + e^(z1 - z0)).
+out = AVOutput(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+batch = Batch(None, None, torch.tensor([0]), None)
+sums = {{"loss_train_audio": 0.0, "loss_train_visual": 0.0}}
+expected = math.log(1 + math.exp(-2)) + 0.5 * (math.log(2) + math.log(1 + math.e))
+got = method.loss(out, batch, sums).item()
+assert abs(got - expected) < 1e-6, (got, expected)
+history = fit(spec.model_copy(update={{"search": None}}), report=lambda metrics, state: None)
+assert [h["epoch"] for h in history] == [0.0, 1.0]
+assert all("loss_train_audio" in h and "acc_visual" in h for h in history)
+print("ok", round(expected, 6))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Training-step cost: the avtune loop under Ray Train (1 worker) vs a bare PyTorch loop on the same
-model, data and batch; OGM-GE vs normal; MLflow logging as a share of an epoch.
+"""Training-step cost: the avtune engine under Ray Train (1 worker) and in-process vs a bare PyTorch loop
+on the same model, data and batch; OGM-GE vs normal; MLflow logging as a share of an epoch.
 
     .venv/bin/python benchmarks/train_step.py [--epochs 6] [--clips-per-class 80] [--rounds 3] [--cpus 1 2]
 
@@ -9,9 +9,10 @@ epoch dropped as warm-up, median over the rest. Bare and avtune runs alternate i
 the ratios are taken within a round, then the median over rounds, so a slow spell on the machine
 hits both sides of a ratio.
 
-The bare loop also runs OGM-GE (the same `models` functions, no Ray): OGM-GE's own extra work, above
-all the Gaussian noise it draws for every conv weight each step, is part of the method, not of
-avtune, so `ogm_ge vs normal` is reported for both loops. Each setting of `cpus_per_worker` (torch
+The engine (`workers.engine.fit`, the code every Train worker runs) also runs in-process, without
+Ray: OGM-GE's own extra work, above all the Gaussian noise it draws for every conv weight each step,
+is part of the method, not of Ray or the engine, so `ogm_ge vs normal` is reported in-process and
+under Ray Train. Each setting of `cpus_per_worker` (torch
 threads of the worker, and of the bare loop) is measured: on a 2-core machine, 2 threads leave no
 core for Ray's own processes. Prints a table and writes benchmarks/results/train_step.json.
 """
@@ -35,21 +36,16 @@ TARGETS = {"avtune_vs_bare": 1.10, "ogm_ge_vs_normal": 1.05, "mlflow_share_of_ep
 
 
 def bare_loop_step_seconds(spec, epochs: int) -> float:
-    """The same model, loader and optimiser, no Ray, no metrics: seconds per step.
+    """The same model, loader and optimiser in a plain PyTorch loop (normal training, no metrics):
+    seconds per step."""
+    from workers.engine import Runtime, build_datasets, build_optimizer, seed_everything
+    from workers.methods import get_method
 
-    For `ogm_ge` the step adds exactly what the method needs (Peng et al. official main.py order):
-    scores, coefficients, then modulation with GE noise before `optimizer.step()`.
-    """
-    from models import modality_scores, modulate_gradients, ogm_coefficients_from_scores
-    from workers.train_loop import build_datasets, build_model, build_optimizer, seed_everything
-
-    data = spec.model_dump(mode="json")
-    ogm = spec.method.name == "ogm_ge"
     torch.set_num_threads(int(spec.scaling.cpus_per_worker))
     seed_everything(spec.train.seed)
-    train = build_datasets(data)["train"]
-    model = build_model(data, train.num_classes)
-    opt = build_optimizer(data, model.parameters())
+    train = build_datasets(spec)["train"]
+    model = get_method(spec.method.name)(spec, Runtime()).build_model(train.num_classes)
+    opt = build_optimizer(spec, model.parameters())
     loader = DataLoader(train, batch_size=spec.train.batch_size, shuffle=True, drop_last=len(train) > spec.train.batch_size)
     per_epoch = []
     for epoch in range(epochs):
@@ -57,17 +53,19 @@ def bare_loop_step_seconds(spec, epochs: int) -> float:
         start, steps = time.perf_counter(), 0
         for audio, visual, labels, _ in loader:
             opt.zero_grad(set_to_none=True)
-            out = model(audio, visual)
-            F.cross_entropy(out.logits, labels).backward()
-            if ogm:
-                s_a, s_v = modality_scores(out.logits_audio, out.logits_visual, labels)
-                coeffs = ogm_coefficients_from_scores(s_a, s_v, spec.method.alpha)
-                modulate_gradients(model.audio_encoder, model.visual_encoder, coeffs, gaussian_enhance=True,
-                                   generator=torch.Generator().manual_seed(epoch * 100_003 + steps))
+            F.cross_entropy(model(audio, visual).logits, labels).backward()
             opt.step()
             steps += 1
         per_epoch.append((time.perf_counter() - start) / steps)
     return statistics.median(per_epoch[1:])
+
+
+def engine_step_seconds(spec) -> float:
+    """`workers.engine.fit` in this process, no Ray: seconds per step of its training span."""
+    from workers.engine import fit
+
+    history = fit(spec, report=lambda metrics, state: None)
+    return statistics.median(h["train_seconds"] for h in history[1:]) / len_train_steps(spec)
 
 
 def avtune_step_seconds(spec) -> tuple[float, float, object]:
@@ -83,9 +81,9 @@ def avtune_step_seconds(spec) -> tuple[float, float, object]:
 
 
 def len_train_steps(spec) -> int:
-    from workers.train_loop import build_datasets
+    from workers.engine import build_datasets
 
-    n = len(build_datasets(spec.model_dump(mode="json"))["train"])
+    n = len(build_datasets(spec)["train"])
     b = spec.train.batch_size
     return n // b if n > b else 1
 
@@ -134,8 +132,9 @@ def main() -> None:
         rounds = []
         for _ in range(args.rounds):
             r = {}
+            r["bare_normal"] = bare_loop_step_seconds(specs["normal"], args.epochs)
             for m, spec in specs.items():
-                r[f"bare_{m}"] = bare_loop_step_seconds(spec, args.epochs)
+                r[f"engine_{m}"] = engine_step_seconds(spec)
                 r[f"avtune_{m}"], epoch_s, result = avtune_step_seconds(spec)
                 if m == "normal":
                     r["epoch_s"] = epoch_s
@@ -146,9 +145,9 @@ def main() -> None:
             "rounds": rounds,
             **{k: med(lambda r, k=k: r[k]) for k in rounds[0]},
             "avtune_vs_bare_normal": med(lambda r: r["avtune_normal"] / r["bare_normal"]),
-            "avtune_vs_bare_ogm_ge": med(lambda r: r["avtune_ogm_ge"] / r["bare_ogm_ge"]),
+            "engine_vs_bare_normal": med(lambda r: r["engine_normal"] / r["bare_normal"]),
             "ogm_ge_vs_normal_avtune": med(lambda r: r["avtune_ogm_ge"] / r["avtune_normal"]),
-            "ogm_ge_vs_normal_bare": med(lambda r: r["bare_ogm_ge"] / r["bare_normal"]),
+            "ogm_ge_vs_normal_engine": med(lambda r: r["engine_ogm_ge"] / r["engine_normal"]),
         }
         if log_share is None:
             metrics = {k: float(v) for k, v in last.history.iloc[-1].items() if v == v}
@@ -162,11 +161,12 @@ def main() -> None:
     for cpus, s in settings.items():
         print(f"-- cpus_per_worker={cpus} (torch threads), median of {args.rounds} rounds")
         row("bare loop normal, s/step", s["bare_normal"])
+        row("engine in-process normal, s/step", s["engine_normal"])
         row("avtune under Ray Train normal, s/step", s["avtune_normal"])
-        row("  avtune / bare (normal)", s["avtune_vs_bare_normal"], TARGETS["avtune_vs_bare"])
-        row("  avtune / bare (ogm_ge)", s["avtune_vs_bare_ogm_ge"], TARGETS["avtune_vs_bare"])
-        row("  ogm_ge / normal, avtune", s["ogm_ge_vs_normal_avtune"], TARGETS["ogm_ge_vs_normal"])
-        row("  ogm_ge / normal, bare loop (the method's own cost)", s["ogm_ge_vs_normal_bare"])
+        row("  avtune under Ray Train / bare (normal)", s["avtune_vs_bare_normal"], TARGETS["avtune_vs_bare"])
+        row("  engine in-process / bare (normal)", s["engine_vs_bare_normal"], TARGETS["avtune_vs_bare"])
+        row("  ogm_ge / normal, under Ray Train", s["ogm_ge_vs_normal_avtune"], TARGETS["ogm_ge_vs_normal"])
+        row("  ogm_ge / normal, engine in-process (the method's own cost)", s["ogm_ge_vs_normal_engine"])
     row("MLflow per-epoch logging, s", log_share["mlflow_log_s"])
     row("  share of a median epoch", log_share["mlflow_share_of_epoch"], TARGETS["mlflow_share_of_epoch"])
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from orchestrator.training import (
     build_trainer,
     connect_ray,
     ensure_data,
-    log_final_artifacts,
+    finish_train_run,
     run_name_for,
     start_mlflow_run,
 )
@@ -249,10 +249,7 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
                                 [logger, TuneReportCallback(), ControllerHandle(mailbox)])
         result = trainer.fit()
         _TRAIN_RUN.pop("mailbox", None)
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = log_final_artifacts(client, run_id, ckpt_dir)
-        if not logger.reconcile(state["history"]):
-            raise RuntimeError(f"tracking server {tracking_uri} unreachable: some epochs could not be logged")
+        finish_train_run(client, run_id, logger, result)
     except BaseException as err:
         if _STOPPED_BY_TUNE.is_set():
             return  # aborted on purpose; ChildRunStatus marks the run KILLED on the driver
@@ -260,7 +257,6 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
         raise
     finally:
         _TRAIN_RUN.pop("mailbox", None)
-    finish_run(client, run_id)
 
 
 class ChildRunStatus(tune.Callback):

@@ -143,6 +143,20 @@ def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) 
     return state
 
 
+def finish_train_run(client: MlflowClient, run_id: str, logger: MlflowEpochLogger, result) -> dict[str, Any]:
+    """After a Train run's `fit()` returned: its final artifacts, every epoch in MLflow (the
+    checkpoint's history fills what the controller-side logger could not log), the run FINISHED.
+    Shared by a single training and a sweep trial. Returns the final checkpoint's state."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = log_final_artifacts(client, run_id, ckpt_dir)
+    if not logger.reconcile(state["history"]):
+        raise RuntimeError(f"tracking server {logger.tracking_uri} unreachable: some epochs could not be logged")
+    finish_run(client, run_id)
+    return state
+
+
 def _poll_progress(client: MlflowClient, run_id: str, on_epoch: Callable[[dict[str, float]], None], stop: threading.Event) -> None:
     seen: set[int] = set()
     while True:
@@ -186,12 +200,7 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
         connect_ray(address)
         trainer = build_trainer(spec, f"{spec.name}-{run_id[:12]}", [logger])
         result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError("training finished without a checkpoint")
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = log_final_artifacts(client, run_id, ckpt_dir)
-        if not logger.reconcile(state["history"]):
-            raise RuntimeError(f"tracking server {tracking_uri} unreachable: some epochs could not be logged")
+        state = finish_train_run(client, run_id, logger, result)
     except BaseException as err:
         stop.set()
         finish_run(client, run_id, err)
@@ -200,7 +209,6 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
         stop.set()
         if poller is not None:
             poller.join(timeout=10)
-    finish_run(client, run_id)
     history = pd.DataFrame(state["history"]).set_index("epoch")
     history.index = history.index.astype(int)
     return TrainingResult(

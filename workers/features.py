@@ -80,6 +80,24 @@ def _mel_transform(
     )
 
 
+@lru_cache(maxsize=16)
+def _mel_parts(
+    sample_rate_hz: int, n_fft: int, win_length: int, hop_length: int, n_mels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The STFT window zero-padded to ``n_fft`` and the mel filterbank ``(n_fft // 2 + 1, n_mels)``
+    of :func:`_mel_transform`.
+
+    ``torch.stft`` centres a window shorter than ``n_fft`` in zeros on every call; padded once
+    here (the same zeros, the same placement), the frames it multiplies are the same.
+    """
+    transform = _mel_transform(sample_rate_hz, n_fft, win_length, hop_length, n_mels)
+    window = transform.spectrogram.window
+    padded = torch.zeros(n_fft, dtype=window.dtype)
+    left = (n_fft - win_length) // 2
+    padded[left : left + win_length] = window
+    return padded, transform.mel_scale.fb
+
+
 def log_mel(
     waveform: torch.Tensor,
     sample_rate_hz: int,
@@ -117,10 +135,26 @@ def log_mel(
         n_fft = 1 << (win_length - 1).bit_length()
     if n_fft < win_length:
         raise ValueError(f"n_fft={n_fft} is shorter than the window ({win_length} samples)")
-    transform = _mel_transform(sample_rate_hz, n_fft, win_length, hop_length, n_mels)
+    window, filterbank = _mel_parts(sample_rate_hz, n_fft, win_length, hop_length, n_mels)
     with torch.no_grad():
-        mel = transform(waveform)  # (n_mels, 1 + N // hop)
-    features = torch.log(torch.clamp(mel, min=LOG_MEL_FLOOR)).transpose(0, 1)
+        # _mel_transform(...)(waveform) without the module calls: the same torch.stft, |.|^2 and
+        # filterbank product torchaudio's Spectrogram and MelScale run, in the same order and
+        # memory layout, so the values are identical.
+        spec = torch.stft(
+            waveform,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=n_fft,
+            window=window,
+            center=True,
+            pad_mode="reflect",
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )  # (n_fft // 2 + 1, 1 + N // hop)
+        power = spec.abs().pow_(2.0)
+        mel = torch.matmul(power.transpose(0, 1), filterbank)  # (1 + N // hop, n_mels)
+        features = mel.clamp_(min=LOG_MEL_FLOOR).log_()  # mel is a fresh tensor: in place
     if num_frames is None:
         num_frames = log_mel_num_frames(waveform.shape[0], hop_length)
     return _fit_frames(features, num_frames).unsqueeze(0).contiguous()

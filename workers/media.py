@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import av
 import av.error
@@ -80,10 +81,11 @@ def _check_file(path: Path) -> bytes:
     """Check that ``path`` is a readable, non-empty, complete file; return its first 16 bytes.
 
     "Complete" is checked where the container declares its own size: the RIFF header of a WAV and
-    the top-level box sizes of an MP4/MOV. One open serves the header read and that check.
+    the top-level box sizes of an MP4/MOV. One unbuffered descriptor serves the header read and
+    that check (positioned reads of 16 bytes, no Python file object).
     """
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         raise BadMediaError(path, "file not found") from None
     except PermissionError:
@@ -95,9 +97,12 @@ def _check_file(path: Path) -> bytes:
     if st.st_size == 0:
         raise BadMediaError(path, "file is empty (0 bytes)")
     try:
-        with open(path, "rb") as handle:
-            header = handle.read(16)
-            problem = _truncation_problem(handle, _container_kind(header), header, st.st_size)
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            header = _read_at(fd, 0, 16)
+            problem = _truncation_problem(fd, _container_kind(header), header, st.st_size)
+        finally:
+            os.close(fd)
     except PermissionError:
         raise BadMediaError(path, "permission denied") from None
     except OSError as err:
@@ -107,11 +112,34 @@ def _check_file(path: Path) -> bytes:
     return header
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
+def _read_at(fd: int, offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+    if hasattr(os, "pread"):
+        data = os.pread(fd, size, offset)
+        while len(data) < size:  # a short read before the end of the file: read on
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - platforms without pread (Windows)
+    data = b""
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 # Fragmented MP4s can have many top-level boxes; past this many the walk stops checking.
 _MAX_MP4_BOXES = 100_000
 
 
-def _truncation_problem(handle: BinaryIO, kind: str | None, header: bytes, size: int) -> str | None:
+def _truncation_problem(fd: int, kind: str | None, header: bytes, size: int) -> str | None:
     """Detect a file cut short from the sizes its container declares (MP4 boxes, RIFF header)."""
     if kind == "WAV" and header[8:12] == b"WAVE":
         riff_size = int.from_bytes(header[4:8], "little")
@@ -130,8 +158,7 @@ def _truncation_problem(handle: BinaryIO, kind: str | None, header: bytes, size:
         if offset >= size:
             return None
         if offset:
-            handle.seek(offset)
-            head = handle.read(16)
+            head = _read_at(fd, offset, 16)
         if len(head) < 8:
             return f"truncated MP4 file ({size - offset} stray bytes after the last box)"
         box_size = int.from_bytes(head[:4], "big")
@@ -157,8 +184,32 @@ def _ffmpeg_message(err: BaseException) -> str:
     return str(getattr(err, "strerror", None) or err).strip()
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _demuxer_for(kind: str | None, header: bytes) -> str | None:
+    """The FFmpeg demuxer probing picks for a file whose signature is unambiguous, else ``None``."""
+    if kind == "MP4/MOV":
+        return "mov"  # ISO base media boxes: FFmpeg's "mov,mp4,m4a,3gp,3g2,mj2" demuxer
+    if kind == "WAV" and header[8:12] == b"WAVE":
+        return "wav"
+    return None
+
+
+def _open(path: Path, *, known_format: bool = False) -> av.container.InputContainer:
+    """Check ``path`` and open it for reading.
+
+    ``known_format``: open MP4/MOV and WAV files with the demuxer their signature names instead of
+    letting FFmpeg probe every demuxer for the format (the header read by :func:`_check_file`
+    already identifies it). A file the named demuxer rejects is opened again with probing, so
+    errors are reported as before. The container's ``format.name`` is then the short name
+    ("mov"), so :func:`probe_media` does not use this.
+    """
     header = _check_file(path)
+    if known_format:
+        demuxer = _demuxer_for(_container_kind(header), header)
+        if demuxer is not None:
+            try:
+                return av.open(str(path), mode="r", format=demuxer)
+            except Exception:  # noqa: BLE001 - probe and report below
+                pass
     try:
         return av.open(str(path), mode="r")
     except PermissionError:
@@ -243,12 +294,15 @@ class _AudioCollector:
     Channels are resampled separately and then averaged, the mono mix librosa's
     ``load(mono=True)`` gives (used by the OGM-GE loaders); FFmpeg's own stereo-to-mono matrix
     would scale each channel by 1/sqrt(2) instead.
+
+    Samples go straight into the zero-initialised output (the zero padding of a short clip), read
+    from the resampled frames' planes without intermediate arrays.
     """
 
     def __init__(self, rate: int, target: int) -> None:
         self.resampler = av.AudioResampler(format="fltp", layout=None, rate=rate)
         self.target = target
-        self.chunks: list[np.ndarray] = []
+        self.samples = np.zeros(target, dtype=np.float32)
         self.count = 0
 
     @property
@@ -257,19 +311,26 @@ class _AudioCollector:
 
     def add(self, frame: av.AudioFrame | None) -> None:
         for out in self.resampler.resample(frame):
-            planes = out.to_ndarray()  # (channels, n)
-            chunk = planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
-            self.chunks.append(chunk)
-            self.count += chunk.shape[0]
+            # The resampler's output is planar float32 ("fltp"), one plane per channel: the
+            # arrays AudioFrame.to_ndarray() would stack, read in place.
+            n = out.samples
+            planes = out.planes
+            if len(planes) == 1:
+                chunk = np.frombuffer(planes[0], dtype=np.float32, count=n)
+            else:
+                chunk = np.vstack(
+                    [np.frombuffer(plane, dtype=np.float32, count=n) for plane in planes]
+                ).mean(axis=0, dtype=np.float32)
+            room = self.target - self.count
+            if room > 0:
+                if n <= room:
+                    self.samples[self.count : self.count + n] = chunk
+                else:
+                    self.samples[self.count :] = chunk[:room]
+            self.count += n
 
     def waveform(self) -> torch.Tensor:
-        if self.chunks:
-            samples = np.concatenate(self.chunks)[: self.target]
-        else:
-            samples = np.zeros(0, dtype=np.float32)
-        out = np.zeros(self.target, dtype=np.float32)
-        out[: samples.shape[0]] = samples  # zero-pad a short clip at the end
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.samples)  # zero-padded at the end when the clip is short
 
 
 def _single_threaded(stream: av.stream.Stream) -> None:
@@ -293,12 +354,8 @@ def _time_scale(stream: av.stream.Stream) -> float:
     return float(stream.time_base) if stream.time_base is not None else 0.0
 
 
-def _tick_seconds(value: int | None, scale: float) -> float | None:
-    return None if value is None else value * scale
-
-
 def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
-    container = _open(path)
+    container = _open(path, known_format=True)
     try:
         if not container.streams.audio:
             raise BadMediaError(path, "no audio stream")
@@ -317,16 +374,24 @@ def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
         raise BadMediaError(path, "audio stream has no decodable samples")
 
 
+_reformatters = threading.local()
+
+
 def _new_reformatter() -> VideoReformatter:
-    return VideoReformatter()
+    """This thread's reformatter: its swscale context is reused across frames and clips (swscale
+    rebuilds it when the source or target format changes)."""
+    reformatter = getattr(_reformatters, "reformatter", None)
+    if reformatter is None:
+        reformatter = _reformatters.reformatter = VideoReformatter()
+    return reformatter
 
 
 def _frame_to_rgb(
     reformatter: VideoReformatter, frame: av.VideoFrame, height: int, width: int
 ) -> np.ndarray:
-    # One reformatter per clip reuses its swscale context across frames, and threads=1 stops
-    # swscale from starting a thread pool per context (its default, "auto", costs far more than
-    # scaling a few small frames, and more still in a process that has loaded torch).
+    # threads=1 stops swscale from starting a thread pool per context (its default, "auto",
+    # costs far more than scaling a few small frames, and more still in a process that has
+    # loaded torch).
     return reformatter.reformat(
         frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
     ).to_ndarray()
@@ -359,14 +424,14 @@ def decode_clip(
     if not clip_seconds > 0:
         raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
     video_path, audio_path = Path(video_path), Path(audio_path)
-    shared = os.path.abspath(video_path) == os.path.abspath(audio_path)
+    shared = video_path == audio_path or os.path.abspath(video_path) == os.path.abspath(audio_path)
     collector = _AudioCollector(sample_rate_hz, clip_num_samples(clip_seconds, sample_rate_hz))
     if not shared:
         # Check the video file first so a bad video is reported before the audio file is touched.
         _check_file(video_path)
         _decode_audio_only(audio_path, collector)
 
-    container = _open(video_path)
+    container = _open(video_path, known_format=True)
     try:
         if not container.streams.video:
             raise BadMediaError(video_path, "no video stream")
@@ -386,30 +451,40 @@ def decode_clip(
         # decode timestamp passes the window (dts is monotonic and dts <= pts, so no later packet
         # can belong to the window) and the audio window is complete.
         packets: list[av.Packet] = []
+        times: list[float] = []  # presentation times (s) of the kept packets that have one
         frames_in_window = 0
         video_done = False
         streams = [video] if audio is None else [video, audio]
+        add_audio = collector.add
+        target = collector.target
         try:
             for packet in container.demux(*streams):
-                if packet.stream.type == "audio":
-                    if not collector.done:
+                # Demuxed packets carry the container's own stream objects (the end-of-stream
+                # flush packets too), so identity tells the streams apart.
+                if packet.stream is audio:
+                    if collector.count < target:
                         for frame in packet.decode():
-                            collector.add(frame)
+                            add_audio(frame)
                 elif not video_done:
                     if packet.size == 0:  # end-of-stream flush packet
                         continue
-                    dts = _tick_seconds(packet.dts, video_scale)
-                    if dts is not None and dts >= window_end:
+                    dts = packet.dts
+                    if dts is not None and dts * video_scale >= window_end:
                         video_done = True
                         continue
                     packets.append(packet)
-                    pts = _tick_seconds(packet.pts, video_scale)
-                    if pts is None or pts < window_end:
+                    pts = packet.pts
+                    if pts is None:
                         frames_in_window += 1
-                if video_done and (audio is None or collector.done):
+                    else:
+                        pts_seconds = pts * video_scale
+                        times.append(pts_seconds)
+                        if pts_seconds < window_end:
+                            frames_in_window += 1
+                if video_done and (audio is None or collector.count >= target):
                     break
             if audio is not None:
-                collector.add(None)
+                add_audio(None)
         except av.error.FFmpegError as err:
             raise BadMediaError(
                 video_path, f"truncated or corrupt stream ({_ffmpeg_message(err)})"
@@ -420,7 +495,7 @@ def decode_clip(
             raise BadMediaError(video_path, "video stream has no frames")
 
         frames = _convert_selected(
-            video_path, video, packets, frames_in_window, num_frames,
+            video_path, video, video_scale, packets, frames_in_window, num_frames,
             window_end, frame_height, frame_width,
         )
         if frames is None:
@@ -432,26 +507,26 @@ def decode_clip(
         declared = _seconds(video.duration, video.time_base)
         if declared is None and container.duration is not None:
             declared = container.duration / av.time_base
-        _check_coverage(video_path, video, packets, window_start, clip_seconds, declared)
+        _check_coverage(video_path, video, times, window_start, clip_seconds, declared)
     finally:
         container.close()
-    return torch.from_numpy(np.stack(frames)), collector.waveform()
+    return torch.from_numpy(frames), collector.waveform()
 
 
 def _check_coverage(
     path: Path,
     stream: av.stream.Stream,
-    packets: list[av.Packet],
+    times: list[float],
     window_start: float,
     clip_seconds: float,
     declared: float | None,
 ) -> None:
-    """Raise if the demuxed video covers much less than the container's declared duration."""
+    """Raise if the demuxed video covers much less than the container's declared duration.
+
+    ``times``: presentation times in seconds of the demuxed video packets that have one.
+    """
     if declared is None or declared <= 0:
         return
-    scale = _time_scale(stream)
-    times = [_tick_seconds(p.pts, scale) for p in packets]
-    times = [t for t in times if t is not None]
     if not times:
         return
     rate = stream.average_rate or stream.guessed_rate
@@ -469,57 +544,61 @@ def _check_coverage(
 def _convert_selected(
     path: Path,
     stream: av.stream.Stream,
+    scale: float,
     packets: list[av.Packet],
     frames_in_window: int,
     num_frames: int,
     window_end: float,
     height: int,
     width: int,
-) -> list[np.ndarray] | None:
+) -> np.ndarray | None:
     """Decode ``packets`` in order, converting only the uniformly chosen frames.
 
-    Returns ``None`` when the decoder yields fewer in-window frames than expected.
+    ``scale``: seconds per timestamp tick of ``stream``. Returns uint8
+    ``(num_frames, height, width, 3)``, or ``None`` when the decoder yields fewer
+    in-window frames than expected.
     """
     wanted = uniform_frame_indices(frames_in_window, num_frames)
     last_wanted = wanted[-1]
+    wanted_set = set(wanted)
     reformatter = _new_reformatter()
-    scale = _time_scale(stream)
     by_index: dict[int, np.ndarray] = {}
     position = 0
+    decode = stream.codec_context.decode
 
-    def take(frame: av.VideoFrame) -> bool:
-        nonlocal position
-        if frame.pts is not None and frame.pts * scale >= window_end:
-            return False
-        if position in wanted:
-            by_index[position] = _frame_to_rgb(reformatter, frame, height, width)
-        position += 1
-        return position > last_wanted
+    def decoded():
+        for packet in packets:
+            yield from decode(packet)
+        yield from decode(None)  # drain reordered frames
 
     try:
-        finished = False
-        for packet in packets:
-            for frame in stream.codec_context.decode(packet):
-                if take(frame):
-                    finished = True
-                    break
-            if finished:
+        for frame in decoded():
+            pts = frame.pts
+            if pts is not None and pts * scale >= window_end:
+                continue
+            if position in wanted_set:
+                by_index[position] = _frame_to_rgb(reformatter, frame, height, width)
+            position += 1
+            if position > last_wanted:
                 break
-        if not finished:
-            for frame in stream.codec_context.decode(None):  # drain reordered frames
-                if take(frame):
-                    break
     except av.error.FFmpegError as err:
         raise BadMediaError(path, f"truncated or corrupt video stream ({_ffmpeg_message(err)})") from None
-    if any(index not in by_index for index in wanted):
+    if len(by_index) != len(wanted_set):
         return None
-    return [by_index[index] for index in wanted]
+    return _stack([by_index[index] for index in wanted], height, width)
+
+
+def _stack(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = frame
+    return out
 
 
 def _decode_all_then_select(
     path: Path, num_frames: int, window_end: float, height: int, width: int
-) -> list[np.ndarray]:
-    container = _open(path)
+) -> np.ndarray:
+    container = _open(path, known_format=True)
     try:
         stream = container.streams.video[0]
         _single_threaded(stream)
@@ -536,10 +615,14 @@ def _decode_all_then_select(
     if not kept:
         raise BadMediaError(path, "video stream has no decodable frames")
     reformatter = _new_reformatter()
-    return [
-        _frame_to_rgb(reformatter, kept[i], height, width)
-        for i in uniform_frame_indices(len(kept), num_frames)
-    ]
+    return _stack(
+        [
+            _frame_to_rgb(reformatter, kept[i], height, width)
+            for i in uniform_frame_indices(len(kept), num_frames)
+        ],
+        height,
+        width,
+    )
 
 
 def clip_num_samples(clip_seconds: float, sample_rate_hz: int) -> int:

@@ -390,15 +390,16 @@ def small_spec(synth_dataset, tmp_path) -> dict:
     }
 
 
-def test_resume_from_a_damaged_checkpoint_fails_naming_the_file(ray_local, small_spec, tmp_path):
+def test_damaged_checkpoint_fails_the_run_naming_the_file_and_the_repaired_run_resumes(ray_local, small_spec, tmp_path):
     first = run_training(load_spec(small_spec))
     state_file = Path(first.checkpoint_path) / CHECKPOINT_FILE
     client = MlflowClient(first.tracking_uri)
     longer = load_spec(merge(small_spec, {"train": {"epochs": 2}}))
+    good = state_file.read_bytes()
 
-    # Truncated on disk (the storage, not the loop, lost its tail): never trained from silently.
-    data = state_file.read_bytes()
-    state_file.write_bytes(data[: len(data) // 2])
+    # Truncated on disk (the storage, not the loop, lost its tail): never trained from silently; the
+    # training raises, and its run is FAILED with the error text, which names the file.
+    state_file.write_bytes(good[: len(good) // 2])
     with pytest.raises(Exception) as failure:
         run_training(longer, resume_run_id=first.run_id)
     run = client.get_run(first.run_id)
@@ -415,4 +416,12 @@ def test_resume_from_a_damaged_checkpoint_fails_naming_the_file(ray_local, small
         load_checkpoint_state(state_file.parent)
     assert str(state_file) in str(failure.value)
     assert not marker.exists()
-    assert logged_steps(client, first.run_id) == Counter([0])
+
+    # Nothing logged or checkpointed was lost: with the file repaired, the same run resumes from
+    # epoch 0's checkpoint, continues the epoch count and finishes.
+    state_file.write_bytes(good)
+    resumed = run_training(longer, resume_run_id=first.run_id)
+    assert resumed.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert logged_steps(client, first.run_id) == Counter([0, 1])
+    assert list(resumed.history.index) == [0, 1]

@@ -1,22 +1,18 @@
 """End to end on real parts: spec -> Ray Train (local Ray) -> MLflow (SQLite), on generated mp4 clips.
 
-One Ray Train run per wiring concern: logging, params and artifacts (through the CLI), 2-worker DDP,
-resume, a failing run. Every method's training itself is tested in-process through the same engine
-(tests/test_engine.py)."""
+One Ray Train run per wiring concern: here logging, params and artifacts of a 2-worker DDP run
+through the CLI; resume and a failing run in tests/test_faults.py. Every method's training itself is
+tested in-process through the same engine (tests/test_engine.py)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import load_spec, run_training
+from orchestrator import load_spec
 from orchestrator.specs import SpecError
 
 pytestmark = pytest.mark.slow
-
-OGM_GE = {"method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 1}}
-
 
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
@@ -53,43 +49,6 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-def test_two_workers_ddp_logs_each_epoch_once(ray_local, base_spec):
-    # OGM-GE: its scores are all-reduced and its noise seeded alike on both ranks (workers/methods/ogm.py).
-    spec = load_spec(merge(base_spec, {**OGM_GE, "scaling": {"num_workers": 2, "cpus_per_worker": 1}}))
-    result = run_training(spec)
-    client = MlflowClient(result.tracking_uri)
-    assert client.get_run(result.run_id).info.status == "FINISHED"
-    for key in ("acc", "acc_audio", "acc_visual", "k_audio"):
-        assert epochs_logged(client, result.run_id, key) == [0, 1], key
-
-
-def test_resume_continues_the_epoch_count(ray_local, base_spec):
-    first = run_training(load_spec(base_spec))
-    spec = load_spec(merge(base_spec, {"train": {"epochs": 4}}))
-    second = run_training(spec, resume_run_id=first.run_id)
-    client = MlflowClient(second.tracking_uri)
-    assert second.run_id == first.run_id
-    assert epochs_logged(client, first.run_id) == [0, 1, 2, 3]
-    assert list(second.history.index) == [0, 1, 2, 3]
-
-
-def test_training_error_marks_the_run_failed(ray_local, base_spec, synth_dataset, tmp_path):
-    bad_root = tmp_path / "bad"
-    import shutil
-
-    shutil.copytree(synth_dataset, bad_root)
-    first_clip = sorted((bad_root / "clips").rglob("*.mp4"))[0]
-    first_clip.write_bytes(b"not a video at all")
-    spec = load_spec(merge(base_spec, {"data": {"root": str(bad_root), "cache_dir": str(tmp_path / "c2")}}))
-    with pytest.raises(Exception):
-        run_training(spec)
-    client = MlflowClient(f"sqlite:///{Path(spec.storage.runs_dir).resolve() / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("t")
-    runs = client.search_runs([exp.experiment_id])
-    assert runs and runs[0].info.status == "FAILED"
-    assert first_clip.name in runs[0].data.tags["error"]
-
-
 def test_spec_error_names_the_field(base_spec):
     with pytest.raises(SpecError, match=r"model\.fusion"):
         load_spec(merge(base_spec, {"model": {"fusion": "average"}}))
@@ -97,7 +56,9 @@ def test_spec_error_names_the_field(base_spec):
 
 def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
     """`avtune train SPEC --set ...` trains and prints the per-epoch table; `avtune runs` reads it back
-    from MLflow; a bad `--set` is refused naming the field, before anything starts."""
+    from MLflow; a bad `--set` is refused naming the field, before anything starts. The run is OGM-GE
+    on 2 DDP workers: its scores are all-reduced and its noise seeded alike on both ranks
+    (workers/methods/ogm.py), and every epoch reaches MLflow once."""
     import yaml
     from typer.testing import CliRunner
 
@@ -108,13 +69,15 @@ def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["train", str(spec_file), "--set", "model.fusion=average"])
     assert bad.exit_code == 2 and "model.fusion" in bad.output, bad.output
-    res = runner.invoke(app, ["train", str(spec_file), "--set", "method.name=ogm_ge", "--set", "method.alpha=0.3"])
+    res = runner.invoke(app, ["train", str(spec_file), "--set", "method.name=ogm_ge", "--set", "method.alpha=0.3",
+                              "--set", "scaling.num_workers=2"])
     assert res.exit_code == 0, res.output
     assert "acc_audio" in res.output and "k_audio" in res.output and "checkpoint:" in res.output
     run_id = res.output.split(" run ")[-1].split()[0]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.alpha"] == "0.3"
+    assert run.data.params["scaling.num_workers"] == "2"
     assert run.data.params["method.name"] == run.data.tags["avtune.method"] == "ogm_ge"
     for key in ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "ratio_av", "shapley_audio"):
         assert epochs_logged(client, run_id, key) == [0, 1], key

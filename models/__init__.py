@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .av_classifier import (
+    PROBE_HEAD_FUSIONS,
     AVClassifier,
     UnimodalClassifier,
     build_av_classifier,

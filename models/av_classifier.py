@@ -13,6 +13,10 @@ from .encoders import build_audio_encoder, build_visual_encoder
 from .fusion import ConcatFusion, SumFusion, build_fusion
 from .outputs import AVOutput
 
+# Fusions whose fused classifier has no per-modality logits: the model adds detached linear probe heads
+# (their scores, not the official per-modality logits, then feed OGM's coefficients).
+PROBE_HEAD_FUSIONS = ("film", "gated")
+
 __all__ = [
     "AVClassifier",
     "UnimodalClassifier",
@@ -62,7 +66,7 @@ class AVClassifier(nn.Module):
         self.visual_encoder = visual_encoder
         self.fusion_name = fusion_name
         self.fusion = build_fusion(fusion_name, audio_encoder.out_dim, visual_encoder.out_dim, num_classes)
-        self.has_probe_heads = fusion_name in ("film", "gated")
+        self.has_probe_heads = fusion_name in PROBE_HEAD_FUSIONS
         if self.has_probe_heads:
             self.probe_audio = nn.Linear(audio_encoder.out_dim, num_classes)
             self.probe_visual = nn.Linear(visual_encoder.out_dim, num_classes)

@@ -7,10 +7,12 @@ Three pathways:
 * **Audio**: a log-mel spectrogram ``(B, 1, T_a, F)``, ``width // audio_beta_inv`` channels, 2-D convs
   over (time, frequency).
 
-At every *junction* (after the stem and after every residual stage except the last; SlowFast's
+At a *junction* (after the stem and after every residual stage except the last; SlowFast's
 pool1/res2/res3/res4) the Fast pathway is fused into the Slow one by a time-strided conv and a
 channel concat (``FuseFastToSlow``), and the Audio pathway is fused into that result by a sum
-("A->FS" fusion, the paper's default). The three pooled pathways are concatenated into one linear
+("A->FS" fusion, the paper's default). Which junctions fuse is part of the configuration: the
+paper's AVSlowFast R50 fuses only at the last two (official ``FS_FUSION = AFS_FUSION = [False, False,
+True, True]``); the CPU-sized ``tiny`` configuration fuses at both of its two. The three pooled pathways are concatenated into one linear
 classifier.
 
 DropPathway (paper Sec. 3.3): during training, with probability ``drop_pathway_rate`` the Audio
@@ -31,8 +33,12 @@ Sources followed (read, not copied):
   DROPPATHWAY_RATE`` once per forward, shared by all junctions) and its ``slowfast/config/defaults.py``
   (``SLOWFAST.DROPPATHWAY_RATE = 0.8``, constant: there is no schedule over epochs;
   ``AU_BETA_INV = 2``, ``AU_FUSION_CONV_CHANNEL_RATIO = 0.125``, ``AU_FUSION_KERNEL_SZ = 5``,
-  ``AU_FUSION_CONV_NUM = 2``, ``AU_REDUCE_TF_DIM = True``, ``FS_FUSION = AFS_FUSION = [True] * 4``,
-  ``AUDIO_FRAME_NUM = 128``, ``AUDIO_MEL_NUM = 40``);
+  ``AU_FUSION_CONV_NUM = 2``, ``AU_REDUCE_TF_DIM = True``; the model's own configs
+  ``configs/Kinetics/AVSLOWFAST_8x8_R50.yaml`` / ``AVSLOWFAST_4x16_R50.yaml`` override
+  ``FS_FUSION = AFS_FUSION = [False, False, True, True]``, ``AU_FUSION_CONV_CHANNEL_MODE: ByDim``,
+  ``AU_FUSION_CONV_CHANNEL_DIM: 64``, ``AUDIO_FRAME_NUM: 128``, ``AUDIO_MEL_NUM: 80``; those are the
+  ``paper`` configuration here (read from fanyix/SlowFast, the code behind facebookresearch/SlowFast
+  PR #219);
 * facebookresearch/pytorchvideo ``pytorchvideo/models/audio_visual_slowfast.py``
   (``create_audio_visual_slowfast``, ``AudioToSlowFastFusionBuilder``, ``FuseAudioToFastSlow``), the
   API peer. Structural correspondence: our ``visual_encoder.slow_stem``/``fast_stem`` and
@@ -62,7 +68,8 @@ Deliberate differences, each small:
   pooled features (not in the paper): they measure each pathway without training it.
 * The audio-visual synchronisation (AVS) auxiliary loss of the paper is not implemented.
 * DropPathway draws from torch's RNG (or a passed generator) rather than Python's ``random``.
-* The A->FS intermediate width is ``max(1, int(C_a * 0.125))`` so that the tiny config keeps a channel.
+* In ``ByRatio`` mode (the ``tiny`` config) the A->FS intermediate width is ``max(1, int(C_a * 0.125))``
+  so that the tiny config keeps a channel; the paper config uses ``ByDim`` 64 as the official one.
 """
 
 from __future__ import annotations
@@ -165,8 +172,13 @@ class AVSlowFastConfig:
             (1x3) time / frequency convs (pytorchvideo ``create_acoustic_bottleneck_block``).
         slow_temporal_kernels: temporal kernel of the Slow stem and of each stage's first conv.
         fast_temporal_kernels: the same for the Fast pathway.
-        audio_fusion: per junction (after stem, after each stage but the last), whether A->FS fusion
-            is used (official ``AFS_FUSION``).
+        fast_fusion: per junction (before each stage: after the stem, then after each stage but the
+            last; SlowFast's pool1 / res2 / res3 / res4), whether the Fast->Slow lateral is used
+            (official ``FS_FUSION``).
+        audio_fusion: per junction, whether the Audio->(Fast, Slow) lateral is used (``AFS_FUSION``).
+        audio_fusion_channel_dim: intermediate width of the A->FS convs (official
+            ``AU_FUSION_CONV_CHANNEL_MODE: ByDim`` with ``AU_FUSION_CONV_CHANNEL_DIM``); ``None``: the
+            ``ByRatio`` mode, ``audio channels * audio_fusion_channel_ratio``.
         num_frames: default Fast-pathway clip length (documentation and ``example_inputs``).
         audio_frames: default log-mel time frames.
         audio_mel_bins: default log-mel frequency bins.
@@ -187,7 +199,9 @@ class AVSlowFastConfig:
     audio_separable_stages: int
     slow_temporal_kernels: tuple[int, ...]
     fast_temporal_kernels: tuple[int, ...]
+    fast_fusion: tuple[bool, ...]
     audio_fusion: tuple[bool, ...]
+    audio_fusion_channel_dim: int | None
     num_frames: int
     audio_frames: int
     audio_mel_bins: int
@@ -220,8 +234,11 @@ class AVSlowFastConfig:
                 raise ValueError(f"{name} needs {n + 1} odd kernels (stem + {n} stages), got {kernels!r}")
         if self.fusion_kernel % 2 == 0 or self.audio_fusion_kernel % 2 == 0:
             raise ValueError("fusion_kernel and audio_fusion_kernel must be odd (centred 'same' padding)")
-        if len(self.audio_fusion) != n:
-            raise ValueError(f"audio_fusion needs {n} flags (one per junction), got {self.audio_fusion!r}")
+        for name in ("fast_fusion", "audio_fusion"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs {n} flags (one per junction), got {getattr(self, name)!r}")
+        if self.audio_fusion_channel_dim is not None and self.audio_fusion_channel_dim < 1:
+            raise ValueError(f"audio_fusion_channel_dim must be >= 1 or None, got {self.audio_fusion_channel_dim!r}")
         if not 0.0 < self.audio_fusion_channel_ratio <= 1.0:
             raise ValueError(f"audio_fusion_channel_ratio must be in (0, 1], got {self.audio_fusion_channel_ratio!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -247,16 +264,23 @@ AVSLOWFAST_CONFIGS: dict[str, AVSlowFastConfig] = {
         audio_separable_stages=2,
         slow_temporal_kernels=(1, 1, 1),
         fast_temporal_kernels=(5, 3, 3),
+        # Both junctions of the 2-stage miniature fuse: with the paper's late-only pattern mapped onto
+        # 2 stages, the Slow pathway would see the Fast and Audio laterals at one junction only.
+        fast_fusion=(True, True),
         audio_fusion=(True, True),
+        audio_fusion_channel_dim=None,
         num_frames=8,
         audio_frames=64,
         audio_mel_bins=40,
         crop_size=64,
         dropout_rate=0.5,
     ),
-    # AVSlowFast R50 8x8 (SLOWFAST_8x8_R50.yaml + the AVSlowFast defaults in slowfast/config/defaults.py):
-    # ResNet-50 depths, alpha 4, beta_inv 8, fusion kernel 7, audio beta_inv 2, A->FS fusion at all four
-    # junctions, 128x40 log-mel, temporal kernels of _TEMPORAL_KERNEL_BASIS["avslowfast"].
+    # AVSlowFast R50 8x8, configs/Kinetics/AVSLOWFAST_8x8_R50.yaml (and _4x16_, which sets the same
+    # fusion): ResNet-50 depths, alpha 4, beta_inv 8, fusion kernel 7, audio beta_inv 2;
+    # FS_FUSION = AFS_FUSION = [False, False, True, True]: Fast->Slow and Audio->(Fast, Slow) laterals
+    # only before res4 and res5 (after res3 and res4); AU_FUSION_CONV_CHANNEL_MODE ByDim with
+    # AU_FUSION_CONV_CHANNEL_DIM 64; AUDIO_FRAME_NUM 128, AUDIO_MEL_NUM 80; temporal kernels of
+    # _TEMPORAL_KERNEL_BASIS["avslowfast"].
     "paper": AVSlowFastConfig(
         stage_depths=(3, 4, 6, 3),
         width=64,
@@ -265,16 +289,18 @@ AVSLOWFAST_CONFIGS: dict[str, AVSlowFastConfig] = {
         fusion_conv_channel_ratio=2,
         fusion_kernel=7,
         audio_beta_inv=2,
-        audio_fusion_channel_ratio=0.125,
+        audio_fusion_channel_ratio=0.25,
         audio_fusion_kernel=5,
         audio_fusion_conv_num=2,
         audio_separable_stages=2,
         slow_temporal_kernels=(1, 1, 1, 3, 3),
         fast_temporal_kernels=(5, 3, 3, 3, 3),
-        audio_fusion=(True, True, True, True),
+        fast_fusion=(False, False, True, True),
+        audio_fusion=(False, False, True, True),
+        audio_fusion_channel_dim=64,
         num_frames=32,
         audio_frames=128,
-        audio_mel_bins=40,
+        audio_mel_bins=80,
         crop_size=224,
         dropout_rate=0.5,
     ),
@@ -415,11 +441,12 @@ class _AudioToVisual(nn.Module):
     Shapes: audio (B, C_a, T_a, F) -> (B, dim_out, T_slow, 1, 1), broadcast-added over (H, W).
     """
 
-    def __init__(self, dim_audio: int, dim_out: int, channel_ratio: float, kernel: int, num_convs: int) -> None:
+    def __init__(self, dim_audio: int, dim_out: int, channel_ratio: float, kernel: int, num_convs: int,
+                 channel_dim: int | None = None) -> None:
         super().__init__()
-        # ByRatio intermediate width (official int(dim_in_a * 0.125)); at least one channel so tiny
-        # configurations stay valid.
-        interm = max(1, int(dim_audio * channel_ratio))
+        # Official FuseAV: ByDim -> AU_FUSION_CONV_CHANNEL_DIM; ByRatio -> int(dim_in_a * ratio), here at
+        # least one channel so tiny configurations stay valid.
+        interm = channel_dim if channel_dim is not None else max(1, int(dim_audio * channel_ratio))
         self.kernel = kernel
         convs, norms = [], []
         cur = dim_audio
@@ -515,12 +542,15 @@ class AVSlowFast(nn.Module):
         fast_to_slow, audio_to_visual = nn.ModuleList(), nn.ModuleList()
         for i, depth in enumerate(c.stage_depths):
             # Junction i sits before stage i (after the stem, or after stage i - 1).
-            lateral_dim = fast_dim * c.fusion_conv_channel_ratio
-            fast_to_slow.append(_FastToSlow(fast_dim, c.fusion_conv_channel_ratio, c.fusion_kernel, c.alpha))
+            # A junction without a lateral leaves that pathway's Slow input as it is (official
+            # `width_per_group // out_dim_ratio if FS_FUSION[i] else 0` extra channels).
+            lateral_dim = fast_dim * c.fusion_conv_channel_ratio if c.fast_fusion[i] else 0
+            fast_to_slow.append(_FastToSlow(fast_dim, c.fusion_conv_channel_ratio, c.fusion_kernel, c.alpha)
+                                if c.fast_fusion[i] else nn.Identity())
             fused_slow = slow_dim + lateral_dim
             audio_to_visual.append(
                 _AudioToVisual(audio_dim, fused_slow, c.audio_fusion_channel_ratio, c.audio_fusion_kernel,
-                               c.audio_fusion_conv_num)
+                               c.audio_fusion_conv_num, c.audio_fusion_channel_dim)
                 if c.audio_fusion[i] else nn.Identity()
             )
             stride = 1 if i == 0 else 2
@@ -589,7 +619,8 @@ class AVSlowFast(nn.Module):
         aud = self.audio_encoder["stem"](audio)
         keep = self.drop_pathway.sample_keep()  # one draw per iteration, shared by all junctions
         for i in range(len(self.config.stage_depths)):
-            slow = torch.cat([slow, self.visual_encoder["fast_to_slow"][i](fast)], dim=1)
+            if self.config.fast_fusion[i]:
+                slow = torch.cat([slow, self.visual_encoder["fast_to_slow"][i](fast)], dim=1)
             if self.config.audio_fusion[i]:
                 a2v = self.audio_to_visual[i](aud, slow.shape[2])
                 # DropPathway: "sum zero tensors with the visual pathways"; the multiply keeps the
@@ -637,6 +668,7 @@ def build_avslowfast(
     drop_pathway_rate: float = PAPER_DROP_PATHWAY_RATE,
     dropout_rate: float | None = None,
     generator: torch.Generator | None = None,
+    fusion_junctions: tuple[bool, ...] | None = None,
 ) -> AVSlowFast:
     """Build an :class:`AVSlowFast` network.
 
@@ -646,11 +678,21 @@ def build_avslowfast(
         drop_pathway_rate: DropPathway probability; 0.8 is the official default (constant over training).
         dropout_rate: dropout before the joint classifier; ``None`` keeps the config's 0.5.
         generator: optional CPU generator for DropPathway draws.
+        fusion_junctions: per junction (one per stage), whether both the Fast->Slow and the
+            Audio->(Fast, Slow) laterals are used; ``None`` keeps the config's (paper: official
+            ``[False, False, True, True]``).
     """
     if config not in AVSLOWFAST_CONFIGS:
         raise ValueError(f"config: unknown AVSlowFast config {config!r}; choose one of {sorted(AVSLOWFAST_CONFIGS)}")
     rate = drop_pathway_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate):
         raise ValueError(f"drop_pathway_rate must be a number in [0, 1], got {drop_pathway_rate!r}")
-    return AVSlowFast(AVSLOWFAST_CONFIGS[config], num_classes, drop_pathway_rate=float(drop_pathway_rate),
+    chosen = AVSLOWFAST_CONFIGS[config]
+    if fusion_junctions is not None:
+        flags = tuple(bool(f) for f in fusion_junctions)
+        if len(flags) != len(chosen.stage_depths):
+            raise ValueError(f"fusion_junctions: the {config} config has {len(chosen.stage_depths)} junctions, "
+                             f"got {len(flags)} flags")
+        chosen = replace(chosen, fast_fusion=flags, audio_fusion=flags)
+    return AVSlowFast(chosen, num_classes, drop_pathway_rate=float(drop_pathway_rate),
                       dropout_rate=dropout_rate, generator=generator)

@@ -109,7 +109,7 @@ def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | Non
         for values in itertools.product(*(method_dims[k].grid for k in keys)):
             entry = {**start, **dict(zip(keys, values)), "name": name}
             if gblend_weights is not None and cls.needs_estimation(cls.Section.model_validate(entry)):
-                entry["weights"] = gblend_weights
+                entry.update(weights=gblend_weights, weights_source="estimation_stage")
             methods.append(entry)
     # Deduplicate identical dicts (e.g. an OGM with no searched fields listed twice).
     unique = {json.dumps(m, sort_keys=True): m for m in methods}
@@ -129,6 +129,7 @@ def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | N
             space[path] = tune_domain(dim)
         if gblend_weights is not None:
             space["method.weights"] = gblend_weights
+            space["method.weights_source"] = "estimation_stage"
     return space
 
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.specs import ExperimentSpec, dump_spec_yaml, flatten
+from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
 from orchestrator.tracking import (
     MlflowEpochLogger,
     finish_run,
@@ -89,7 +89,8 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, spec.storage.runs_dir)
     run = client.create_run(experiment_id, run_name=run_name or run_name_for(spec), tags={**run_tags(spec), **(tags or {})})
     run_id = run.info.run_id
-    log_params_batched(client, run_id, flatten(spec.model_dump(mode="json")))
+    log_params_batched(client, run_id, {**flatten(spec.model_dump(mode="json")),
+                                        **get_method(spec.method.name).run_params(spec)})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
         client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))
@@ -182,6 +183,11 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
     `resume_run_id` continues an interrupted run: the same MLflow run and the same Ray run
     name, so Ray Train restarts from the latest checkpoint and the logger skips logged epochs.
     """
+    if get_method(spec.method.name).needs_estimation(spec.method):
+        # Checked before anything is generated or logged: a single run has no estimation stage.
+        raise SpecError(f"method.weights: {spec.method.name} with weights 'estimate' needs the estimation stage "
+                        "that `avtune sweep` runs first (a spec with a search section, e.g. search: {compare: "
+                        "[gblend]}); for a single training give method.weights {audio, visual, joint} or 'uniform'")
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)

@@ -207,16 +207,67 @@ def test_paper_config_structure_and_shapes():
     torch.manual_seed(0)
     model = build_avslowfast(400, config="paper").eval()
     assert (model.slow_dim, model.fast_dim, model.audio_dim) == (2048, 256, 1024)
-    # The visual part is SlowFast R50 8x8: pytorchvideo docs/source/model_zoo.md lists 34.57 M
-    # parameters for it with a 400-way classifier on the 2048 + 256 pooled channels.
-    visual_params = sum(p.numel() for p in model.visual_encoder.parameters()) + (2048 + 256) * 400 + 400
-    assert abs(visual_params / 1e6 - 34.57) < 0.005
-    # A->FS fusion at all four junctions (official AFS_FUSION default), widths = fused Slow widths.
-    assert [m.convs[-1].out_channels for m in model.audio_to_visual] == [64 + 16, 256 + 64, 512 + 128, 1024 + 256]
-    # The configured log-mel (128 x 40) and 32 frames, on a small crop to stay fast.
+    # The configured log-mel (128 x 80) and 32 frames, on a small crop to stay fast.
     audio, visual = model.example_inputs(batch_size=1, crop_size=64)
-    assert audio.shape == (1, 1, 128, 40) and visual.shape[2] == 32
+    assert audio.shape == (1, 1, 128, 80) and visual.shape[2] == 32
     with torch.no_grad():
         out = model(audio, visual)
     assert out.logits.shape == out.logits_audio.shape == out.logits_visual.shape == (1, 400)
     assert torch.isfinite(out.logits).all()
+
+
+def junction_laterals(model) -> list[tuple[bool, bool]]:
+    """(Fast->Slow lateral, Audio->(Fast, Slow) lateral) present at each junction."""
+    f2s, a2v = model.visual_encoder["fast_to_slow"], model.audio_to_visual
+    return [(not isinstance(f, torch.nn.Identity), not isinstance(a, torch.nn.Identity)) for f, a in zip(f2s, a2v)]
+
+
+def test_paper_config_fuses_where_the_official_configs_fuse():
+    """configs/Kinetics/AVSLOWFAST_8x8_R50.yaml (and _4x16_): FS_FUSION = AFS_FUSION = [False, False,
+    True, True], AU_FUSION_CONV_CHANNEL_MODE ByDim, AU_FUSION_CONV_CHANNEL_DIM 64."""
+    model = build_avslowfast(400, config="paper")
+    assert junction_laterals(model) == [(False, False), (False, False), (True, True), (True, True)]
+    # No lateral before res2 / res3: those stages take the Slow pathway's own width.
+    slow_stages = model.visual_encoder["slow_stages"]
+    assert [stage[0].conv_a.in_channels for stage in slow_stages] == [64, 256, 512 + 64 * 2, 1024 + 128 * 2]
+    # The A->FS laterals: ByDim 64 intermediate channels, then the fused Slow width.
+    for junction, fused in ((2, 512 + 128), (3, 1024 + 256)):
+        convs = model.audio_to_visual[junction].convs
+        assert [(c.in_channels, c.out_channels) for c in convs] == [(model_audio_width(junction), 64), (64, fused)]
+    # Fewer laterals, fewer parameters than SlowFast R50's fusion at all four junctions (34.57 M with a
+    # 400-way head, pytorchvideo model_zoo): the same network with every junction fused has exactly that.
+    everywhere = build_avslowfast(400, config="paper", fusion_junctions=(True, True, True, True))
+    visual = sum(p.numel() for p in everywhere.visual_encoder.parameters()) + (2048 + 256) * 400 + 400
+    assert abs(visual / 1e6 - 34.57) < 0.005
+    assert sum(p.numel() for p in model.visual_encoder.parameters()) < sum(
+        p.numel() for p in everywhere.visual_encoder.parameters())
+
+
+def model_audio_width(junction: int) -> int:
+    """Audio pathway channels entering junction i of the paper config: stem 32, then res_i outputs."""
+    return 32 if junction == 0 else 64 * 4 * 2 ** (junction - 1) // 2
+
+
+def test_fusion_junctions_override_and_tiny_default():
+    assert junction_laterals(build_avslowfast(3, config="tiny")) == [(True, True), (True, True)]
+    late = build_avslowfast(3, config="tiny", fusion_junctions=(False, True))
+    assert junction_laterals(late) == [(False, False), (True, True)]
+    audio, visual = late.example_inputs(batch_size=2)
+    assert late(audio, visual).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="2 junctions"):
+        build_avslowfast(3, config="tiny", fusion_junctions=(True, True, True))
+
+
+def test_spec_field_reaches_the_model_and_names_its_junction_count():
+    from orchestrator.specs import SpecError, load_spec
+    from workers.methods import get_method
+    from workers.methods.avslowfast import JUNCTIONS
+
+    assert JUNCTIONS == {name: len(cfg.stage_depths) for name, cfg in AVSLOWFAST_CONFIGS.items()}
+    spec = load_spec({"method": {"name": "avslowfast", "fusion_junctions": [False, True]},
+                      "data": {"decode": {"num_frames": 8}}})
+    model = get_method("avslowfast")(spec, None).build_model(num_classes=3)
+    assert junction_laterals(model) == [(False, False), (True, True)]
+    with pytest.raises(SpecError, match=r"method\.fusion_junctions: the paper config has 4 junctions"):
+        load_spec({"method": {"name": "avslowfast", "config": "paper", "fusion_junctions": [True, True]},
+                   "data": {"decode": {"num_frames": 8}}})

@@ -177,3 +177,10 @@ print("ok", round(expected, 6))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def test_run_params_are_declared_so_the_report_never_groups_by_them():
+    for name in method_names():
+        spec = engine_spec(Path("/nonexistent"), Path("/nonexistent"), name)
+        cls = get_method(name)
+        assert set(cls.run_params(spec)) <= set(cls.run_param_keys), name

@@ -138,3 +138,52 @@ def test_gblend_joint_head_sees_audio_then_visual():
     torch.testing.assert_close(out.logits[:, 0], a.sum(1))
     torch.testing.assert_close(out.logits[:, 1], v.sum(1))
     torch.testing.assert_close(out.logits[:, 2], torch.full((2,), 7.0))
+
+
+# ---- the weights' source: never silently uniform ----------------------------------------------
+
+
+def _gblend_spec(**method):
+    from orchestrator.specs import load_spec
+
+    return load_spec({"method": {"name": "gblend", **method}})
+
+
+@pytest.mark.parametrize("method,source", [
+    ({"weights": "uniform"}, "uniform"),
+    ({"weights": {"audio": 1, "visual": 1, "joint": 2}}, "given"),
+    ({"weights": {"audio": 1, "visual": 1, "joint": 2}, "weights_source": "estimation_stage"}, "estimated"),
+    ({"mode": "online"}, "uniform+online"),
+])
+def test_every_gblend_run_logs_where_its_weights_came_from(method, source):
+    from workers.methods import get_method
+
+    assert get_method("gblend").run_params(_gblend_spec(**method)) == {"gblend_weights_source": source}
+
+
+def test_single_training_refuses_weights_to_estimate_before_anything_runs(tmp_path):
+    from orchestrator.specs import SpecError
+    from orchestrator.training import run_training
+    from workers.engine import Runtime
+    from workers.methods import get_method
+
+    spec = _gblend_spec().model_copy(update={"storage": _gblend_spec().storage.model_copy(update={"runs_dir": tmp_path})})
+    with pytest.raises(SpecError, match=r"method\.weights: gblend with weights 'estimate' needs the estimation stage"):
+        run_training(spec)
+    assert not any(tmp_path.iterdir()), "nothing is generated or logged for a refused spec"
+    # The engine, too, refuses rather than blend with 1/3 each.
+    method = get_method("gblend")(spec, Runtime())
+    with pytest.raises(ValueError, match="needs the estimation stage"):
+        method.setup(None, {})
+
+
+def test_sweep_marks_estimated_weights_in_the_trial_spec():
+    from orchestrator.specs import load_spec
+    from orchestrator.sweep import build_param_space
+
+    spec = load_spec({"method": {"name": "ogm_ge", "modulation_ends": 3}, "train": {"epochs": 3},
+                      "search": {"compare": ["normal", "gblend"]}})
+    (gblend,) = [m for m in build_param_space(spec, {"audio": 0.2, "visual": 0.3, "joint": 0.5})["method"]["grid_search"]
+                 if m["name"] == "gblend"]
+    assert gblend["weights"] == {"audio": 0.2, "visual": 0.3, "joint": 0.5}
+    assert gblend["weights_source"] == "estimation_stage"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,29 @@ def test_modulation_on_av_classifier_after_backward():
         torch.testing.assert_close(p.grad, expected, msg=name)
         scaled += is_visual_conv
     assert scaled > 10  # stem + every (2+1)D conv + downsample convs
+
+
+@pytest.mark.parametrize("name", ["ogm_ge_cremad", "ogm_ge_kinetics_sounds", "ogm_ge_vggsound"])
+def test_paper_specs_modulate_the_official_epochs(name):
+    """Official main.py (HEAD) modulates `modulation_starts <= epoch <= modulation_ends` with its
+    defaults 0 and 50; a paper spec must modulate exactly those epochs of its run."""
+    from orchestrator.specs import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    m = spec.method
+    ours = [e for e in range(spec.train.epochs) if in_modulation_window(e, m.modulation_starts, m.modulation_ends)]
+    official = [e for e in range(spec.train.epochs) if 0 <= e <= 50]
+    assert ours == official
+
+
+@pytest.mark.parametrize("fusion,source", [("sum", "fusion_logits"), ("concat", "fusion_logits"),
+                                           ("film", "probe_heads"), ("gated", "probe_heads")])
+def test_ogm_runs_say_which_scores_they_used(fusion, source):
+    from orchestrator.specs import load_spec
+    from workers.methods import get_method
+
+    spec = load_spec({"method": {"name": "ogm_ge"}, "model": {"fusion": fusion}})
+    assert get_method("ogm_ge").run_params(spec) == {"ogm_scores_from": source}
+    # and the models agree: probe heads exactly where the run says so
+    model = get_method("ogm_ge")(spec, None).build_model(num_classes=3)
+    assert model.has_probe_heads == (source == "probe_heads")

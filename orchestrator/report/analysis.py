@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
-from workers.methods import get_method, unimodal_methods
+from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
 # Per-epoch metrics the report reads (each child logs more; only these are fetched).
@@ -129,7 +129,9 @@ def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
     # Settings that differ between trials (besides the method and the seed) name configurations.
     all_keys = sorted({k for p in params.values() for k in p})
     varying = [k for k in all_keys if len({p.get(k, "") for p in params.values()}) > 1]
-    context_keys = [k for k in varying if not k.startswith("method.") and k != SEED_PARAM]
+    # Methods' derived run params (e.g. OGM's score source) describe a run, they are not settings.
+    derived = run_param_keys()
+    context_keys = [k for k in varying if not k.startswith("method.") and k != SEED_PARAM and k not in derived]
     rows, histories = [], {}
     for run in runs:
         row, p, m = trial_row(run), params[run.info.run_id], run.data.metrics
@@ -450,3 +452,21 @@ def gblend_weights(sweep: SweepData) -> dict[str, float] | None:
         return None
     mean = pd.concat(finals, axis=1).mean(axis=1)
     return {h: float(mean[f"gblend_w_{h}"]) for h in heads}
+
+
+def ogm_scores_note(sweep: SweepData) -> str:
+    """A caption note when the sweep's OGM trials took their modality scores from both kinds of
+    heads: the fused classifier's own per-modality logits (sum / concat, as official OGM-GE) and
+    detached probe heads (FiLM / gated, avtune's extension; run param `ogm_scores_from`)."""
+    kinds = sorted({p.get("ogm_scores_from", "") for p in sweep.params.values()} - {""})
+    if len(kinds) < 2:
+        return ""
+    return ("; note: these OGM trials mix scores from the fusion's own per-modality logits (sum / concat, as "
+            "official OGM-GE) and from detached probe heads (FiLM / gated, avtune's extension): compare "
+            "alpha or window within one fusion")
+
+
+def gblend_weights_source(sweep: SweepData) -> str:
+    """How the sweep's G-Blend trials got their weights (run param `gblend_weights_source`:
+    estimated / given / uniform, "+online" when re-estimated during training); "" without any."""
+    return ", ".join(sorted({p["gblend_weights_source"] for p in sweep.params.values() if "gblend_weights_source" in p}))

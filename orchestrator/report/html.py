@@ -16,8 +16,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from orchestrator.report.analysis import (REPORT_DIR, SUMMARY_FILE, SweepData, config_means, findings, gblend_weights,
-                                          imbalance_summary, load_sweep, log_sweep_imbalance, resolve_sweep,
-                                          utilisation)
+                                          gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
+                                          ogm_scores_note, resolve_sweep, utilisation)
 from orchestrator.report.plots import (plot_ablation, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
                                        plot_shapley, plot_utilisation)
 
@@ -121,6 +121,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
     out.mkdir(parents=True, exist_ok=True)
     weights = gblend_weights(sweep)
+    scores_note = ogm_scores_note(sweep)
     planned = [
         (lambda p: plot_modality_curves(sweep, p), "acc_per_modality.png",
          "acc_audio / acc_visual vs epoch per method, one line per trial; dashed: uni-modal baselines"),
@@ -128,11 +129,12 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch (1 = as good as alone)"),
         (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha (computed every epoch, applied only inside the modulation window)"),
         (lambda p: plot_ablation(table, "alpha", p), "ablation_alpha.png",
-         "final joint and weak-modality accuracy vs alpha (dashed: normal)"),
+         "final joint and weak-modality accuracy vs alpha (dashed: normal)" + scores_note),
         (lambda p: plot_ablation(table, "window", p), "ablation_window.png",
-         "final joint and weak-modality accuracy vs modulation window (dashed: normal)"),
+         "final joint and weak-modality accuracy vs modulation window (dashed: normal)" + scores_note),
         (lambda p: plot_shapley(table, p), "shapley.png", "final Shapley values of joint accuracy per trial"),
-        (lambda p: plot_gblend(weights, p), "gblend_weights.png", "G-Blend loss weights"),
+        (lambda p: plot_gblend(weights, p), "gblend_weights.png",
+         "G-Blend loss weights" + (f" (source: {source})" if (source := gblend_weights_source(sweep)) else "")),
     ]
     figures = []
     for plot, name, caption in planned:

@@ -15,6 +15,7 @@ from workers.methods.base import (
     method_names,
     method_sections,
     register_method,
+    run_param_keys,
     unimodal_methods,
 )
 
@@ -23,4 +24,4 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["Method", "MethodSection", "StrictModel", "get_method", "lazy_module", "method_names", "method_sections",
-           "register_method", "unimodal_methods"]
+           "register_method", "run_param_keys", "unimodal_methods"]

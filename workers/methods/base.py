@@ -70,6 +70,8 @@ class Method:
     label_fields: ClassVar[tuple[str, ...]] = ()
     # True: per-epoch metrics come from linear probes on frozen features, not classifier heads.
     self_supervised: ClassVar[bool] = False
+    # Keys of `run_params`: derived params, which never label a trial's configuration in the report.
+    run_param_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: Any, runtime: Any) -> None:
         self.spec = spec
@@ -91,6 +93,12 @@ class Method:
     def run_label(cls, section: MethodSection) -> list[str]:
         """Short parts of a run name that say which settings of this method ran."""
         return []
+
+    @classmethod
+    def run_params(cls, spec: Any) -> dict[str, str]:
+        """Params logged on the run beside the spec's own: how this method ran where the spec alone
+        does not say (e.g. which scores OGM used), so runs are never compared unknowingly."""
+        return {}
 
     @classmethod
     def spec_problems(cls, spec: Any) -> list[str]:
@@ -168,3 +176,8 @@ def method_sections() -> tuple[type[MethodSection], ...]:
 def unimodal_methods() -> dict[str, str]:
     """modality -> name of its uni-modal baseline method."""
     return {cls.modality: name for name, cls in _REGISTRY.items() if cls.modality}
+
+
+def run_param_keys() -> frozenset[str]:
+    """Every registered method's derived run-param keys (`Method.run_param_keys`)."""
+    return frozenset(k for cls in _REGISTRY.values() for k in cls.run_param_keys)

@@ -34,7 +34,11 @@ class GBlendSection(MethodSection):
 
     name: Literal["gblend"] = "gblend"
     mode: Literal["offline", "online"] = "offline"
-    weights: Literal["estimate", "uniform"] | GBlendWeights = "estimate"
+    weights: Literal["estimate", "uniform"] | GBlendWeights = Field("estimate", description=(
+        "estimate: offline, by the estimation stage `avtune sweep` runs first (a single training refuses "
+        "it); uniform: 1/3 each; or {audio, visual, joint}; online mode starts from these and re-estimates"))
+    weights_source: Literal["spec", "estimation_stage"] = Field("spec", description=(
+        "where explicit weights came from: written in the spec, or filled in by a sweep's estimation stage"))
     estimate_epochs: int = Field(2, ge=1, description="N: epochs before the first measurement")
     estimate_window_epochs: int = Field(2, ge=1, description="n: epochs between the two measurements")
 
@@ -42,10 +46,22 @@ class GBlendSection(MethodSection):
 @register_method
 class GBlend(Method):
     Section = GBlendSection
+    run_param_keys = ("gblend_weights_source",)
 
     @classmethod
     def needs_estimation(cls, section: GBlendSection) -> bool:
         return section.mode == "offline" and section.weights == "estimate"
+
+    @classmethod
+    def run_params(cls, spec) -> dict[str, str]:
+        m = spec.method
+        if isinstance(m.weights, GBlendWeights):
+            source = "estimated" if m.weights_source == "estimation_stage" else "given"
+        else:
+            source = "uniform"  # "uniform", or online "estimate": uniform until the first online estimate
+        if m.mode == "online":
+            source += "+online"
+        return {"gblend_weights_source": source}
 
     def build_model(self, num_classes: int):
         m = self.spec.model
@@ -55,6 +71,10 @@ class GBlend(Method):
     def setup(self, model, datasets) -> None:
         super().setup(model, datasets)
         given = self.config.weights
+        if self.needs_estimation(self.config):
+            # Never train on silently uniform weights when the spec asked for estimated ones.
+            raise ValueError("method.weights: 'estimate' (offline) needs the estimation stage that `avtune sweep` "
+                             "runs first; give weights {audio, visual, joint} or 'uniform', or use mode 'online'")
         if isinstance(given, GBlendWeights):
             total = given.audio + given.visual + given.joint
             self.weights = {h: getattr(given, h) / total for h in HEADS}

@@ -16,12 +16,14 @@ distributed = lazy_module("workers.distributed")
 
 
 class OGMSection(MethodSection):
-    """OGM / OGM-GE. Modulation is active for epochs in [modulation_starts, modulation_ends)."""
+    """OGM / OGM-GE. Modulation is active for the 0-based epochs in [modulation_starts, modulation_ends)."""
 
     name: Literal["ogm", "ogm_ge"] = "ogm_ge"
     alpha: float = Field(0.8, gt=0, le=10)
-    modulation_starts: int = Field(0, ge=0)
-    modulation_ends: int = Field(50, ge=1)
+    modulation_starts: int = Field(0, ge=0, description="first modulated epoch (0-based)")
+    modulation_ends: int = Field(50, ge=1, description=(
+        "first epoch after the window: [starts, ends) is modulated. Official main.py modulates "
+        "starts <= epoch <= ends, so its `--modulation_ends E` is `modulation_ends: E + 1` here"))
 
     @model_validator(mode="after")
     def _window(self) -> "OGMSection":
@@ -40,10 +42,18 @@ class OGM(Normal):
 
     Section = OGMSection
     label_fields = ("alpha", "modulation_starts", "modulation_ends")
+    run_param_keys = ("ogm_scores_from",)
 
     @classmethod
     def run_label(cls, section: OGMSection) -> list[str]:
         return [f"a{section.alpha:g}", f"w{section.modulation_starts}-{section.modulation_ends}"]
+
+    @classmethod
+    def run_params(cls, spec) -> dict[str, str]:
+        # Official OGM-GE scores each modality with its own slice of the fused classifier (sum / concat);
+        # FiLM and gated fusion have none, so avtune scores them with detached probe heads.
+        probes = spec.model.fusion in models.PROBE_HEAD_FUSIONS
+        return {"ogm_scores_from": "probe_heads" if probes else "fusion_logits"}
 
     @classmethod
     def spec_problems(cls, spec) -> list[str]:

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from workers.layouts import LAYOUTS
 from orchestrator.synth import synthesize_dataset
@@ -182,3 +183,17 @@ def shared_sweep(ray_local, synth_dataset, session_mlflow_server, tmp_path_facto
                    "max_concurrent_trials": 2},
     })
     return run_sweep(spec), tmp
+
+
+class RunsCode:
+    """Unpickling this calls os.mkdir(path): stands in for any code a hostile pickle would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> None:
+    torch.save({"model": {}, "epoch": 0, "payload": RunsCode(marker)}, path)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import write_hostile_checkpoint
 from orchestrator import load_spec, run_training
 from orchestrator.sweep import PARENT_TAG, run_sweep
 from orchestrator.synth import synthesize_dataset
@@ -28,7 +29,7 @@ from orchestrator.training import TrainingResult, log_final_artifacts
 from workers.cache import ClipCache, decode_entry
 from workers.datasets import AVClipDataset, DecodeParams
 from workers.engine import fit
-from workers.train_loop import CHECKPOINT_FILE, load_checkpoint_state
+from workers.train_loop import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -319,20 +320,6 @@ def test_sweep_with_a_failing_trial_completes_and_counts_it(ray_local, synth_dat
 # ---- 4. half-written or hostile files on disk ---------------------------------------------
 
 
-class RunsCode:
-    """Unpickling this calls os.mkdir(path): stands in for any code a hostile pickle would run."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.path),))
-
-
-def write_hostile_checkpoint(path: Path, marker: Path) -> None:
-    torch.save({"model": {}, "epoch": 0, "payload": RunsCode(marker)}, path)
-
-
 def test_hostile_pickle_checkpoint_is_refused(tmp_path):
     state_file = tmp_path / "ckpt" / CHECKPOINT_FILE
     state_file.parent.mkdir()
@@ -375,53 +362,3 @@ def test_cache_temp_file_of_a_killed_writer_is_ignored_and_the_entry_rebuilt(syn
     for a, b in zip(rebuilt, reference):
         torch.testing.assert_close(a, b)
     assert entry.is_file() and decode_entry(bytearray(entry.read_bytes()))[1]["frames"].shape == (3, 32, 32, 3)
-
-
-@pytest.fixture()
-def small_spec(synth_dataset, tmp_path) -> dict:
-    return {
-        "name": "resume-faults",
-        "data": {"source": "dataset", "layout": "avtune", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
-                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
-        "model": {"width": 8},
-        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "storage": {"runs_dir": str(tmp_path / "runs")},
-    }
-
-
-def test_damaged_checkpoint_fails_the_run_naming_the_file_and_the_repaired_run_resumes(ray_local, small_spec, tmp_path):
-    first = run_training(load_spec(small_spec))
-    state_file = Path(first.checkpoint_path) / CHECKPOINT_FILE
-    client = MlflowClient(first.tracking_uri)
-    longer = load_spec(merge(small_spec, {"train": {"epochs": 2}}))
-    good = state_file.read_bytes()
-
-    # Truncated on disk (the storage, not the loop, lost its tail): never trained from silently; the
-    # training raises, and its run is FAILED with the error text, which names the file.
-    state_file.write_bytes(good[: len(good) // 2])
-    with pytest.raises(Exception) as failure:
-        run_training(longer, resume_run_id=first.run_id)
-    run = client.get_run(first.run_id)
-    assert run.info.status == "FAILED"
-    assert str(state_file) in run.data.tags["error"], run.data.tags["error"][-2000:]
-    assert str(state_file) in str(failure.value)
-    assert logged_steps(client, first.run_id) == Counter([0])
-
-    # Replaced by a pickle that runs code: refused by the weights_only load the Train worker resumes
-    # with (the same function the failed resume above went through), naming the file.
-    marker = tmp_path / "code-ran"
-    write_hostile_checkpoint(state_file, marker)
-    with pytest.raises(RuntimeError, match="UnpicklingError") as failure:
-        load_checkpoint_state(state_file.parent)
-    assert str(state_file) in str(failure.value)
-    assert not marker.exists()
-
-    # Nothing logged or checkpointed was lost: with the file repaired, the same run resumes from
-    # epoch 0's checkpoint, continues the epoch count and finishes.
-    state_file.write_bytes(good)
-    resumed = run_training(longer, resume_run_id=first.run_id)
-    assert resumed.run_id == first.run_id
-    assert client.get_run(first.run_id).info.status == "FINISHED"
-    assert logged_steps(client, first.run_id) == Counter([0, 1])
-    assert list(resumed.history.index) == [0, 1]

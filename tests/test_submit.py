@@ -128,9 +128,10 @@ def kill_cluster(temp_dir: str, groups: set[int]) -> None:
         time.sleep(1)
 
 
-def test_submit_runs_a_sweep_on_the_cluster_into_the_tracking_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+def test_submit_runs_a_sweep_on_the_cluster_into_the_tracking_server(ray_cluster, session_mlflow_server, tmp_path,
+                                                                      monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster["token"])
-    tracking_uri = mlflow_server.uri
+    tracking_uri = session_mlflow_server.uri
     spec = load_spec({
         "name": "remote",
         "data": {"synth": {"classes": 3, "clips_per_class": 6, "clip_seconds": 0.5, "height": 32, "width": 32},

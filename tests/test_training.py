@@ -5,6 +5,8 @@ through the CLI; resume and a failing run in tests/test_faults.py. Every method'
 tested in-process through the same engine (tests/test_engine.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -54,27 +56,46 @@ def test_spec_error_names_the_field(base_spec):
         load_spec(merge(base_spec, {"model": {"fusion": "average"}}))
 
 
-def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
-    """`avtune train SPEC --set ...` trains and prints the per-epoch table; `avtune runs` reads it back
-    from MLflow; a bad `--set` is refused naming the field, before anything starts. The run is OGM-GE
-    on 2 DDP workers: its scores are all-reduced and its noise seeded alike on both ranks
-    (workers/methods/ogm.py), and every epoch reaches MLflow once."""
+@pytest.fixture(scope="module")
+def cli_run(ray_local, synth_dataset, tmp_path_factory) -> dict:
+    """`avtune train` of OGM-GE on 2 DDP workers, once for this module: its scores are all-reduced and
+    its noise seeded alike on both ranks (workers/methods/ogm.py). A bad `--set` first, refused."""
     import yaml
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
 
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(base_spec))
+    tmp = tmp_path_factory.mktemp("cli_run")
+    spec = {
+        "name": "t",
+        "data": {"source": "dataset", "layout": "avtune", "root": str(synth_dataset), "cache_dir": str(tmp / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"runs_dir": str(tmp / "runs")},
+    }
+    spec_file = tmp / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
     runner = CliRunner()
     bad = runner.invoke(app, ["train", str(spec_file), "--set", "model.fusion=average"])
+    overrides = ["--set", "method.name=ogm_ge", "--set", "method.alpha=0.3", "--set", "scaling.num_workers=2"]
+    res = runner.invoke(app, ["train", str(spec_file), *overrides])
+    return {"tmp": tmp, "spec_file": spec_file, "overrides": overrides, "bad": bad, "res": res, "runner": runner,
+            "client": MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")}
+
+
+def test_cli_train_then_runs(cli_run):
+    """`avtune train SPEC --set ...` trains and prints the per-epoch table; `avtune runs` reads it back
+    from MLflow; a bad `--set` is refused naming the field, before anything starts; every epoch of
+    the 2-worker run reaches MLflow once, with params, tags and artifacts."""
+    from orchestrator.cli import app
+
+    bad, res, client, tmp = cli_run["bad"], cli_run["res"], cli_run["client"], cli_run["tmp"]
     assert bad.exit_code == 2 and "model.fusion" in bad.output, bad.output
-    res = runner.invoke(app, ["train", str(spec_file), "--set", "method.name=ogm_ge", "--set", "method.alpha=0.3",
-                              "--set", "scaling.num_workers=2"])
     assert res.exit_code == 0, res.output
     assert "acc_audio" in res.output and "k_audio" in res.output and "checkpoint:" in res.output
     run_id = res.output.split(" run ")[-1].split()[0]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.alpha"] == "0.3"
     assert run.data.params["scaling.num_workers"] == "2"
@@ -83,5 +104,50 @@ def test_cli_train_then_runs(ray_local, base_spec, tmp_path):
         assert epochs_logged(client, run_id, key) == [0, 1], key
     assert "test_acc" in run.data.metrics
     assert {"spec.yaml", "card.json", "checkpoints/final_model.pt", "checkpoints/best_model.pt"} <= artifact_paths(client, run_id)
-    listed = runner.invoke(app, ["runs", "t", "--runs-dir", str(tmp_path / "runs")])
+    listed = cli_run["runner"].invoke(app, ["runs", "t", "--runs-dir", str(tmp / "runs")])
     assert listed.exit_code == 0 and run_id[:12] in listed.output and "FINISHED" in listed.output, listed.output
+
+
+def test_damaged_checkpoint_fails_the_run_naming_the_file_and_the_repaired_run_resumes(cli_run):
+    """Resume of the 2-worker run above (`run_training(resume_run_id=...)`), from its last checkpoint."""
+    from conftest import write_hostile_checkpoint
+    from orchestrator.specs import load_spec
+    from orchestrator.training import run_training
+    from workers.train_loop import CHECKPOINT_FILE, load_checkpoint_state
+
+    client, tmp = cli_run["client"], cli_run["tmp"]
+    run_id = cli_run["res"].output.split(" run ")[-1].split()[0]
+    checkpoint = cli_run["res"].output.split("checkpoint:")[-1].split()[0]
+    state_file = Path(checkpoint) / CHECKPOINT_FILE
+    overrides = [o for o in cli_run["overrides"] if o != "--set"]
+    longer = load_spec(cli_run["spec_file"], [*overrides, "train.epochs=3"])
+    good = state_file.read_bytes()
+
+    # Truncated on disk (the storage, not the loop, lost its tail): never trained from silently; the
+    # training raises, and its run is FAILED with the error text, which names the file.
+    state_file.write_bytes(good[: len(good) // 2])
+    with pytest.raises(Exception) as failure:
+        run_training(longer, resume_run_id=run_id)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert str(state_file) in run.data.tags["error"], run.data.tags["error"][-2000:]
+    assert str(state_file) in str(failure.value)
+    assert epochs_logged(client, run_id) == [0, 1]
+
+    # Replaced by a pickle that runs code: refused by the weights_only load the Train worker resumes
+    # with (the same function the failed resume above went through), naming the file.
+    marker = tmp / "code-ran"
+    write_hostile_checkpoint(state_file, marker)
+    with pytest.raises(RuntimeError, match="UnpicklingError") as failure:
+        load_checkpoint_state(state_file.parent)
+    assert str(state_file) in str(failure.value)
+    assert not marker.exists()
+
+    # Nothing logged or checkpointed was lost: with the file repaired, the same run resumes from its
+    # last checkpoint, continues the epoch count and finishes.
+    state_file.write_bytes(good)
+    resumed = run_training(longer, resume_run_id=run_id)
+    assert resumed.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert epochs_logged(client, run_id) == [0, 1, 2]
+    assert list(resumed.history.index) == [0, 1, 2]

@@ -184,3 +184,45 @@ def test_run_params_are_declared_so_the_report_never_groups_by_them():
         spec = engine_spec(Path("/nonexistent"), Path("/nonexistent"), name)
         cls = get_method(name)
         assert set(cls.run_params(spec)) <= set(cls.run_param_keys), name
+
+
+def _ddp_rank(rank: int, world_size: int, init_file: str, spec_data: dict, out_dir: str) -> None:
+    """One DDP rank of the engine without Ray: gloo process group, DDP-wrapped model, a
+    DistributedSampler per rank (what ray.train.torch.prepare_model / prepare_data_loader do)."""
+    import json
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from workers.engine import Runtime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+    def shard(loader):
+        sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
+
+    reports = []
+    runtime = Runtime(rank=rank, world_size=world_size, prepare_model=DistributedDataParallel, prepare_data_loader=shard)
+    fit(load_spec(spec_data), report=lambda metrics, state: reports.append(metrics), runtime=runtime)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(reports))
+    dist.destroy_process_group()
+
+
+def test_online_gblend_weights_are_identical_on_every_ddp_rank(synth_dataset, tmp_path):
+    """Each rank trains on its own shard, so its running per-head train losses differ; the engine
+    averages them over ranks before online G-Blend re-estimates, so every rank blends with the same
+    weights (else DDP's averaged gradients mix two different objectives)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    spec_data = engine_spec(synth_dataset, tmp_path / "cache", "gblend", epochs=3).model_dump(mode="json")
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "pg"), spec_data, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    keys = ["gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "loss_train", "loss_train_audio", "loss_train_joint"]
+    for key in keys:
+        assert [m[key] for m in ranks[0]] == [m[key] for m in ranks[1]], key
+    # Re-estimated after epochs 1 and 2 (super-epochs of 1 epoch): not the uniform start any more.
+    assert ranks[0][-1]["gblend_w_joint"] != pytest.approx(1 / 3)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from workers.datasets import AVClipDataset
-from workers.distributed import all_reduce_sum, unwrap
+from workers.distributed import all_reduce_sum, broadcast_buffers, unwrap
 from workers.methods import Method, get_method
 from workers.specs import ExperimentSpec
 
@@ -120,6 +120,21 @@ def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def epoch_means(sums: dict[str, Any], steps: int, device: torch.device, world_size: int) -> dict[str, float]:
+    """Per-step running sums -> means over the epoch and over all ranks (each rank saw its own shard).
+
+    Every rank gets the same numbers, so what a method derives from them (online G-Blend's weights
+    from the per-head train losses) is identical on every DDP rank. One all-reduce and one
+    device->host copy per epoch, not one `.item()` sync per step (a stall per step on CUDA).
+    """
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device).reshape(()) for k in keys])
+    means = all_reduce_sum(stacked / max(steps, 1)) / world_size
+    return dict(zip(keys, means.cpu().tolist()))
+
+
 # ---- the loop ----------------------------------------------------------------------------
 
 
@@ -185,13 +200,11 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
             sums["loss_train"] += loss.detach().float()
             steps += 1
         scheduler.step()
+        broadcast_buffers(raw)  # every rank evaluates the same model rank 0 checkpoints
         train_seconds = time.perf_counter() - started
 
         metrics: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        # One device->host copy per epoch, not one `.item()` sync per step (a stall per step on CUDA).
-        metrics.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
-        # Mean training loss over all ranks: each rank saw a different shard.
-        metrics["loss_train"] = all_reduce_sum(torch.tensor([metrics["loss_train"]])).item() / runtime.world_size
+        metrics.update(epoch_means(sums, steps, device, runtime.world_size))
         metrics.update(method.evaluate(loaders, autocast))
         method.end_epoch(epoch, metrics)
 

@@ -66,7 +66,8 @@ class Method:
     Section: ClassVar[type[MethodSection]]
     # "audio" / "visual" for a uni-modal baseline; None for a joint model.
     modality: ClassVar[str | None] = None
-    # Section fields that label a trial (run names, the report's configurations, `compare` crossing).
+    # Section fields that tell two trials of this method apart in the report (OGM: alpha and the window;
+    # the report treats a method labelled by "alpha" as an OGM variant).
     label_fields: ClassVar[tuple[str, ...]] = ()
     # True: per-epoch metrics come from linear probes on frozen features, not classifier heads.
     self_supervised: ClassVar[bool] = False

@@ -122,37 +122,26 @@ class MlflowServer:
             self.proc.wait(10)
 
 
+def serve(folder: Path):
+    """A started MlflowServer in `folder`, stopped when the fixture that yields from this ends."""
+    server = MlflowServer(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """A fresh tracking server for one test (stop()/start() it to simulate an outage)."""
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def module_mlflow_server(tmp_path_factory):
-    """One tracking server shared by a test module."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def session_mlflow_server(tmp_path_factory):
-    """One tracking server for the whole session (the shared sweep logs into it)."""
-    server = MlflowServer(tmp_path_factory.mktemp("session_mlflow_server"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    """One tracking server for the whole session (the shared sweep and the cluster test log into it)."""
+    yield from serve(tmp_path_factory.mktemp("session_mlflow_server"))
 
 
 SHARED_SWEEP = "shared"

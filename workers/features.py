@@ -80,6 +80,13 @@ def _mel_transform(
     )
 
 
+def _centred_stft(waveform: torch.Tensor, n_fft: int, hop_length: int, window: torch.Tensor) -> torch.Tensor:
+    """Complex one-sided STFT ``(n_fft // 2 + 1, 1 + N // hop)`` with reflect-padded centred frames and a
+    window already ``n_fft`` long (torchaudio's Spectrogram and the OGM-GE spectrogram both frame so)."""
+    return torch.stft(waveform, n_fft=n_fft, hop_length=hop_length, win_length=n_fft, window=window, center=True,
+                      pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+
+
 @lru_cache(maxsize=16)
 def _mel_parts(
     sample_rate_hz: int, n_fft: int, win_length: int, hop_length: int, n_mels: int
@@ -140,18 +147,7 @@ def log_mel(
         # _mel_transform(...)(waveform) without the module calls: the same torch.stft, |.|^2 and
         # filterbank product torchaudio's Spectrogram and MelScale run, in the same order and
         # memory layout, so the values are identical.
-        spec = torch.stft(
-            waveform,
-            n_fft=n_fft,
-            hop_length=hop_length,
-            win_length=n_fft,
-            window=window,
-            center=True,
-            pad_mode="reflect",
-            normalized=False,
-            onesided=True,
-            return_complex=True,
-        )  # (n_fft // 2 + 1, 1 + N // hop)
+        spec = _centred_stft(waveform, n_fft, hop_length, window)  # (n_fft // 2 + 1, 1 + N // hop)
         power = spec.abs().pow_(2.0)
         mel = torch.matmul(power.transpose(0, 1), filterbank)  # (1 + N // hop, n_mels)
         features = mel.clamp_(min=LOG_MEL_FLOOR).log_()  # mel is a fresh tensor: in place
@@ -189,16 +185,7 @@ def spectrogram_ogm(
     clipped = waveform.clamp(-1.0, 1.0)
     window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
     with torch.no_grad():
-        stft = torch.stft(
-            clipped,
-            n_fft=n_fft,
-            hop_length=hop_length,
-            win_length=n_fft,
-            window=window,
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )  # (n_fft // 2 + 1, 1 + N // hop)
+        stft = _centred_stft(clipped, n_fft, hop_length, window)  # (n_fft // 2 + 1, 1 + N // hop)
     features = torch.log(stft.abs() + OGM_LOG_OFFSET).transpose(0, 1)
     if num_frames is None:
         num_frames = stft_num_frames(waveform.shape[0], hop_length)

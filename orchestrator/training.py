@@ -55,17 +55,24 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
-    """Generated data: pick its folder under the runs folder and synthesise it on first use."""
+    """The spec with absolute paths, its generated data synthesised on first use.
+
+    Paths are resolved here, against the caller's working directory, because Tune trials and Train
+    workers run in working directories of their own: a relative `runs` there would put checkpoints
+    under Ray's session folder. Generated data gets its folder under the runs folder.
+    """
+    storage = spec.storage.model_copy(update={"runs_dir": Path(spec.storage.runs_dir).resolve()})
+    data = spec.data.model_copy(update={"cache_dir": Path(spec.data.cache_dir).resolve()} if spec.data.cache_dir else {})
     if spec.data.source != "generated":
-        root = Path(spec.data.root)
+        root = Path(spec.data.root).resolve()
         if not root.is_dir():
-            raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
-        return spec
-    root = Path(spec.data.root) if spec.data.root else Path(spec.storage.runs_dir) / "data" / spec.data.synth.folder_key()
-    root = root.resolve()
-    if not (root / "card.json").exists():
-        synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
-    return spec.model_copy(update={"data": spec.data.model_copy(update={"root": root})})
+            raise FileNotFoundError(f"data.root: dataset folder {spec.data.root} does not exist")
+    else:
+        root = Path(spec.data.root) if spec.data.root else storage.runs_dir / "data" / spec.data.synth.folder_key()
+        root = root.resolve()
+        if not (root / "card.json").exists():
+            synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
+    return spec.model_copy(update={"storage": storage, "data": data.model_copy(update={"root": root})})
 
 
 def run_name_for(spec: ExperimentSpec) -> str:

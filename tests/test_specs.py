@@ -128,3 +128,18 @@ def test_every_experiment_spec_builds_its_model_and_search(path):
     assert sum(p.numel() for p in model.parameters()) > 0
     if spec.search is not None:
         assert build_param_space(spec, {"audio": 0.2, "visual": 0.3, "joint": 0.5})
+
+
+def test_ensure_data_makes_every_path_absolute(tmp_path, monkeypatch, synth_dataset):
+    """Tune trials and Train workers run in working directories of their own: relative paths in a
+    spec would resolve there (checkpoints under Ray's session folder)."""
+    import shutil
+
+    from orchestrator.training import ensure_data
+
+    shutil.copytree(synth_dataset, tmp_path / "clips")
+    monkeypatch.chdir(tmp_path)
+    spec = ensure_data(load_spec({"data": {"source": "dataset", "root": "clips", "cache_dir": "cache"},
+                                  "storage": {"runs_dir": "runs"}}))
+    assert spec.storage.runs_dir == tmp_path / "runs"
+    assert spec.data.root == tmp_path / "clips" and spec.data.cache_dir == tmp_path / "cache"

@@ -3,6 +3,7 @@ and real `mlflow server` processes on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -68,10 +69,26 @@ def ray_local():
     ray.shutdown()
 
 
+# Ports handed out for servers a test starts itself, chosen below the kernel's ephemeral range
+# (32768-60999 here) and above Ray's worker ports (10002-19999): a port picked from the ephemeral range
+# and released can be taken, before our server binds it, by any process binding port 0, e.g. Ray's own
+# gRPC servers starting in the same cluster (seen: the dashboard agent failing with "address already
+# in use", then "No available agent" for every job submission).
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now, on any address, outside the ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*_PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 class MlflowServer:

@@ -261,29 +261,30 @@ def test_cli_report_prints_the_path(shared_sweep):
     assert bad.exit_code == 2 and "nosuch" in bad.output
 
 
-def test_ablation_captions_say_when_ogm_scores_come_from_two_kinds_of_heads(tmp_path):
-    trials = {name: (params, metrics) for name, (params, metrics) in HAND_TRIALS.items()}
-    ogm_params, ogm_metrics = trials["ogm_ge_w01_s0"]
-    trials["ogm_ge_film_s0"] = ({**ogm_params, "model.fusion": "film", "ogm_scores_from": "probe_heads"}, ogm_metrics)
-    for name in ("ogm_ge_w01_s0", "ogm_ge_w02_s0"):
-        params, metrics = trials[name]
-        trials[name] = ({**params, "ogm_scores_from": "fusion_logits"}, metrics)
-    uri = f"sqlite:///{tmp_path / 'mixed.db'}"
-    write_hand_sweep(uri, "mixed", trials)
-    page = html.unescape(build_report("mixed", tracking_uri=uri, out_dir=tmp_path / "mixed").read_text())
-    assert "mix scores from the fusion's own per-modality logits" in page
-    uri = f"sqlite:///{tmp_path / 'one.db'}"
-    write_hand_sweep(uri, "one", HAND_TRIALS)
-    assert "mix scores" not in build_report("one", tracking_uri=uri, out_dir=tmp_path / "one").read_text()
-
-
-def test_derived_run_params_do_not_split_configurations(tmp_path):
-    """OGM runs log `ogm_scores_from`, other runs do not: that must not make a context group."""
+def ogm_trials_logging_their_score_source() -> dict:
+    """HAND_TRIALS with the OGM runs' `ogm_scores_from` param, as the OGM runs of a sweep log it."""
     trials = dict(HAND_TRIALS)
     for name in ("ogm_ge_w01_s0", "ogm_ge_w02_s0"):
         params, metrics = trials[name]
         trials[name] = ({**params, "ogm_scores_from": "fusion_logits"}, metrics)
-    uri = f"sqlite:///{tmp_path / 'derived.db'}"
-    write_hand_sweep(uri, "derived", trials)
-    page = html.unescape(build_report("derived", tracking_uri=uri, out_dir=tmp_path / "derived").read_text())
+    return trials
+
+
+def hand_report_page(tmp_path, experiment: str, trials: dict) -> str:
+    uri = f"sqlite:///{tmp_path / (experiment + '.db')}"
+    write_hand_sweep(uri, experiment, trials)
+    return html.unescape(build_report(experiment, tracking_uri=uri, out_dir=tmp_path / experiment).read_text())
+
+
+def test_ablation_captions_say_when_ogm_scores_come_from_two_kinds_of_heads(tmp_path):
+    trials = ogm_trials_logging_their_score_source()
+    ogm_params, ogm_metrics = trials["ogm_ge_w01_s0"]
+    trials["ogm_ge_film_s0"] = ({**ogm_params, "model.fusion": "film", "ogm_scores_from": "probe_heads"}, ogm_metrics)
+    assert "mix scores from the fusion's own per-modality logits" in hand_report_page(tmp_path, "mixed", trials)
+    assert "mix scores" not in hand_report_page(tmp_path, "one", HAND_TRIALS)
+
+
+def test_derived_run_params_do_not_split_configurations(tmp_path):
+    """OGM runs log `ogm_scores_from`, other runs do not: that must not make a context group."""
+    page = hand_report_page(tmp_path, "derived", ogm_trials_logging_their_score_source())
     assert sentence(page, "dominance").startswith("Audio is the dominant modality")

@@ -35,7 +35,9 @@ from orchestrator.training import (
     build_trainer,
     connect_ray,
     ensure_data,
+    fetch_final_checkpoint,
     finish_train_run,
+    resolve_start_point,
     run_name_for,
     start_mlflow_run,
 )
@@ -89,11 +91,13 @@ def tune_domain(dim: SearchDimension):
     return tune.loguniform(*dim.loguniform)
 
 
-def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | None) -> list[dict[str, Any]]:
+def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | None,
+                    starts: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """The `compare` shorthand: one method section per compared method, each crossed with the grid over
     the `method.*` fields its section has (e.g. every searched alpha and window for OGM variants; a
     normal run has no alpha). A compared method of the spec's own section starts from its fields.
-    Sections that need an estimation stage get the estimated weights."""
+    Sections that need an estimation stage get the estimated weights, those that start from a stage's
+    model (CMA from AVID) get its checkpoint (`starts`, by method name)."""
     search = spec.search
     method_dims = {p.split(".", 1)[1]: d for p, d in search.space.items() if p.startswith("method.")}
     for key, dim in method_dims.items():
@@ -110,17 +114,20 @@ def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | Non
             entry = {**start, **dict(zip(keys, values)), "name": name}
             if gblend_weights is not None and cls.needs_estimation(cls.Section.model_validate(entry)):
                 entry.update(weights=gblend_weights, weights_source="estimation_stage")
+            if starts and name in starts and cls.start_stage(cls.Section.model_validate(entry)) is not None:
+                entry.update(starts[name])
             methods.append(entry)
     # Deduplicate identical dicts (e.g. an OGM with no searched fields listed twice).
     unique = {json.dumps(m, sort_keys=True): m for m in methods}
     return list(unique.values())
 
 
-def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | None = None) -> dict[str, Any]:
+def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | None = None,
+                      starts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     search = spec.search
     space: dict[str, Any] = {}
     if search.compare:
-        space["method"] = tune.grid_search(compare_methods(spec, gblend_weights))
+        space["method"] = tune.grid_search(compare_methods(spec, gblend_weights, starts))
         for path, dim in search.space.items():
             if not path.startswith("method."):
                 space[path] = tune_domain(dim)
@@ -130,6 +137,8 @@ def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | N
         if gblend_weights is not None:
             space["method.weights"] = gblend_weights
             space["method.weights_source"] = "estimation_stage"
+        if starts and spec.method.name in starts:
+            space.update({f"method.{k}": v for k, v in starts[spec.method.name].items()})
     return space
 
 
@@ -393,13 +402,44 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     return weights
 
 
-def needs_gblend_estimation(spec: ExperimentSpec) -> bool:
-    """Whether the spec's method, or a compared one, needs the offline estimation stage."""
+def swept_sections(spec: ExperimentSpec) -> list[Any]:
+    """The spec's method section and one per compared method (as `compare_methods` starts them)."""
     sections = [spec.method]
     for name in spec.search.compare:
         cls = get_method(name)
-        sections.append(spec.method if get_method(spec.method.name) is cls else cls.Section(name=name))
-    return any(get_method(s.name).needs_estimation(s) for s in sections)
+        sections.append(spec.method.model_copy(update={"name": name}) if get_method(spec.method.name) is cls
+                        else cls.Section(name=name))
+    return sections
+
+
+def needs_gblend_estimation(spec: ExperimentSpec) -> bool:
+    """Whether the spec's method, or a compared one, needs the offline estimation stage."""
+    return any(get_method(s.name).needs_estimation(s) for s in swept_sections(spec))
+
+
+def run_start_stages(spec: ExperimentSpec, client: MlflowClient, parent_run_id: str, tracking_uri: str,
+                     name: str, max_concurrent: int | None) -> dict[str, dict[str, str]]:
+    """Train first what a swept method starts from (the AVID stage of AVID-CMA's two-stage schedule) as
+    a Tune trial of this sweep; returns, per method name, the `init_from` / `init_source` it starts with."""
+    starts: dict[str, dict[str, str]] = {}
+    for section in swept_sections(spec):
+        cls = get_method(section.name)
+        stage = cls.start_stage(section)
+        if stage is None or section.name in starts:
+            continue
+        epochs = cls.start_stage_epochs(section) or spec.train.epochs
+        label = f"{stage['name']}-stage"
+        base = spec.model_copy(update={"method": get_method(stage["name"]).Section.model_validate(stage),
+                                       "train": spec.train.model_copy(update={"epochs": epochs})})
+        tuner, _ = make_tuner(base, {"method": tune.grid_search([stage])}, f"{name}-{label}", parent_run_id,
+                              tracking_uri, label, max_concurrent, scheduler_on=False)
+        errors = [r.error for r in tuner.fit() if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{label} failed: {errors[0]}")
+        run_id = trials_frame(client, parent_run_id, stage=label)["run_id"].iloc[0]
+        path = fetch_final_checkpoint(client, run_id, stage["name"], spec.storage.runs_dir)
+        starts[section.name] = {"init_from": path, "init_source": f"{label}:{run_id}"}
+    return starts
 
 
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
@@ -410,6 +450,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
+    spec = resolve_start_point(spec, client)
     state_file = sweep_state_file(spec)
     state: dict[str, Any] = {}
     if resume:
@@ -434,8 +475,12 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         if weights is None and needs_gblend_estimation(spec):
             weights = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)
             state["gblend_weights"] = weights
+        starts = state.get("start_points")
+        if starts is None:
+            starts = state["start_points"] = run_start_stages(spec, client, parent_run_id, tracking_uri, name,
+                                                              max_concurrent)
         state_file.write_text(json.dumps(state))
-        param_space = build_param_space(spec, weights)
+        param_space = build_param_space(spec, weights, starts)
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
             trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)

@@ -26,6 +26,7 @@ from orchestrator.tracking import (
 )
 from orchestrator.synth import synthesize_dataset
 from workers.methods import get_method
+from workers.methods.base import is_run_id
 from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
 
 
@@ -73,6 +74,51 @@ def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
         if not (root / "card.json").exists():
             synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
     return spec.model_copy(update={"storage": storage, "data": data.model_copy(update={"root": root})})
+
+
+def has_start_point(section) -> bool:
+    return "init_from" in type(section).model_fields
+
+
+def fetch_final_checkpoint(client: MlflowClient, run_id: str, expected_method: str, runs_dir: Path) -> str:
+    """The final checkpoint artifact of a finished `expected_method` run, downloaded under `runs_dir/starts`
+    (shared storage on a cluster, where the Train workers read it)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
+        raise SpecError(f"method.init_from: no MLflow run {run_id} at {client.tracking_uri} ({err})") from None
+    method = run.data.params.get("method.name") or run.data.tags.get("avtune.method")
+    if method != expected_method:
+        raise SpecError(f"method.init_from: run {run_id} is a {method!r} run; it must be a finished {expected_method!r} run")
+    if run.info.status != "FINISHED":
+        raise SpecError(f"method.init_from: run {run_id} is {run.info.status}; start from a FINISHED {expected_method} run")
+    dest = Path(runs_dir) / "starts" / run_id
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return client.download_artifacts(run_id, "checkpoints/final_model.pt", str(dest))
+    except Exception as err:  # noqa: BLE001
+        raise SpecError(f"method.init_from: run {run_id} has no checkpoints/final_model.pt artifact ({err})") from None
+
+
+def resolve_start_point(spec: ExperimentSpec, client: MlflowClient) -> ExperimentSpec:
+    """A method that starts from a trained model (CMA from AVID) gets its start point as a checked local
+    file before anything is logged: an MLflow run id becomes that run's final checkpoint."""
+    m = spec.method
+    if not has_start_point(m) or not m.init_from:
+        return spec
+    cls = get_method(m.name)
+    stage = cls.start_stage(m.model_copy(update={"init_from": ""}))
+    init_from, source = m.init_from, m.init_source
+    if is_run_id(init_from) and not Path(init_from).exists():
+        init_from = fetch_final_checkpoint(client, init_from, stage["name"] if stage else m.name, spec.storage.runs_dir)
+        source = source or f"run:{m.init_from}"
+    else:
+        init_from = str(Path(init_from).resolve())
+    try:
+        cls.check_start(init_from)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    return spec.model_copy(update={"method": m.model_copy(update={"init_from": init_from, "init_source": source})})
 
 
 def run_name_for(spec: ExperimentSpec) -> str:
@@ -141,7 +187,9 @@ def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) 
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         meta = {"num_classes": state["num_classes"], "class_names": state["class_names"]}
-        torch.save({"model": state["model"], **meta, "epoch": state["epoch"]}, Path(tmp) / "final_model.pt")
+        # The final file also keeps the method's own state (AVID's memory banks and Z, which CMA starts from).
+        torch.save({"model": state["model"], **meta, "epoch": state["epoch"], "method_name": state.get("method_name"),
+                    "method": state["method"]}, Path(tmp) / "final_model.pt")
         files = [Path(tmp) / "final_model.pt"]
         if state["best"]["state"] is not None:
             torch.save({"model": state["best"]["state"], **meta, "epoch": state["best"]["epoch"]}, Path(tmp) / "best_model.pt")
@@ -195,9 +243,15 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
         raise SpecError(f"method.weights: {spec.method.name} with weights 'estimate' needs the estimation stage "
                         "that `avtune sweep` runs first (a spec with a search section, e.g. search: {compare: "
                         "[gblend]}); for a single training give method.weights {audio, visual, joint} or 'uniform'")
+    if get_method(spec.method.name).start_stage(spec.method) is not None:
+        raise SpecError(f"method.init_from: {spec.method.name} starts from a trained model (CMA: the model, memory "
+                        "banks and Z of an avid run, as the official two-stage schedule): give the run id of a finished "
+                        "avid run or the path of its checkpoints/final_model.pt, or run it as a sweep "
+                        f"(search: {{compare: [{spec.method.name}]}}), which trains that stage first")
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
+    spec = resolve_start_point(spec, client)
     if resume_run_id:
         run_id = resume_run_id
         experiment_id = client.get_run(run_id).info.experiment_id

@@ -161,6 +161,30 @@ def session_mlflow_server(tmp_path_factory):
     yield from serve(tmp_path_factory.mktemp("session_mlflow_server"))
 
 
+@pytest.fixture(scope="session")
+def avid_checkpoint(synth_dataset, tmp_path_factory) -> str:
+    """An avtune checkpoint file of a 1-epoch AVID run in-process (model, memory banks, Z), with the
+    settings tests/test_engine.py gives AVID: where CMA starts (official two-stage schedule)."""
+    import io
+
+    from workers.engine import fit
+    from workers.specs import load_spec
+
+    folder = tmp_path_factory.mktemp("avid")
+    states = []
+    fit(load_spec({
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(folder / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "avid", "config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16},
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+    }), report=lambda metrics, state: states.append(state))
+    buffer = io.BytesIO()
+    torch.save(states[-1], buffer)
+    (folder / "checkpoint.pt").write_bytes(buffer.getvalue())
+    return str(folder / "checkpoint.pt")
+
+
 SHARED_SWEEP = "shared"
 
 

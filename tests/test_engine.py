@@ -34,14 +34,14 @@ METHOD_SETTINGS = {
 TIMING_KEYS = {"epoch_seconds", "train_seconds"}
 
 
-def engine_spec(root: Path, cache: Path, name: str, epochs: int = 2):
+def engine_spec(root: Path, cache: Path, name: str, epochs: int = 2, **method):
     frames = 4 if name == "avslowfast" else 2
     return load_spec({
         "name": "engine",
         "data": {"source": "dataset", "root": str(root), "cache_dir": str(cache),
                  "decode": {"num_frames": frames, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "method": {"name": name, **METHOD_SETTINGS[name]},
+        "method": {"name": name, **METHOD_SETTINGS[name], **method},
         "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
     })
 
@@ -72,11 +72,18 @@ def test_every_registered_method_has_engine_settings():
     assert set(method_names()) == set(METHOD_SETTINGS)
 
 
+def start_point(request, name: str) -> dict[str, str]:
+    """Section fields a method needs to start (CMA: a trained AVID checkpoint)."""
+    stage = get_method(name).start_stage(get_method(name).Section(name=name))
+    return {"init_from": request.getfixturevalue("avid_checkpoint")} if stage else {}
+
+
 @pytest.mark.parametrize("name", list(METHOD_SETTINGS))
-def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tmp_path, name):
+def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tmp_path, name, request):
     cls = get_method(name)
     straight = Recorder()
-    history = fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3), report=straight)
+    start = start_point(request, name)
+    history = fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start), report=straight)
     assert [m["epoch"] for m in straight.metrics] == [0.0, 1.0, 2.0]
     assert history == straight.metrics
     for metrics in straight.metrics:
@@ -96,7 +103,7 @@ def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tm
     assert state["epoch"] == 0 and state["history"] == straight.metrics[:1]
     assert state["num_classes"] == 3 and len(state["class_names"]) == 3
     resumed = Recorder()
-    fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3), report=resumed, load_state=lambda: state)
+    fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start), report=resumed, load_state=lambda: state)
     assert [m["epoch"] for m in resumed.metrics] == [1.0, 2.0]
     # Same model, optimiser, method state and RNG streams: the same numbers as the undisturbed run.
     assert [results(m) for m in resumed.metrics] == [results(m) for m in straight.metrics[1:]]
@@ -226,3 +233,54 @@ def test_online_gblend_weights_are_identical_on_every_ddp_rank(synth_dataset, tm
         assert [m[key] for m in ranks[0]] == [m[key] for m in ranks[1]], key
     # Re-estimated after epochs 1 and 2 (super-epochs of 1 epoch): not the uniform start any more.
     assert ranks[0][-1]["gblend_w_joint"] != pytest.approx(1 / 3)
+
+
+# ---- CMA starts from a trained AVID model (official two-stage schedule) ------------------------
+
+
+def cma_method(synth_dataset, tmp_path, **method):
+    """A CMA method set up on the generated clips (what `fit` does before the first epoch)."""
+    from workers.engine import Runtime, build_datasets
+
+    spec = engine_spec(synth_dataset, tmp_path / "cache", "cma", **method)
+    cma = get_method("cma")(spec, Runtime())
+    model = cma.build_model(3)
+    cma.setup(model, build_datasets(spec))
+    return cma, model
+
+
+def test_cma_starts_from_the_avid_model_memory_and_partition(synth_dataset, tmp_path, avid_checkpoint):
+    """Official CMA restores the AVID checkpoint's model (av_wrapper `checkpoint:`), memory banks and Z
+    (criterions/avid_cma.py AVID_CMA.__init__), then picks positives from that memory."""
+    avid = torch.load(avid_checkpoint, map_location="cpu", weights_only=True)
+    cma, model = cma_method(synth_dataset, tmp_path, init_from=avid_checkpoint)
+    for key, value in avid["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    memory = {k: avid["method"]["criterion"][f"{k}_memory.memory"] for k in ("video", "audio")}
+    assert torch.equal(cma.criterion.video_memory.memory, memory["video"])
+    assert torch.equal(cma.criterion.audio_memory.memory, memory["audio"])
+    assert cma.criterion.partition.item() == avid["method"]["criterion"]["partition"].item() > 0
+    # Positives by consensus on the AVID memory, computed here directly: the 2 items most similar in both modalities.
+    agreement = torch.minimum(memory["video"] @ memory["video"].T, memory["audio"] @ memory["audio"].T)
+    agreement.fill_diagonal_(float("-inf"))
+    assert torch.equal(cma.criterion.positive_set, agreement.topk(2, dim=1).indices.sort(dim=1).values)
+
+
+def test_cma_refuses_a_missing_or_wrong_start_point(synth_dataset, tmp_path):
+    with pytest.raises(ValueError, match="method.init_from: cma starts from a trained AVID model"):
+        cma_method(synth_dataset, tmp_path)
+    with pytest.raises(ValueError, match="method.init_from: no file"):
+        cma_method(synth_dataset, tmp_path, init_from=str(tmp_path / "missing.pt"))
+    recorder = Recorder()
+    fit(engine_spec(synth_dataset, tmp_path / "cache", "normal", epochs=1), report=recorder)
+    (tmp_path / "normal.pt").write_bytes(recorder.states[-1])
+    with pytest.raises(ValueError, match=r"method.init_from: .*normal.pt is a 'normal' checkpoint, not an AVID one"):
+        cma_method(synth_dataset, tmp_path, init_from=str(tmp_path / "normal.pt"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="method.init_from: .*junk.pt is not a readable checkpoint"):
+        cma_method(synth_dataset, tmp_path, init_from=str(tmp_path / "junk.pt"))
+
+
+def test_cma_refuses_an_avid_start_of_another_size(synth_dataset, tmp_path, avid_checkpoint):
+    with pytest.raises(ValueError, match=r"method.init_from: the AVID memory bank is \(18, 16\).*embedding_dim 32"):
+        cma_method(synth_dataset, tmp_path, init_from=avid_checkpoint, embedding_dim=32)

@@ -143,3 +143,21 @@ def test_ensure_data_makes_every_path_absolute(tmp_path, monkeypatch, synth_data
                                   "storage": {"runs_dir": "runs"}}))
     assert spec.storage.runs_dir == tmp_path / "runs"
     assert spec.data.root == tmp_path / "clips" and spec.data.cache_dir == tmp_path / "cache"
+
+
+def test_cma_paper_spec_is_the_official_two_stage_schedule():
+    """configs/main/avid/kinetics/Cross-N1024.yaml (30 epochs) then configs/main/avid-cma/kinetics/
+    InstX-N1024-PosW-N64-Top32.yaml (20 epochs, from the AVID checkpoint); Adam 2e-4, wd 1e-5, gamma 1."""
+    from workers.methods import get_method
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    cma, avid = load_spec(root / "cma_kinetics_sounds.yaml"), load_spec(root / "avid_kinetics_sounds.yaml")
+    assert cma.search.compare == ["cma"] and cma.method.init_from == ""
+    stage = get_method("cma").start_stage(cma.method)
+    assert stage == {"name": "avid", "config": "Cross-N1024", "embedding_dim": 128, "probe_epochs": 100}
+    assert (avid.method.config, avid.train.epochs) == (stage["config"], get_method("cma").start_stage_epochs(cma.method)) == ("Cross-N1024", 30)
+    assert (cma.method.config, cma.train.epochs) == ("InstX-N1024-PosW-N64-Top32", 20)
+    for spec in (cma, avid):
+        t = spec.train
+        assert (t.optimizer, t.learning_rate, t.weight_decay, t.lr_decay_ratio) == ("adam", 0.0002, 0.00001, 1.0)
+        assert t.batch_size * spec.scaling.num_workers == 256

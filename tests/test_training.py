@@ -151,3 +151,47 @@ def test_damaged_checkpoint_fails_the_run_naming_the_file_and_the_repaired_run_r
     assert client.get_run(run_id).info.status == "FINISHED"
     assert epochs_logged(client, run_id) == [0, 1, 2]
     assert list(resumed.history.index) == [0, 1, 2]
+
+
+def test_cma_start_point_is_checked_and_resolved_before_anything_is_logged(base_spec, tmp_path, avid_checkpoint):
+    """A single CMA training without an AVID start is refused (official CMA restores a trained AVID model);
+    a run id is resolved to that run's final checkpoint only if it is a finished avid run; the start
+    point is logged as `cma_init_from`."""
+    from orchestrator.training import resolve_start_point, run_training
+    from workers.methods import get_method
+
+    cma = {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16}
+    runs = tmp_path / "runs"
+    with pytest.raises(SpecError, match=r"method\.init_from: cma starts from a trained model .*\(search: \{compare: \[cma\]\}\)"):
+        run_training(load_spec(merge(base_spec, {"method": cma})))
+    assert not runs.exists(), "nothing is generated or logged for a refused spec"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("starts", artifact_location=str(tmp_path / "artifacts"))
+
+    def logged_run(method: str, status: str = "FINISHED") -> str:
+        run_id = client.create_run(experiment).info.run_id
+        client.log_param(run_id, "method.name", method)
+        (tmp_path / "final_model.pt").write_bytes(Path(avid_checkpoint).read_bytes())
+        client.log_artifact(run_id, str(tmp_path / "final_model.pt"), artifact_path="checkpoints")
+        client.set_terminated(run_id, status)
+        return run_id
+
+    def resolve(init_from: str):
+        return resolve_start_point(load_spec(merge(base_spec, {"method": {**cma, "init_from": init_from}})), client)
+
+    normal, killed, avid = logged_run("normal"), logged_run("avid", "KILLED"), logged_run("avid")
+    with pytest.raises(SpecError, match=f"method.init_from: run {normal} is a 'normal' run"):
+        resolve(normal)
+    with pytest.raises(SpecError, match=f"method.init_from: run {killed} is KILLED"):
+        resolve(killed)
+    with pytest.raises(SpecError, match="method.init_from: no MLflow run 0123456789abcdef0123456789abcdef"):
+        resolve("0123456789abcdef0123456789abcdef")
+    with pytest.raises(SpecError, match="method.init_from: .*test_training.py is not a readable checkpoint"):
+        resolve(str(Path(__file__)))  # a file, but no checkpoint
+    spec = resolve(avid)
+    assert spec.method.init_source == f"run:{avid}"
+    assert Path(spec.method.init_from) == runs / "starts" / avid / "final_model.pt"
+    assert get_method("cma").run_params(spec) == {"cma_init_from": f"run:{avid}"}
+    by_path = resolve(str(Path(avid_checkpoint).parent))  # a folder holding an avtune checkpoint.pt
+    assert get_method("cma").run_params(by_path) == {"cma_init_from": f"checkpoint:{Path(avid_checkpoint).parent}"}

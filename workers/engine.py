@@ -227,7 +227,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         if runtime.rank == 0:
             checkpoint = {
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "method": method.state_dict(), "epoch": epoch, "best": best, "rng": rng_state(),
+                "method": method.state_dict(), "method_name": spec.method.name, "epoch": epoch, "best": best, "rng": rng_state(),
                 "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
             }
         report(metrics, checkpoint)

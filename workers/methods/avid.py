@@ -1,10 +1,18 @@
 """AVID and AVID-CMA self-supervised pre-training (Morgado et al., CVPR 2021): instance discrimination
 against per-modality memory banks with the official NCE loss, and for ``cma`` positive sets chosen by
 cross-modal agreement (``models/avid_cma.py``). Evaluated every epoch by linear probes on frozen
-features (Sec. 5), so there is no classifier head and no test-split protocol here."""
+features (Sec. 5), so there is no classifier head and no test-split protocol here.
+
+CMA is the second stage of a two-stage schedule: the official CMA configs
+(``configs/main/avid-cma/*/InstX-N1024-PosW-N64-Top32.yaml``, ``checkpoint:``) restore the trained AVID
+model, and ``criterions/avid_cma.py`` (``AVID_CMA.__init__``) its memory banks and partition constant Z,
+before the first positive sets are chosen. ``method.init_from`` names that AVID checkpoint; a sweep whose
+CMA has none trains the AVID stage first (``start_stage``).
+"""
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -16,6 +24,9 @@ distributed = lazy_module("workers.distributed")
 evaluation = lazy_module("workers.evaluation")
 
 DEFAULT_CONFIG = {"avid": "Cross-N1024", "cma": "InstX-N1024-PosW-N64-Top32"}
+# Files an avtune AVID run leaves that hold the model and the memory: the MLflow artifact of the
+# final epoch and the Ray Train checkpoint.
+START_FILES = ("final_model.pt", "checkpoint.pt")
 
 
 class AVIDSection(MethodSection):
@@ -25,12 +36,82 @@ class AVIDSection(MethodSection):
     config: str = Field("", description="official criterion name; empty picks Cross-N1024 (avid) or InstX-N1024-PosW-N64-Top32 (cma)")
     embedding_dim: int = Field(128, ge=8, le=2048)
     probe_epochs: int = Field(100, ge=1)
+    init_from: str = Field("", description=(
+        "cma: the trained AVID model to start from: the MLflow run id of a finished avid run, or the path of "
+        "its checkpoints/final_model.pt (or a Ray Train checkpoint.pt / its folder). Empty: a sweep trains "
+        "the AVID stage first; a single training refuses it"))
+    init_source: str = Field("", description=(
+        "filled in by the orchestrator: where init_from came from (run:<id>, avid_stage:<id>, checkpoint)"))
+    avid_stage_epochs: int = Field(0, ge=0, description=(
+        "cma in a sweep without init_from: epochs of the AVID stage (official Kinetics: 30, then 20 of CMA); "
+        "0 means train.epochs"))
+
+
+def start_file(path: str) -> Path:
+    """The checkpoint file `init_from` names: the file itself, or the one an avtune run left in the folder."""
+    p = Path(path)
+    if p.is_dir():
+        for name in START_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise ValueError(f"method.init_from: {p} holds none of {', '.join(START_FILES)}")
+    if not p.is_file():
+        raise ValueError(f"method.init_from: no file {p} (give an AVID run id or the path of its final_model.pt)")
+    return p
+
+
+def load_avid_start(path: str) -> dict[str, Any]:
+    """The AVID model and criterion state saved at `path`; a clear error when it is not an AVID checkpoint."""
+    file = start_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"method.init_from: {file} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    kind = state.get("method_name") if isinstance(state, dict) else None
+    criterion = (state.get("method") or {}).get("criterion") if isinstance(state, dict) else None
+    if kind != "avid" or not criterion or "model" not in state:
+        what = f"a {kind!r} checkpoint" if kind else "not an avtune checkpoint with a method name"
+        raise ValueError(f"method.init_from: {file} is {what}, not an AVID one with its memory banks "
+                         f"(CMA starts from the model, memory and Z of a trained avid run)")
+    return state
 
 
 @register_method
 class AVID(Method):
     Section = AVIDSection
     self_supervised = True
+    run_param_keys = ("cma_init_from",)
+
+    @classmethod
+    def start_stage(cls, section: AVIDSection) -> dict[str, Any] | None:
+        if section.name != "cma" or section.init_from:
+            return None
+        # The AVID stage discriminates against as many negatives as the CMA stage (Cross-N1024 -> InstX-N1024-...).
+        negatives = models.parse_avid_config(section.config or DEFAULT_CONFIG["cma"]).num_negatives
+        return {"name": "avid", "config": f"Cross-N{negatives}", "embedding_dim": section.embedding_dim,
+                "probe_epochs": section.probe_epochs}
+
+    @classmethod
+    def start_stage_epochs(cls, section: AVIDSection) -> int:
+        return section.avid_stage_epochs
+
+    @classmethod
+    def check_start(cls, path: str) -> None:
+        load_avid_start(path)
+
+    @classmethod
+    def run_params(cls, spec) -> dict[str, str]:
+        m = spec.method
+        if m.name != "cma":
+            return {}
+        return {"cma_init_from": m.init_source or f"checkpoint:{m.init_from}"}
+
+    @classmethod
+    def spec_problems(cls, spec) -> list[str]:
+        m = spec.method
+        if m.name == "avid" and (m.init_from or m.init_source or m.avid_stage_epochs):
+            return ["method.init_from / init_source / avid_stage_epochs: only cma starts from a trained AVID model"]
+        return []
 
     def build_model(self, num_classes: int):
         m = self.spec.model
@@ -41,13 +122,37 @@ class AVID(Method):
         super().setup(model, datasets)
         self.num_classes = datasets["train"].num_classes
         config = models.parse_avid_config(self.config.config or DEFAULT_CONFIG[self.config.name])
-        criterion = models.CMACriterion if self.config.name == "cma" else models.AVIDCriterion
-        self.criterion = criterion(config, num_items=len(datasets["train"]), embedding_dim=self.config.embedding_dim,
-                                   generator=torch.Generator().manual_seed(self.spec.train.seed)).to(self.runtime.device)
+        generator = torch.Generator().manual_seed(self.spec.train.seed)
+        if self.config.name == "avid":
+            self.criterion = models.AVIDCriterion(config, num_items=len(datasets["train"]),
+                                                  embedding_dim=self.config.embedding_dim, generator=generator)
+        else:
+            self.criterion = self._start_cma(model, config, len(datasets["train"]), generator)
+        self.criterion.to(self.runtime.device)
+
+    def _start_cma(self, model, config, num_items: int, generator):
+        """Official CMA start: the AVID model's weights, its memory banks and Z; positives chosen from that memory."""
+        if not self.config.init_from:
+            raise ValueError("method.init_from: cma starts from a trained AVID model; give an avid run id or checkpoint")
+        start = load_avid_start(self.config.init_from)
+        memory = start["method"]["criterion"]["video_memory.memory"]
+        if tuple(memory.shape) != (num_items, self.config.embedding_dim):
+            raise ValueError(f"method.init_from: the AVID memory bank is {tuple(memory.shape)} (clips x embedding_dim) "
+                             f"but this run has {num_items} training clips and embedding_dim {self.config.embedding_dim}: "
+                             "CMA continues on the AVID stage's training set and embedding size")
+        try:
+            model.load_state_dict(start["model"])
+        except RuntimeError as err:
+            raise ValueError("method.init_from: the AVID model does not fit this spec's model (model.audio_arch, "
+                             f"visual_arch, width and method.embedding_dim must be the AVID run's): {str(err).splitlines()[0]}") from None
+        avid = models.AVIDCriterion(f"Cross-N{config.num_negatives}", num_items=num_items,
+                                    embedding_dim=self.config.embedding_dim)
+        avid.load_state_dict(start["method"]["criterion"])
+        return models.CMACriterion.from_avid(avid, config, generator=generator)
 
     def start_epoch(self, epoch: int) -> None:
         # CMA resamples its positive sets every `resample_freq` epochs (official train loop's set_epoch);
-        # a no-op for AVID. From scratch, the first sets come from the random initial memory.
+        # a no-op for AVID.
         self.criterion.set_epoch(epoch)
 
     def loss(self, out, batch, sums):

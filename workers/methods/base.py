@@ -15,6 +15,7 @@ worker validates the spec it receives into the same pydantic model.
 from __future__ import annotations
 
 import importlib
+import re
 import typing
 from collections import defaultdict
 from typing import Any, ClassVar, Literal
@@ -91,6 +92,22 @@ class Method:
         return False
 
     @classmethod
+    def start_stage(cls, section: MethodSection) -> dict[str, Any] | None:
+        """The method section of a stage a sweep trains first because this run starts from a trained
+        model and the section names none (CMA from AVID); None when nothing has to run first. The
+        orchestrator fills the section's ``init_from`` (the stage's final checkpoint) and ``init_source``."""
+        return None
+
+    @classmethod
+    def start_stage_epochs(cls, section: MethodSection) -> int:
+        """Epochs of the start stage; 0 means ``train.epochs``."""
+        return 0
+
+    @classmethod
+    def check_start(cls, path: str) -> None:
+        """Raise ValueError, naming the field, when the file ``init_from`` names cannot start this method."""
+
+    @classmethod
     def run_label(cls, section: MethodSection) -> list[str]:
         """Short parts of a run name that say which settings of this method ran."""
         return []
@@ -148,6 +165,11 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def is_run_id(text: str) -> bool:
+    """An MLflow run id (32 hex digits), as a start point names a run."""
+    return re.fullmatch(r"[0-9a-f]{32}", text) is not None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

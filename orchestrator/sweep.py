@@ -380,7 +380,10 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
 
     method = spec.method.model_dump() if spec.method.name == "gblend" else {"estimate_epochs": 2, "estimate_window_epochs": 2}
     n_epochs, window = method["estimate_epochs"], method["estimate_window_epochs"]
-    base = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": n_epochs + window})})
+    # L^T_N: each model's loss on the training split at the end of epoch N (Sec. 3.2), not the running
+    # mean of its mini-batch losses while it trained: the stage's runs measure it (loss_train_eval).
+    base = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": n_epochs + window,
+                                                                        "train_split_loss": True})})
     space = {"method": tune.grid_search([{"name": m} for m in GBLEND_HEADS.values()])}
     tuner, _ = make_tuner(base, space, f"{name}-gblend-estimate", parent_run_id, tracking_uri, "gblend-estimate",
                           max_concurrent, scheduler_on=False)
@@ -392,13 +395,21 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     at_n, at_n_plus = {}, {}
     for head, method_name in GBLEND_HEADS.items():
         run_id = runs.loc[runs["method"] == method_name, "run_id"].iloc[0]
-        hist = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("loss_train", "loss")}
+        hist = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("loss_train_eval", "loss")}
         first, second = n_epochs - 1, n_epochs + window - 1
-        at_n[head] = (hist["loss_train"][first], hist["loss"][first])
-        at_n_plus[head] = (hist["loss_train"][second], hist["loss"][second])
+        at_n[head] = (hist["loss_train_eval"][first], hist["loss"][first])
+        at_n_plus[head] = (hist["loss_train_eval"][second], hist["loss"][second])
     weights = estimate_blend_weights(at_n, at_n_plus)
     ts = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(f"gblend_w_{h}", float(w), ts, 0) for h, w in weights.items()])
+    # What the weights came from, per head, so an odd blend can be traced to its losses.
+    table = {head: {"train_loss_N": at_n[head][0], "val_loss_N": at_n[head][1],
+                    "train_loss_N+n": at_n_plus[head][0], "val_loss_N+n": at_n_plus[head][1],
+                    "delta_G": at_n[head][1] - at_n_plus[head][1],
+                    "delta_O": (at_n_plus[head][1] - at_n_plus[head][0]) - (at_n[head][1] - at_n[head][0]),
+                    "weight": weights[head]} for head in GBLEND_HEADS}
+    client.log_dict(parent_run_id, {"N": n_epochs, "n": window, "train_loss": "loss_train_eval", "heads": table},
+                    "gblend_estimate.json")
     return weights
 
 

@@ -3,6 +3,7 @@ metrics, the checkpoint state through torch.save / torch.load(weights_only=True)
 continues exactly where an undisturbed run goes. Ray Train runs the same `fit` (tests/test_training.py)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import subprocess
@@ -130,6 +131,43 @@ def test_given_gblend_weights_are_normalised_and_used(synth_dataset, tmp_path):
         assert (m["gblend_w_audio"], m["gblend_w_visual"], m["gblend_w_joint"]) == pytest.approx((0.25, 0.25, 0.5))
 
 
+def test_online_gblend_estimates_from_the_models_train_split_loss_at_each_super_epoch_end(synth_dataset, tmp_path):
+    """Alg. 2 re-estimates from L^T and L^V of the model at the end of each super-epoch; L^T_N is the
+    loss of that model on the training data (Sec. 3.2), measured in eval mode over the whole split,
+    not the mean of the mini-batch losses while the weights moved (`loss_train_*`)."""
+    from models import estimate_blend_weights
+
+    recorder = Recorder()
+    fit(engine_spec(synth_dataset, tmp_path / "cache", "gblend", epochs=3), report=recorder)
+    suffix = {"audio": "_audio", "visual": "_visual", "joint": ""}
+
+    def measured(m, train_key):
+        return {h: (m[f"{train_key}{s}"], m[f"loss{s}"]) for h, s in suffix.items()}
+
+    first, second, third = recorder.metrics
+    assert first["gblend_w_joint"] == pytest.approx(1 / 3)  # one measurement: no estimate yet
+    for earlier, later in ((first, second), (second, third)):
+        expected = estimate_blend_weights(measured(earlier, "loss_train_eval"), measured(later, "loss_train_eval"))
+        assert {h: later[f"gblend_w_{h}"] for h in suffix} == pytest.approx(expected)
+
+
+def test_train_split_loss_is_the_models_loss_on_the_training_split(synth_dataset, tmp_path):
+    from workers.engine import Runtime, build_datasets, build_loaders
+    from workers.evaluation import evaluate_classifier
+
+    spec = engine_spec(synth_dataset, tmp_path / "cache", "normal", epochs=1)
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"train_split_loss": True})})
+    recorder = Recorder()
+    fit(spec, report=recorder)
+    (metrics,) = recorder.metrics
+    model = get_method("normal")(spec, Runtime()).build_model(3)
+    model.load_state_dict(recorder.state(0)["model"])
+    loaders = build_loaders(spec, build_datasets(spec), Runtime())
+    train = evaluate_classifier(model, loaders["train_eval"], torch.device("cpu"), contextlib.nullcontext)
+    assert metrics["loss_train_eval"] == pytest.approx(train["loss"]) and metrics["loss_train_eval_audio"] == pytest.approx(train["loss_audio"])
+    assert metrics["loss_train_eval"] != pytest.approx(metrics["loss_train"])
+
+
 def test_spec_import_loads_neither_torch_nor_pyav():
     code = ("import sys, workers.specs, orchestrator.specs; "
             "loaded = [m for m in ('torch', 'av', 'ray') if m in sys.modules]; print(loaded)")
@@ -228,7 +266,8 @@ def test_online_gblend_weights_are_identical_on_every_ddp_rank(synth_dataset, tm
     spec_data = engine_spec(synth_dataset, tmp_path / "cache", "gblend", epochs=3).model_dump(mode="json")
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "pg"), spec_data, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    keys = ["gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "loss_train", "loss_train_audio", "loss_train_joint"]
+    keys = ["gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "loss_train", "loss_train_audio", "loss_train_joint",
+            "loss_train_eval", "loss_train_eval_audio"]
     for key in keys:
         assert [m[key] for m in ranks[0]] == [m[key] for m in ranks[1]], key
     # Re-estimated after epochs 1 and 2 (super-epochs of 1 epoch): not the uniform start any more.

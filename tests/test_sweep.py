@@ -107,6 +107,26 @@ def test_gblend_stage_weights_are_on_parent_and_used_by_main_trial(shared_sweep)
     assert sorted(r.data.params["method.name"] for r in estimation) == ["audio_only", "normal", "visual_only"]
     for run in estimation:  # N + n = 2 epochs, read at epochs N and N + n
         assert run.info.status == "FINISHED" and steps(client, run.info.run_id, "loss") == [0, 1]
+    # L^T is each model's loss on the training split at the end of epochs N and N + n (Sec. 3.2), logged
+    # by the stage's runs as loss_train_eval; the weights follow from those losses and no others.
+    from models import estimate_blend_weights
+
+    heads = {"audio_only": "audio", "visual_only": "visual", "normal": "joint"}
+    at = {0: {}, 1: {}}
+    for run in estimation:
+        history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in ("loss_train_eval", "loss")}
+        for step in at:
+            at[step][heads[run.data.params["method.name"]]] = (history["loss_train_eval"][step], history["loss"][step])
+    assert estimate_blend_weights(at[0], at[1]) == pytest.approx(weights)
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = json.loads(Path(client.download_artifacts(result.parent_run_id, "gblend_estimate.json", tmp)).read_text())
+    assert (logged["N"], logged["n"], logged["train_loss"]) == (1, 1, "loss_train_eval")
+    for head, row in logged["heads"].items():
+        assert (row["train_loss_N"], row["val_loss_N"]) == pytest.approx(at[0][head])
+        assert row["delta_G"] == pytest.approx(at[0][head][1] - at[1][head][1]) and row["weight"] == pytest.approx(weights[head])
     (main,) = [k for k in children(client, result.parent_run_id) if k.data.params["method.name"] == "gblend"]
     for head, w in weights.items():
         assert float(main.data.params[f"method.weights.{head}"]) == pytest.approx(w)

@@ -140,6 +140,9 @@ class TrainSpec(_Strict):
     lr_decay_step: int = Field(70, ge=1, description="epochs between StepLR decays")
     lr_decay_ratio: float = Field(0.1, gt=0, le=1)
     seed: int = 0
+    train_split_loss: bool = Field(False, description=(
+        "also measure, at the end of every epoch, the model's loss on the whole training split in eval mode "
+        "(loss_train_eval*): G-Blend's L^T_N (Wang et al., Sec. 3.2); its estimation stage turns this on"))
     bf16_autocast: bool = False
     channels_last: bool = False
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker-group restarts from the last checkpoint")

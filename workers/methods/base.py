@@ -149,8 +149,19 @@ class Method:
         pass
 
     def evaluate(self, loaders: dict[str, Any], autocast) -> dict[str, float]:
-        return evaluation.evaluate_classifier(self.model, loaders["val"], self.runtime.device, autocast,
-                                              shapley=self.modality is None)
+        metrics = evaluation.evaluate_classifier(self.model, loaders["val"], self.runtime.device, autocast,
+                                                 shapley=self.modality is None)
+        if self.spec.train.train_split_loss:
+            metrics.update(self.train_split_losses(loaders, autocast))
+        return metrics
+
+    def train_split_losses(self, loaders: dict[str, Any], autocast) -> dict[str, float]:
+        """Each head's loss of the model as it is now on the whole training split, in eval mode:
+        ``loss_train_eval`` (joint), ``_audio``, ``_visual``. Unlike ``loss_train`` (the mean of the
+        mini-batch losses while the weights moved, in train mode) this is the training loss of *this*
+        model, what G-Blend's overfitting term O_N = L^V_N - L^T_N compares (Wang et al., Sec. 3.2)."""
+        train = evaluation.evaluate_classifier(self.model, loaders["train_eval"], self.runtime.device, autocast)
+        return {k.replace("loss", "loss_train_eval", 1): v for k, v in train.items() if k.startswith("loss")}
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """May add metrics of its own to ``metrics`` (e.g. G-Blend's weights)."""

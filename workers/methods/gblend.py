@@ -89,11 +89,26 @@ class GBlend(Method):
                 sums[f"loss_train_{head}"] += F.cross_entropy(logits.float(), batch.labels)
         return models.blended_loss(out, batch.labels, self.weights)
 
+    def measures(self, epoch: int) -> bool:
+        """Online: the last epoch of a super-epoch, where Alg. 2 measures the heads' losses."""
+        return self.config.mode == "online" and (epoch + 1) % self.config.estimate_window_epochs == 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def evaluate(self, loaders, autocast) -> dict[str, float]:
+        metrics = super().evaluate(loaders, autocast)
+        if self.measures(self.epoch) and "loss_train_eval" not in metrics:
+            metrics.update(self.train_split_losses(loaders, autocast))
+        return metrics
+
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        per_head = {h: (metrics[f"loss_train_{h}"], metrics["loss" if h == "joint" else f"loss_{h}"]) for h in HEADS}
-        if self.config.mode == "online" and (epoch + 1) % self.config.estimate_window_epochs == 0:
-            # Online G-Blend (Wang et al., Alg. 2): re-estimate at the end of every super-epoch
-            # from this and the previous super-epoch's train/val losses of each head.
+        if self.measures(epoch):
+            # Online G-Blend (Wang et al., Alg. 2): re-estimate at the end of every super-epoch from this
+            # and the previous super-epoch's losses of each head: L^T of the model at the end of the
+            # super-epoch on the training split (Sec. 3.2's overfitting term), L^V on the validation split.
+            suffix = {"audio": "_audio", "visual": "_visual", "joint": ""}
+            per_head = {h: (metrics[f"loss_train_eval{s}"], metrics[f"loss{s}"]) for h, s in suffix.items()}
             self.measurements = (self.measurements + [per_head])[-2:]
             if len(self.measurements) == 2:
                 self.weights = models.estimate_blend_weights(*self.measurements)

@@ -211,3 +211,25 @@ def test_trial_retries_are_validated():
     assert load_spec({"search": {"compare": ["normal"], "trial_max_failures": 0}}).search.trial_max_failures == 0
     with pytest.raises(SpecError, match=r"search\.trial_max_failures"):
         load_spec({"search": {"compare": ["normal"], "trial_max_failures": -1}})
+
+
+@pytest.mark.slow
+def test_cma_sweep_trains_the_avid_stage_first_and_starts_from_it(ray_local, synth_dataset, tmp_path):
+    """AVID-CMA's two stages as one sweep: with `cma` and no start point, the AVID stage runs first as a
+    trial of its own, and the CMA trial starts from its final checkpoint (model, memory banks, Z)."""
+    import torch
+
+    cma = {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16, "avid_stage_epochs": 2}
+    spec = sweep_spec(synth_dataset, tmp_path, train={"epochs": 1}, search={"compare": ["cma"], "space": {}})
+    spec["method"] = cma
+    result = run_sweep(load_spec(spec))
+    client = MlflowClient(result.tracking_uri)
+    (stage,) = children(client, result.parent_run_id, stage="avid-stage")
+    assert stage.data.params["method.name"] == "avid" and stage.data.params["method.config"] == "Cross-N64"
+    assert stage.info.status == "FINISHED" and steps(client, stage.info.run_id) == [0, 1]  # avid_stage_epochs
+    (main,) = children(client, result.parent_run_id)
+    assert main.info.status == "FINISHED" and main.data.params["method.name"] == "cma"
+    assert main.data.params["cma_init_from"] == f"avid-stage:{stage.info.run_id}"
+    start = torch.load(main.data.params["method.init_from"], map_location="cpu", weights_only=True)
+    assert start["method_name"] == "avid" and start["epoch"] == 1
+    assert steps(client, main.info.run_id) == [0]

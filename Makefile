@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/gblend_estimate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,6 +19,9 @@ TRIAL_TAG = "avtune.trial_id"
 SWEEP_TAG = "avtune.sweep"
 # "main", or a preliminary stage such as "gblend-estimate" whose children are not the sweep's trials.
 STAGE_TAG = "avtune.stage"
+# A trial's settings without its seed: runs with the same value are one configuration's repeats,
+# so the MLflow UI can group by it (Group by -> tag) and compare configurations over seeds.
+CONFIG_TAG = "avtune.config"
 MAIN_STAGE = "main"
 # "sweep" on a sweep's parent run: how a sweep is told apart from a single training run.
 SWEEP_KIND_TAG = "avtune.kind"

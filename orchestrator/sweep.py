@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 import ray
@@ -33,6 +33,7 @@ from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, valid
 from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
+    config_label,
     connect_ray,
     ensure_data,
     fetch_final_checkpoint,
@@ -45,6 +46,7 @@ from workers.methods import get_method, unimodal_methods
 
 # The tags are orchestrator.runs' (avtune's one MLflow vocabulary); importable from here as before.
 from orchestrator.runs import (
+    CONFIG_TAG,
     MAIN_STAGE,
     PARENT_TAG,
     STAGE_TAG,
@@ -139,6 +141,9 @@ def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | N
             space["method.weights_source"] = "estimation_stage"
         if starts and spec.method.name in starts:
             space.update({f"method.{k}": v for k, v in starts[spec.method.name].items()})
+    if search.seeds:
+        # Crossed with every configuration: Tune's grid is the product of its grid dimensions.
+        space[SEED_PARAM] = tune.grid_search(list(search.seeds))
     return space
 
 
@@ -175,14 +180,15 @@ def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -
 
 
 def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, trial_id: str,
-                         sweep_name: str, stage: str) -> str:
+                         sweep_name: str, stage: str, searched: Iterable[str] = ()) -> str:
     """One child run per trial id: a restarted trial or a resumed sweep continues the same run."""
     found = child_runs(client, parent_run_id, trial_id=trial_id, max_results=1)
     if found:
         if found[0].info.status != "RUNNING":
             client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage}
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage,
+            CONFIG_TAG: config_label(spec, searched)}
     # A stage's runs say so in their names: the estimation stage trains the same methods as the main one.
     run_name = run_name_for(spec) if stage == MAIN_STAGE else f"{stage}_{run_name_for(spec)}"
     _, run_id = start_mlflow_run(client, spec, tags=tags, run_name=run_name)
@@ -249,7 +255,7 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
     trial_id = tune.get_context().get_trial_id()
     spec = validate_spec(trial_spec_data(base_spec, config), source=f"trial {trial_id}")
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage)
+    run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage, searched=config)
     logger = MlflowEpochLogger(tracking_uri, run_id)
     mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours

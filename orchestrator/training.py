@@ -6,7 +6,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import ray
@@ -27,7 +27,10 @@ from orchestrator.tracking import (
 from orchestrator.synth import synthesize_dataset
 from workers.methods import get_method
 from workers.methods.base import is_run_id
+from workers.evaluation import PREDICTION_COLUMNS
 from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
+
+PREDICTIONS_FILE = "predictions.csv"
 
 
 @dataclass
@@ -129,6 +132,23 @@ def run_name_for(spec: ExperimentSpec) -> str:
     return "_".join(parts)
 
 
+def config_label(spec: ExperimentSpec, searched: Iterable[str] = ()) -> str:
+    """The run's settings without its seed, e.g. "ogm_ge_concat_a0.8_w0-6" plus any searched field
+    outside the method ("ogm_ge_concat_a0.8_w0-6 train.learning_rate=0.01"): one configuration."""
+    m = spec.method
+    label = "_".join([m.name, spec.model.fusion, *get_method(m.name).run_label(m)])
+    data = spec.model_dump(mode="json")
+    extra = []
+    for path in sorted(searched):
+        if path == "method" or path.startswith("method.") or path == "train.seed":
+            continue
+        value: Any = data
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        extra.append(f"{path}={value}")
+    return " ".join([label, *extra])
+
+
 def run_tags(spec: ExperimentSpec) -> dict[str, str]:
     return {
         "avtune.method": spec.method.name,
@@ -196,6 +216,10 @@ def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) 
             files.append(Path(tmp) / "best_model.pt")
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path="checkpoints")
+        if state.get("predictions"):
+            # Per-clip outcomes, so paired comparisons can be recomputed from MLflow alone.
+            pd.DataFrame(state["predictions"], columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
+            client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
     return state
 
 

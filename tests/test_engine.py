@@ -100,8 +100,23 @@ def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tm
     assert ("test_acc" in straight.metrics[-1]) == (not cls.self_supervised)
     assert not any(k.startswith("test_") for m in straight.metrics[:-1] for k in m)
 
+    # Per-clip predictions behind the last epoch's `acc` (final model, val) and `test_acc` (selected model, test).
+    rows = straight.state(2)["predictions"]
+    if cls.self_supervised:
+        assert rows == []
+    else:
+        final = straight.metrics[-1]
+        for split, which, key in (("val", "final", "acc"), ("test", "selected", "test_acc")):
+            part = [r for r in rows if r["split"] == split]
+            assert part and all(r["model"] == which for r in part) and len({r["clip_id"] for r in part}) == len(part)
+            assert sum(r["pred"] == r["label"] for r in part) / len(part) == pytest.approx(final[key])
+            if cls.modality is None:
+                audio = sum(r["pred_audio"] == r["label"] for r in part) / len(part)
+                assert audio == pytest.approx(final[key.replace("acc", "acc_audio")])
+
     state = straight.state(0)
     assert state["epoch"] == 0 and state["history"] == straight.metrics[:1]
+    assert state["predictions"] == []  # only the last epoch carries them
     assert state["num_classes"] == 3 and len(state["class_names"]) == 3
     resumed = Recorder()
     fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start), report=resumed, load_state=lambda: state)

@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
@@ -38,7 +39,32 @@ HAND_TRIALS = {
 }
 
 
-def write_hand_sweep(uri: str, experiment: str, trials: dict) -> tuple[MlflowClient, str, dict[str, str]]:
+HAND_CLIPS = 100
+
+
+def log_hand_predictions(client: MlflowClient, run_id: str, final: dict[str, float]) -> None:
+    """predictions.csv for HAND_CLIPS validation clips matching the run's final accuracies: a head of
+    accuracy x is right on clips 0 .. 100x - 1, so two runs' heads differ exactly on the clips between."""
+    import tempfile
+
+    import pandas as pd
+
+    rows = []
+    for clip in range(HAND_CLIPS):
+        label = clip % 3
+        row = {"split": "val", "model": "final", "clip_id": f"clip{clip:03d}", "label": label}
+        for suffix, key in (("", "acc"), ("_audio", "acc_audio"), ("_visual", "acc_visual")):
+            right = clip < round(HAND_CLIPS * final[key]) if key in final else None
+            row[f"pred{suffix}"] = -1 if right is None else (label if right else (label + 1) % 3)
+            row[f"p_true{suffix}"] = float("nan") if right is None else (0.9 if right else 0.1)
+        rows.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        pd.DataFrame(rows).to_csv(f"{tmp}/predictions.csv", index=False)
+        client.log_artifact(run_id, f"{tmp}/predictions.csv")
+
+
+def write_hand_sweep(uri: str, experiment: str, trials: dict,
+                     with_predictions: bool = True) -> tuple[MlflowClient, str, dict[str, str]]:
     client = MlflowClient(uri)
     exp_id = client.create_experiment(experiment)
     parent = client.create_run(exp_id, tags={"avtune.kind": "sweep"}, run_name=f"sweep_{experiment}").info.run_id
@@ -53,6 +79,8 @@ def write_hand_sweep(uri: str, experiment: str, trials: dict) -> tuple[MlflowCli
         rows = [Metric(k, v, ts, step) for k, values in metrics.items() for step, v in enumerate(values)]
         rows += [Metric("epoch", float(step), ts, step) for step in range(2)]
         client.log_batch(run_id, metrics=rows)
+        if with_predictions:
+            log_hand_predictions(client, run_id, {k: values[-1] for k, values in metrics.items()})
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         ids[name] = run_id
     # A G-Blend estimation stage child must be ignored by the report.
@@ -155,10 +183,16 @@ def test_report_words_state_the_hand_numbers(hand_sweep, tmp_path):
     weak = sentence(page, "weak_vs_unimodal")
     assert "visual head reaches 0.360, below the visual_only baseline's 0.650" in weak
     assert numbers(weak)[2] == pytest.approx(0.36 / 0.65, abs=6e-4)
+    # Paired on the seed both ran (s0) and the 100 clips: normal's visual head 0.3 against visual_only's 0.6,
+    # right on nested sets of clips, so the difference is -1 on 30 clips and 0 on 70: -0.300.
+    assert "paired difference -0.300, 95% CI" in weak and "paired bootstrap over 1 seed and 100 clips" in weak
     ogm = sentence(page, "ogm_vs_normal")
-    # The OGM trial with the best visual head: window 0-2 (0.54), +0.18 over normal; joint 0.7 vs (0.85 + 0.8) / 2.
+    # The OGM trial with the best visual head: window 0-2 (0.54); means 0.36 (normal) -> 0.54; paired on s0
+    # (normal's 0.3): +0.240; joint 0.7 vs (0.85 + 0.8) / 2.
     assert "ogm_ge alpha=0.5 window=0-2" in ogm and "raises the visual head's accuracy" in ogm
-    assert numbers(ogm) == pytest.approx([0.36, 0.54, 0.18, 0.7, 0.825])
+    assert "the best of 2 OGM configurations" in ogm and "paired difference +0.240" in ogm
+    assert numbers(ogm)[:3] == pytest.approx([0.36, 0.54, 0.24])
+    assert numbers(ogm)[-2:] == pytest.approx([0.7, 0.825])
     tradeoff = sentence(page, "tradeoff")
     # joint + visual: normal 0.825 + 0.36 = 1.185, w01 0.84 + 0.45 = 1.29, w02 0.7 + 0.54 = 1.24.
     assert "ogm_ge alpha=0.5 window=0-1" in tradeoff
@@ -166,13 +200,13 @@ def test_report_words_state_the_hand_numbers(hand_sweep, tmp_path):
     window = sentence(page, "window")
     assert "window 0-1: joint 0.840, visual 0.450; window 0-2: joint 0.700, visual 0.540" in window
     # Every planned plot applies to this sweep, G-Blend weights from the parent included.
-    for name in ("acc_per_modality", "gap", "utilisation", "ogm_coefficients", "ablation_alpha", "ablation_window",
-                 "shapley", "gblend_weights"):
+    for name in ("configurations", "acc_per_modality", "gap", "utilisation", "ogm_coefficients", "ablation_alpha",
+                 "ablation_window", "shapley", "gblend_weights"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000, name
         assert f"id=\"fig-{name}\"" in page
     assert "G-Blend weights: audio 0.200, visual 0.500, joint 0.300" in page
     # Self-contained: images are embedded.
-    assert page.count("src=\"data:image/png;base64,") == 8
+    assert page.count("src=\"data:image/png;base64,") == 9
 
 
 def test_bad_names_give_clear_errors(hand_sweep, tmp_path):
@@ -288,3 +322,40 @@ def test_derived_run_params_do_not_split_configurations(tmp_path):
     """OGM runs log `ogm_scores_from`, other runs do not: that must not make a context group."""
     page = hand_report_page(tmp_path, "derived", ogm_trials_logging_their_score_source())
     assert sentence(page, "dominance").startswith("Audio is the dominant modality")
+
+
+def test_an_effect_within_noise_is_reported_as_not_distinguishable(tmp_path):
+    """Two configurations identical but for the name (OGM-GE that did exactly what normal did, seed by seed
+    and clip by clip): the report must not claim it raises anything."""
+    joint = {"acc": [0.5, 0.8], "acc_audio": [0.5, 0.8], "acc_visual": [0.2, 0.4]}
+    ogm = {"method.name": "ogm_ge", "method.alpha": "0.5", "method.modulation_starts": "0", "method.modulation_ends": "2"}
+    trials = {}
+    for seed in ("0", "1", "2"):
+        trials[f"normal_s{seed}"] = ({"method.name": "normal", "train.seed": seed}, joint)
+        trials[f"ogm_s{seed}"] = ({**ogm, "train.seed": seed}, joint)
+        trials[f"visual_only_s{seed}"] = ({"method.name": "visual_only", "train.seed": seed}, {"acc": [0.5, 0.6]})
+    page = hand_report_page(tmp_path, "noise", trials)
+    verdict = sentence(page, "ogm_vs_normal")
+    assert "is not distinguishable from normal on this data" in verdict and "raises" not in verdict
+    assert "paired difference +0.000, 95% CI +0.000 to +0.000, p = 1" in verdict
+    # The per-configuration table: mean over 3 equal seeds has no width; both rows "not distinguishable".
+    summary = pd.read_csv(tmp_path / "noise" / "config_summary.csv")
+    row = summary.set_index("config").loc["ogm_ge alpha=0.5 window=0-2"]
+    assert (row["acc_visual"], row["acc_visual_low"], row["acc_visual_high"]) == pytest.approx((0.4, 0.4, 0.4))
+    assert row["vs_normal_acc_visual"] == "not distinguishable" and row["p_acc_visual"] == 1.0
+
+
+def test_configuration_intervals_are_t_intervals_over_seeds(hand_sweep, tmp_path):
+    """Normal's joint accuracy over seeds 0 and 2: 0.85 and 0.80 -> mean 0.825, s = 0.035355, t(0.975, 1) =
+    12.7062: half-width 12.7062 * 0.035355 / sqrt(2) = 0.31766. Logged on the parent and shown in the page."""
+    uri, client, parent, ids = hand_sweep
+    page = build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out").read_text()
+    summary = pd.read_csv(tmp_path / "out" / "config_summary.csv").set_index("config")
+    assert (summary.loc["normal", ["acc", "acc_low", "acc_high"]].tolist()
+            == pytest.approx([0.825, 0.825 - 0.31766, 0.825 + 0.31766], abs=1e-4))
+    assert summary.loc["normal", "n"] == 2 and summary.loc["ogm_ge alpha=0.5 window=0-1", "n"] == 1
+    assert "0.825 [0.507, 1.143]" in page and "How to read" in page
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["cfg/normal/acc_mean"] == pytest.approx(0.825)
+    assert metrics["cfg/normal/acc_low"] == pytest.approx(0.825 - 0.31766, abs=1e-4)
+    assert "config_summary.csv" in {a.path for a in client.list_artifacts(parent)}

@@ -103,7 +103,8 @@ def test_cli_train_then_runs(cli_run):
     for key in ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "ratio_av", "shapley_audio"):
         assert epochs_logged(client, run_id, key) == [0, 1], key
     assert "test_acc" in run.data.metrics
-    assert {"spec.yaml", "card.json", "checkpoints/final_model.pt", "checkpoints/best_model.pt"} <= artifact_paths(client, run_id)
+    assert {"spec.yaml", "card.json", "checkpoints/final_model.pt", "checkpoints/best_model.pt",
+            "predictions.csv"} <= artifact_paths(client, run_id)
     listed = cli_run["runner"].invoke(app, ["runs", "t", "--runs-dir", str(tmp / "runs")])
     assert listed.exit_code == 0 and run_id[:12] in listed.output and "FINISHED" in listed.output, listed.output
 

@@ -214,11 +214,15 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         metrics["epoch_seconds"] = time.perf_counter() - started
         metrics["train_seconds"] = train_seconds
 
+        predictions: list[dict[str, Any]] = []
         if epoch == t.epochs - 1:
+            # Per-clip predictions behind `acc` (this model on validation) and `test_acc` (below).
+            predictions = method.predictions(loaders, "val", "final", autocast)
             # Held-out test numbers of the model chosen on validation; never used for selection.
             current = weights_copy(raw)
             raw.load_state_dict(best["state"])
             metrics.update({f"test_{k}": v for k, v in method.test_metrics(loaders, autocast).items()})
+            predictions += method.predictions(loaders, "test", "selected", autocast)
             raw.load_state_dict(current)
 
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
@@ -229,6 +233,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(), "method_name": spec.method.name, "epoch": epoch, "best": best, "rng": rng_state(),
                 "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
+                "predictions": predictions,
             }
         report(metrics, checkpoint)
     return history

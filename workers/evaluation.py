@@ -54,6 +54,41 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
     return metrics
 
 
+PREDICTION_COLUMNS = ("split", "model", "clip_id", "label", "pred", "pred_audio", "pred_visual",
+                      "p_true", "p_true_audio", "p_true_visual")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, autocast, split: str,
+            which: str) -> list[dict[str, object]]:
+    """One row per clip of the loader's split: its id and label, the predicted class of the joint,
+    audio and visual heads and each head's softmax probability of the true class (columns
+    ``PREDICTION_COLUMNS``; a head the model lacks gives -1 / nan). `which` names the model
+    ("final": the last epoch's, as ``acc``; "selected": the best on validation, as ``test_acc``).
+    Any comparison of two runs on the same clips can be recomputed from these rows alone."""
+    model.eval()
+    records = loader.dataset.records
+    rows: list[dict[str, object]] = []
+    for audio, visual, labels, index in loader:
+        with autocast():
+            out = model(audio.to(device), visual.to(device))
+        labels = labels.to(device)
+        heads = {}
+        for suffix, logits in (("", out.logits), ("_audio", out.logits_audio), ("_visual", out.logits_visual)):
+            if logits is None:
+                continue
+            probs = logits.float().softmax(1)
+            heads[suffix] = (probs.argmax(1).tolist(), probs.gather(1, labels[:, None])[:, 0].tolist())
+        for i, (idx, label) in enumerate(zip(index.tolist(), labels.tolist())):
+            row: dict[str, object] = {"split": split, "model": which, "clip_id": records[idx].clip_id, "label": label}
+            for suffix in ("", "_audio", "_visual"):
+                pred, p_true = heads.get(suffix, (None, None))
+                row[f"pred{suffix}"] = pred[i] if pred is not None else -1
+                row[f"p_true{suffix}"] = p_true[i] if p_true is not None else float("nan")
+            rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model.eval()

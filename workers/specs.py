@@ -198,6 +198,9 @@ class SearchSpec(_Strict):
     space: dict[str, SearchDimension] = Field(default_factory=dict)
     compare: list[Literal[METHOD_NAMES]] = Field(
         default_factory=list, description="methods run side by side on the same data and seeds")
+    seeds: list[int] = Field(default_factory=list, description=(
+        "train.seed values crossed with every configuration (compared methods and baselines included): "
+        "each configuration runs once per seed on the same clips and splits, so comparisons are paired"))
     searcher: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: str = "acc"
@@ -213,8 +216,12 @@ class SearchSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpec":
-        if not self.space and not self.compare:
-            raise ValueError("search.space is empty: give at least one field to search or a compare list")
+        if not self.space and not self.compare and not self.seeds:
+            raise ValueError("search.space is empty: give at least one field to search, a compare list or seeds")
+        if self.seeds and "train.seed" in self.space:
+            raise ValueError("search.seeds and search.space['train.seed'] both set the seed: keep one")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"search.seeds: {self.seeds} repeats a seed")
         for path in self.space:
             if path.split(".")[0] not in ("data", "model", "method", "train", "scaling"):
                 raise ValueError(f"search.space: {path!r} is not a searchable spec field path (data./model./method./train./scaling.)")

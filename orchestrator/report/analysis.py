@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
+from orchestrator.report.comparisons import compare, config_summary, describe, load_predictions, verdict
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -44,6 +45,7 @@ MODALITIES = ("audio", "visual")
 HISTORY_KEYS = ("acc", "acc_audio", "acc_visual", "gap_av", "k_audio", "k_visual", "shapley_audio",
                 "shapley_visual", "util_audio", "util_visual", "gblend_w_audio", "gblend_w_visual", "gblend_w_joint")
 SUMMARY_FILE = "imbalance_summary.csv"
+CONFIG_SUMMARY_FILE = "config_summary.csv"
 REPORT_DIR = "report"
 BALANCE_UTIL = "min(util_audio, util_visual): utilisation of the less-used modality"
 BALANCE_SHAPLEY = "1 - |shapley_audio - shapley_visual| / (|shapley_audio| + |shapley_visual|)"
@@ -97,6 +99,8 @@ class SweepData:
     trials: pd.DataFrame
     histories: dict[str, pd.DataFrame]
     params: dict[str, dict[str, str]] = field(repr=False)
+    # run_id -> the run's per-clip validation predictions (final model), None when it logged none.
+    predictions: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
 
 
 def _history(client: MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataFrame:
@@ -142,8 +146,10 @@ def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
         rows.append(row)
     trials = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "config", "group"])
     trials = trials.sort_values(["group", "method", "alpha", "window", "seed"], na_position="first").reset_index(drop=True)
+    predictions = {run.info.run_id: load_predictions(client, run.info.run_id) for run in runs}
     return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
-                     parent_metrics=dict(parent.data.metrics), trials=trials, histories=histories, params=params)
+                     parent_metrics=dict(parent.data.metrics), trials=trials, histories=histories, params=params,
+                     predictions=predictions)
 
 
 def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | None = None) -> str:
@@ -316,10 +322,29 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
         client.set_tag(parent_run_id, key, value)
     if parent_metrics:
         client.log_batch(parent_run_id, metrics=parent_metrics)
+    summary = config_summary(table, sweep.predictions)
+    # Per-configuration means with 95% intervals over seeds on the parent, so the MLflow UI's metric
+    # view compares configurations, not single seeds (`cfg/<config>/acc_mean`, `..._low`, `..._high`).
+    interval_metrics = []
+    for _, row in summary.iterrows():
+        for key in ("acc", "acc_audio", "acc_visual"):
+            for suffix, col in (("mean", key), ("low", f"{key}_low"), ("high", f"{key}_high")):
+                value = number(row.get(col))
+                if value is not None:
+                    interval_metrics.append(Metric(f"cfg/{_metric_name(row['config'])}/{key}_{suffix}", value, ts, 0))
+    for i in range(0, len(interval_metrics), 500):
+        client.log_batch(parent_run_id, metrics=interval_metrics[i : i + 500])
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
+        summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)
         client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
+        client.log_artifact(parent_run_id, str(Path(tmp) / CONFIG_SUMMARY_FILE))
     return table
+
+
+def _metric_name(config: str) -> str:
+    """A configuration label as MLflow allows in a metric name (alphanumerics, _ - . space / :)."""
+    return "".join(c if c.isalnum() or c in "_-. :" else "_" for c in config).strip()
 
 
 # ---- findings in words ----------------------------------------------------------------------
@@ -327,6 +352,15 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
 
 def _f(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _comparison_numbers(test) -> dict[str, Any]:
+    """A paired comparison's numbers for findings.json (None when there was nothing to pair)."""
+    if test is None:
+        return {"difference": None, "ci_low": None, "ci_high": None, "p_value": None, "distinguishable": False,
+                "test": None}
+    return {"difference": test.difference, "ci_low": number(test.low), "ci_high": number(test.high),
+            "p_value": number(test.p_value), "distinguishable": test.distinguishable, "test": test.method}
 
 
 def config_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -342,11 +376,15 @@ def config_means(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([first, out], axis=1).reset_index()
 
 
-def findings(table: pd.DataFrame) -> list[dict[str, Any]]:
+def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | None = None) -> list[dict[str, Any]]:
     """The comparisons the report states, per group of trials sharing their non-method settings.
 
-    Each finding: ``{"id", "group", "text", **numbers}``; numbers are means over seeds.
+    Each finding: ``{"id", "group", "text", **numbers}``; numbers are means over seeds. A claim that one
+    configuration is above or below another rests on a paired comparison on the same seeds and
+    validation clips (`predictions`: run_id -> per-clip predictions; without them, a paired t over
+    seeds); when its 95% interval covers 0 the finding says "not distinguishable on this data".
     """
+    predictions = predictions or {}
     out: list[dict[str, Any]] = []
     means = config_means(table)
     for group, configs in means.groupby("group", sort=False):
@@ -387,26 +425,36 @@ def findings(table: pd.DataFrame) -> list[dict[str, Any]]:
 
         if not normal.empty and base_acc[weak] is not None:
             util = accs[weak] / base_acc[weak] if base_acc[weak] > 0 else None
-            verdict = ("below" if accs[weak] < base_acc[weak] else "not below")
-            tail = (f": the joint model under-uses the {weak} modality" if verdict == "below"
+            test = compare(table, predictions, normal["config"].iloc[0], baselines[weak]["config"].iloc[0],
+                           f"acc_{weak}", "acc")
+            position = {"lower": "below", "higher": "above"}.get(verdict(test), "not distinguishable from")
+            tail = (f": the joint model under-uses the {weak} modality" if position == "below"
                     else f": no under-use of the {weak} modality shows in this sweep")
+            stats = f"; paired difference {describe(test)}" if test is not None else ""
             out.append({"id": "weak_vs_unimodal", "group": group, "weak": weak, "normal_weak_acc": accs[weak],
-                        "unimodal_acc": base_acc[weak], "utilisation": util, "below": verdict == "below",
-                        "text": f"{prefix}The normal joint model's {weak} head reaches {_f(accs[weak])}, {verdict} the "
-                                f"{baseline_method(weak)} baseline's {_f(base_acc[weak])} (utilisation {_f(util)}){tail}."})
+                        "unimodal_acc": base_acc[weak], "utilisation": util, "below": position == "below",
+                        **_comparison_numbers(test),
+                        "text": f"{prefix}The normal joint model's {weak} head reaches {_f(accs[weak])}, {position} the "
+                                f"{baseline_method(weak)} baseline's {_f(base_acc[weak])} (utilisation {_f(util)}"
+                                f"{stats}){tail}."})
 
         ogm = ogm_rows(joint)
         if not normal.empty and not ogm.empty:
             best = ogm.sort_values([f"acc_{weak}", "acc"], ascending=False, kind="stable").iloc[0]
             delta = float(best[f"acc_{weak}"]) - accs[weak]
-            change = "raises" if delta > 0 else ("leaves" if delta == 0 else "lowers")
-            text = (f"{prefix}The best OGM/OGM-GE trial for the {weak} modality, {best['config']}, {change} the {weak} "
-                    f"head's accuracy {'from' if delta else 'at'} {_f(accs[weak])} (normal)"
-                    + (f" to {_f(float(best[f'acc_{weak}']))} ({delta:+.3f})" if delta else "")
+            test = compare(table, predictions, best["config"], normal["config"].iloc[0], f"acc_{weak}")
+            change = {"higher": "raises", "lower": "lowers"}.get(verdict(test), "is not distinguishable from normal on "
+                                                                  f"this data in")
+            chosen = f", the best of {len(ogm)} OGM configurations (the test does not correct for that choice)" \
+                if len(ogm) > 1 else ""
+            text = (f"{prefix}The best OGM/OGM-GE trial for the {weak} modality, {best['config']}{chosen}, {change} the "
+                    f"{weak} head's accuracy: from {_f(accs[weak])} (normal) to {_f(float(best[f'acc_{weak}']))}"
+                    + (f" (paired difference {describe(test)})" if test is not None else f" ({delta:+.3f})")
                     + f"; its joint accuracy is {_f(float(best['acc']))} against {_f(normal_acc)} for normal.")
             out.append({"id": "ogm_vs_normal", "group": group, "weak": weak, "config": best["config"],
                         "ogm_weak_acc": float(best[f"acc_{weak}"]), "normal_weak_acc": accs[weak], "delta": delta,
-                        "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, "text": text})
+                        "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, **_comparison_numbers(test),
+                        "text": text})
 
         # Trade-off: the configuration with the highest joint + weak-head accuracy (equal weights).
         score = joint["acc"] + joint[f"acc_{weak}"]

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report.analysis import (REPORT_DIR, SUMMARY_FILE, SweepData, config_means, findings, gblend_weights,
+from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, SweepData, config_means, findings, gblend_weights,
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
-from orchestrator.report.plots import (plot_ablation, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
+from orchestrator.report.comparisons import config_summary, format_interval
+from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
                                        plot_shapley, plot_utilisation)
 
 
@@ -57,8 +58,34 @@ th{background:#f0f0f0}td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}figu
 li{margin:.4em 0}code{background:#f4f4f4;padding:0 3px}.meta{color:#666;font-size:13px}"""
 
 
+READING_INTERVALS = (
+    "How to read: [low, high] is a 95% t-interval of the mean over seeds (n seeds; none with one seed). "
+    "'vs normal' is the paired difference from the normal joint model of the same group on the same seeds "
+    "and validation clips, with its 95% interval and p-value from a paired bootstrap that resamples seeds "
+    "and clips (a paired t over seeds when per-clip predictions are missing). An interval that covers 0 is "
+    "'not distinguishable' from normal on this data, whatever the sign of the mean difference.")
+
+
+def _interval_table(summary: pd.DataFrame) -> str:
+    rows = []
+    for _, r in summary.iterrows():
+        row = {"config": r["config"], "n": str(int(r["n"]))}
+        for key in ("acc", "acc_audio", "acc_visual"):
+            row[key] = format_interval(r[key], r[f"{key}_low"], r[f"{key}_high"])
+            if f"d_{key}" in r and not pd.isna(r.get(f"d_{key}")):
+                row[f"{key} vs normal"] = (f"{r[f'd_{key}']:+.3f} [{r[f'd_{key}_low']:+.3f}, {r[f'd_{key}_high']:+.3f}] "
+                                           f"p={r[f'p_{key}']:.2g}: {r[f'vs_normal_{key}']}")
+            else:
+                row[f"{key} vs normal"] = ""
+        rows.append(row)
+    columns = ["config", "n", "acc", "acc_audio", "acc_visual", "acc vs normal", "acc_audio vs normal",
+               "acc_visual vs normal"]
+    return _html_table(pd.DataFrame(rows, columns=columns), columns)
+
+
 def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: list[dict[str, Any]],
-                figures: list[tuple[Path, str]], weights: dict[str, float] | None) -> str:
+                figures: list[tuple[Path, str]], weights: dict[str, float] | None,
+                summary: pd.DataFrame | None = None) -> str:
     title = f"avtune imbalance report: {sweep.experiment_name}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -83,6 +110,9 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
     if (means["n"] > 1).any():
         parts.append("<h3>Means over seeds</h3>" + _html_table(
             means, ["config", "n", "acc", "acc_audio", "acc_visual", "gap", "util_audio", "util_visual", "balance"]))
+    if summary is not None and not summary.empty:
+        parts.append("<h2 id='configurations'>Configurations: means with 95% intervals, paired against normal</h2>"
+                     + _interval_table(summary) + f"<p class='meta'>{html.escape(READING_INTERVALS)}</p>")
     if weights:
         parts.append("<p>G-Blend weights: " + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()) + "</p>")
     parts.append("<h2>Plots</h2>")
@@ -116,13 +146,16 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         log_sweep_imbalance(client, sweep_run_id, sweep)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
-    items = findings(table)
+    items = findings(table, sweep.predictions)
 
     out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
     out.mkdir(parents=True, exist_ok=True)
     weights = gblend_weights(sweep)
     scores_note = ogm_scores_note(sweep)
+    summary = config_summary(table, sweep.predictions)
     planned = [
+        (lambda p: plot_intervals(summary, p), "configurations.png",
+         "final acc / acc_audio / acc_visual per configuration: mean over seeds with its 95% t-interval"),
         (lambda p: plot_modality_curves(sweep, p), "acc_per_modality.png",
          "acc_audio / acc_visual vs epoch per method, one line per trial; dashed: uni-modal baselines"),
         (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch"),
@@ -143,12 +176,13 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         if path is not None:
             figures.append((path, caption))
     table.to_csv(out / SUMMARY_FILE, index=False)
+    summary.to_csv(out / CONFIG_SUMMARY_FILE, index=False)
     (out / "findings.json").write_text(json.dumps(
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
     report = out / "report.html"
-    report.write_text(render_html(sweep, table, definition, items, figures, weights), encoding="utf-8")
+    report.write_text(render_html(sweep, table, definition, items, figures, weights, summary), encoding="utf-8")
     if log_to_mlflow:
-        for path in [report, out / SUMMARY_FILE, out / "findings.json", *(p for p, _ in figures)]:
+        for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / "findings.json", *(p for p, _ in figures)]:
             client.log_artifact(sweep_run_id, str(path), artifact_path=REPORT_DIR)
     return report.resolve()

@@ -232,3 +232,28 @@ def plot_gblend(weights: dict[str, float] | None, path: Path) -> Path | None:
     ax.set_title("G-Blend loss weights per head")
     fig.savefig(path, dpi=90)
     return path
+
+
+def plot_intervals(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Final acc, acc_audio and acc_visual per configuration: the mean over seeds with error bars for its
+    95% t-interval (none with a single seed). One panel per metric, configurations on the y axis."""
+    if summary is None or summary.empty:
+        return None
+    keys = [k for k in ("acc", "acc_audio", "acc_visual") if summary[k].notna().any()]
+    fig = _figure(4.2 * len(keys), 0.45 * len(summary) + 1.6)
+    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)
+    y = np.arange(len(summary))
+    for ax, key in zip(axes[0], keys):
+        mean = summary[key].astype(float).to_numpy()
+        low = (mean - summary[f"{key}_low"].astype(float)).to_numpy()
+        high = (summary[f"{key}_high"].astype(float) - mean).to_numpy()
+        err = np.nan_to_num(np.vstack([low, high]), nan=0.0)
+        ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
+        ax.set_title(key)
+        ax.set_xlabel("accuracy (validation)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, [f"{c} (n={int(n)})" for c, n in zip(summary["config"], summary["n"])], fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("per configuration: mean over seeds, 95% interval")
+    fig.savefig(path, dpi=90)
+    return path

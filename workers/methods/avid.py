@@ -175,6 +175,9 @@ class AVID(Method):
     def test_metrics(self, loaders, autocast) -> dict[str, float]:
         return {}
 
+    def predictions(self, loaders, split, which, autocast) -> list:
+        return []
+
     def state_dict(self):
         return {"criterion": self.criterion.state_dict()}
 

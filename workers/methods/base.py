@@ -171,6 +171,11 @@ class Method:
         weights first); {} where the method has no test protocol."""
         return evaluation.evaluate_classifier(self.model, loaders["test"], self.runtime.device, autocast)
 
+    def predictions(self, loaders: dict[str, Any], split: str, which: str, autocast) -> list[dict[str, Any]]:
+        """Per-clip predictions of the model in ``self.model`` on ``split`` (see
+        ``workers.evaluation.predict``); [] where the method has no classifier."""
+        return evaluation.predict(self.model, loaders[split], self.runtime.device, autocast, split, which)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -149,6 +149,33 @@ def results(
     except ValueError as err:
         _fail(str(err))
     print_trials(trials_frame(client, sweep_id, metric), f"{experiment}: sweep {sweep_id}")
+    print_configurations(client, sweep_id)
+
+
+def print_configurations(client, sweep_id: str) -> None:
+    """Per configuration: mean [95% interval] over seeds and the paired difference from normal."""
+    from orchestrator.report import config_summary, imbalance_summary, load_sweep
+    from orchestrator.report.comparisons import format_interval
+    from orchestrator.report.html import READING_INTERVALS
+
+    sweep = load_sweep(client, sweep_id)
+    summary = config_summary(imbalance_summary(sweep)[0], sweep.predictions)
+    if summary.empty:
+        return
+    table = Table(title="configurations: mean [95% interval] over seeds; paired difference from normal")
+    keys = ("acc", "acc_audio", "acc_visual")
+    for c in ("config", "n", *keys, *(f"{k} vs normal" for k in keys)):
+        table.add_column(c, justify="left" if c == "config" else "right")
+    for _, r in summary.iterrows():
+        cells = [str(r["config"]), str(int(r["n"]))]
+        cells += [format_interval(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k in keys]
+        for k in keys:
+            d = r.get(f"d_{k}")
+            cells.append("" if d is None or d != d else
+                         f"{d:+.3f} [{r[f'd_{k}_low']:+.3f}, {r[f'd_{k}_high']:+.3f}] p={r[f'p_{k}']:.2g} {r[f'vs_normal_{k}']}")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(READING_INTERVALS, markup=False)
 
 
 @app.command()

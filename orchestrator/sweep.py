@@ -49,6 +49,7 @@ from orchestrator.runs import (
     CONFIG_TAG,
     MAIN_STAGE,
     PARENT_TAG,
+    SEED_PARAM,
     STAGE_TAG,
     SWEEP_KIND_TAG,
     SWEEP_TAG,

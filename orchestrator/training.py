@@ -216,11 +216,18 @@ def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) 
             files.append(Path(tmp) / "best_model.pt")
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path="checkpoints")
-        if state.get("predictions"):
-            # Per-clip outcomes, so paired comparisons can be recomputed from MLflow alone.
-            pd.DataFrame(state["predictions"], columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
-            client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
+    log_predictions(client, run_id, state.get("predictions") or [])
     return state
+
+
+def log_predictions(client: MlflowClient, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The run's per-clip predictions (`workers.evaluation.predict` rows) as `predictions.csv`, so any
+    paired comparison can be recomputed from MLflow alone; nothing for a method without a classifier."""
+    if not rows:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        pd.DataFrame(rows, columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
+        client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
 
 
 def finish_train_run(client: MlflowClient, run_id: str, logger: MlflowEpochLogger, result) -> dict[str, Any]:

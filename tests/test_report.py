@@ -359,3 +359,20 @@ def test_configuration_intervals_are_t_intervals_over_seeds(hand_sweep, tmp_path
     assert metrics["cfg/normal/acc_mean"] == pytest.approx(0.825)
     assert metrics["cfg/normal/acc_low"] == pytest.approx(0.825 - 0.31766, abs=1e-4)
     assert "config_summary.csv" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_cli_results_show_intervals_and_paired_differences(hand_sweep):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    uri, client, parent, ids = hand_sweep
+    res = CliRunner().invoke(app, ["results", "hand", "--tracking-uri", uri], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "normal_s0" in res.output  # the trials table
+    # The configurations table (rich may wrap cells): normal's t-interval over its 2 seeds, and the
+    # window 0-2 OGM trial's visual head +0.240 over normal on seed 0, distinguishable (see above).
+    assert "0.825 [0.507," in res.output
+    assert "+0.240 [+0.160," in res.output and "higher" in res.output and "not" in res.output
+    assert "How to read: [low, high] is a 95% t-interval" in " ".join(res.output.split())
+    assert "How to read" in res.output

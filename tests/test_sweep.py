@@ -93,6 +93,36 @@ def test_compare_sweep_has_parent_and_complete_children(shared_sweep):
             assert steps(client, kid.info.run_id, key) == [0, 1], (name, key)
     assert set(result.trials["run_id"]) == {k.info.run_id for k in kids.values()}
     assert parent.data.tags["avtune.best_run_id"] == result.trials.iloc[0]["run_id"]
+    for name, kid in kids.items():
+        # One configuration per setting without the seed (the MLflow UI groups runs by this tag) ...
+        assert kid.data.tags["avtune.config"] == kid.info.run_name.removesuffix("_s0"), name
+        # ... and the per-clip predictions behind its final numbers, so comparisons can be recomputed.
+        assert "predictions.csv" in {a.path for a in client.list_artifacts(kid.info.run_id)}, name
+    assert kids["ogm_ge"].data.tags["avtune.config"] == "ogm_ge_concat_a0.5_w0-2"
+
+
+def test_seeds_cross_every_configuration():
+    spec = load_spec({"method": {"name": "ogm_ge", "modulation_ends": 3}, "train": {"epochs": 3},
+                      "search": {"compare": ["normal", "ogm_ge", "audio_only"], "seeds": [0, 1, 2],
+                                 "space": {"method.alpha": {"grid": [0.1, 0.8]}}}})
+    space = build_param_space(spec)
+    assert space["train.seed"] == {"grid_search": [0, 1, 2]}
+    # Tune's grid is the product of its grid dimensions: 4 method entries x 3 seeds = 12 trials.
+    assert len(space["method"]["grid_search"]) == 4
+    with pytest.raises(SpecError, match=r"search.seeds and search.space\['train.seed'\] both set the seed"):
+        load_spec({"search": {"seeds": [0, 1], "space": {"train.seed": {"grid": [0, 1]}}}})
+    with pytest.raises(SpecError, match=r"search.seeds: \[0, 0\] repeats a seed"):
+        load_spec({"search": {"seeds": [0, 0], "compare": ["normal"]}})
+    assert load_spec({"search": {"seeds": [3, 4]}}).search.seeds == [3, 4]  # seeds alone are a search
+
+
+def test_config_label_is_the_settings_without_the_seed():
+    from orchestrator.training import config_label
+
+    spec = load_spec({"method": {"name": "ogm_ge", "alpha": 0.8, "modulation_ends": 3}, "train": {"epochs": 3, "seed": 7,
+                                                                                              "learning_rate": 0.05}})
+    assert config_label(spec) == "ogm_ge_concat_a0.8_w0-3"
+    assert config_label(spec, ["method", "train.seed", "train.learning_rate"]) == "ogm_ge_concat_a0.8_w0-3 train.learning_rate=0.05"
 
 
 @pytest.mark.slow

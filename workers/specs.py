@@ -34,6 +34,7 @@ _Strict = StrictModel
 
 # Default noise levels of the generator (audio_noise_std / visual_noise_std of synthesize_dataset).
 DIFFICULTY_DEFAULTS = {"audio_noise_std": 0.03, "visual_noise_std": 12.0}
+DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
@@ -92,10 +93,23 @@ class SynthSpec(_Strict):
                                    description="white noise std on the waveform (full scale 1)")
     visual_noise_std: float = Field(DIFFICULTY_DEFAULTS["visual_noise_std"], ge=0, le=255,
                                     description="pixel noise std (0-255)")
+    split_fractions: tuple[float, float, float] = Field(DEFAULT_SPLIT_FRACTIONS, description=(
+        "(train, val, test) shares of each class's clips; a larger val share resolves smaller differences"))
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _split_shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) < 0 or value[0] <= 0 or abs(sum(value) - 1) > 1e-6:
+            raise ValueError(f"split_fractions {list(value)}: shares >= 0, train > 0, summing to 1")
+        return value
 
     def folder_key(self) -> str:
-        """Stable short hash: the same parameters reuse the same generated folder."""
-        blob = json.dumps(drop_default_difficulty(self.model_dump(mode="json")), sort_keys=True).encode()
+        """Stable short hash: the same parameters reuse the same generated folder (knobs added later are
+        left out at their defaults, so existing folders keep their keys)."""
+        params = drop_default_difficulty(self.model_dump(mode="json"))
+        if tuple(params["split_fractions"]) == DEFAULT_SPLIT_FRACTIONS:
+            del params["split_fractions"]
+        blob = json.dumps(params, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
-from orchestrator.report.comparisons import compare, config_summary, describe, load_predictions, verdict
+from orchestrator.report.comparisons import compare, config_summary, describe, load_predictions, power, verdict
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -455,6 +455,16 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
                         "ogm_weak_acc": float(best[f"acc_{weak}"]), "normal_weak_acc": accs[weak], "delta": delta,
                         "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, **_comparison_numbers(test),
                         "text": text})
+
+        if not normal.empty:
+            resolution = power(table, predictions, normal["config"].iloc[0])
+            if resolution is not None:
+                out.append({"id": "power", "group": group, **resolution,
+                            "text": f"{prefix}What this sweep can resolve: {resolution['n_clips']} validation clips x "
+                                    f"{resolution['n_seeds']} seeds; configurations disagree with normal on "
+                                    f"{resolution['discordant_rate']:.3f} of clip outcomes, so a paired difference of "
+                                    f"{resolution['detectable']:.3f} in a head's accuracy is detected with 80% power at "
+                                    "the 5% level (smaller real effects often read as not distinguishable)."})
 
         # Trade-off: the configuration with the highest joint + weak-head accuracy (equal weights).
         score = joint["acc"] + joint[f"acc_{weak}"]

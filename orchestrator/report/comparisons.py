@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report.stats import PairedComparison, paired_bootstrap, paired_seed_t_interval, t_interval
+from orchestrator.report.stats import (PairedComparison, detectable_difference, paired_bootstrap, paired_seed_t_interval,
+                                       t_interval)
 
 PREDICTIONS_FILE = "predictions.csv"
 CONFIDENCE = 0.95
@@ -146,3 +147,33 @@ def format_interval(mean: float, low: float, high: float) -> str:
     if pd.isna(low) or pd.isna(high):
         return f"{mean:.3f}"
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def power(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None], reference: str) -> dict | None:
+    """What this sweep can resolve against configuration `reference` (normal): its seeds, the validation clips
+    they share, the observed discordance (the share of seed x clip outcomes on which a compared joint
+    configuration and the reference disagree, pooled over acc / acc_audio / acc_visual) and the
+    smallest paired difference detectable at 80% power, 5% two-sided (``stats.detectable_difference``)."""
+    done = table[table["acc"].notna()]
+    ref = dict(zip(done.loc[done["config"] == reference, "seed"].astype(str), done.loc[done["config"] == reference, "run_id"]))
+    others = done[(done["config"] != reference) & done["acc_audio"].notna() & done["acc_visual"].notna()]
+    if not ref or others.empty or any(predictions.get(r) is None for r in ref.values()):
+        return None
+    clips = sorted(set.intersection(*(set(predictions[r].index) for r in ref.values())))
+    disagree, total = 0.0, 0
+    for _, row in others.iterrows():
+        mine, theirs = predictions.get(row["run_id"]), predictions[ref.get(str(row["seed"]), "")] \
+            if str(row["seed"]) in ref else None
+        if mine is None or theirs is None:
+            continue
+        shared = sorted(set(mine.index) & set(clips))
+        for column in PRED_COLUMN.values():
+            a = mine.loc[shared, column] == mine.loc[shared, "label"]
+            b = theirs.loc[shared, column] == theirs.loc[shared, "label"]
+            disagree += float((a != b).sum())
+            total += len(shared)
+    if total == 0 or disagree == 0:
+        return None
+    rate = disagree / total
+    return {"n_seeds": len(ref), "n_clips": len(clips), "discordant_rate": rate,
+            "detectable": detectable_difference(len(clips), len(ref), rate)}

@@ -385,8 +385,7 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     N and N+n from MLflow, and estimate the blend weights with the models' estimator."""
     from models import estimate_blend_weights
 
-    method = spec.method.model_dump() if spec.method.name == "gblend" else {"estimate_epochs": 2, "estimate_window_epochs": 2}
-    n_epochs, window = method["estimate_epochs"], method["estimate_window_epochs"]
+    n_epochs, window = estimation_epochs(spec)
     # L^T_N: each model's loss on the training split at the end of epoch N (Sec. 3.2), not the running
     # mean of its mini-batch losses while it trained: the stage's runs measure it (loss_train_eval).
     base = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": n_epochs + window,
@@ -428,6 +427,22 @@ def swept_sections(spec: ExperimentSpec) -> list[Any]:
         sections.append(spec.method.model_copy(update={"name": name}) if get_method(spec.method.name) is cls
                         else cls.Section(name=name))
     return sections
+
+
+def estimation_epochs(spec: ExperimentSpec) -> tuple[int, int]:
+    """(N, n) of the G-Blend section that needs the estimation stage: the spec's own, or a compared one's
+    with its searched values (`search.space` `method.estimate_epochs` ...). One stage per sweep."""
+    entries = compare_methods(spec, None) if spec.search.compare else [spec.method.model_dump(mode="json")]
+    found = set()
+    for entry in entries:
+        cls = get_method(entry["name"])
+        section = cls.Section.model_validate(entry)
+        if cls.needs_estimation(section):
+            found.add((section.estimate_epochs, section.estimate_window_epochs))
+    if len(found) > 1:
+        raise SpecError(f"search.space: G-Blend sections with different estimation epochs {sorted(found)}; "
+                        "a sweep runs one estimation stage")
+    return found.pop() if found else (2, 2)
 
 
 def needs_gblend_estimation(spec: ExperimentSpec) -> bool:
@@ -481,6 +496,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     else:
         check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0}
                                                         if needs_gblend_estimation(spec) else None))
+        if needs_gblend_estimation(spec):
+            estimation_epochs(spec)  # one estimation stage: refuse conflicting windows before anything is logged
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
                                                         run_name=f"sweep_{spec.name}")
         state = {"parent_run_id": parent_run_id}

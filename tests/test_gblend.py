@@ -187,3 +187,22 @@ def test_sweep_marks_estimated_weights_in_the_trial_spec():
                  if m["name"] == "gblend"]
     assert gblend["weights"] == {"audio": 0.2, "visual": 0.3, "joint": 0.5}
     assert gblend["weights_source"] == "estimation_stage"
+
+
+def test_estimation_stage_uses_the_compared_gblend_sections_epochs():
+    """The stage measures at the N and N + n of the G-Blend that needs it, also when G-Blend is only
+    compared (its fields from search.space), never a fixed 2 and 2."""
+    from orchestrator.specs import SpecError, load_spec
+    from orchestrator.sweep import estimation_epochs
+
+    spec = load_spec({"method": {"name": "ogm_ge", "modulation_ends": 3}, "train": {"epochs": 3},
+                      "search": {"compare": ["normal", "gblend"], "space": {
+                          "method.estimate_epochs": {"grid": [1]}, "method.estimate_window_epochs": {"grid": [3]}}}})
+    assert estimation_epochs(spec) == (1, 3)
+    own = load_spec({"method": {"name": "gblend", "estimate_epochs": 4, "estimate_window_epochs": 1},
+                     "search": {"compare": ["normal", "gblend"]}})
+    assert estimation_epochs(own) == (4, 1)
+    two = load_spec({"method": {"name": "gblend"}, "search": {"compare": ["gblend"], "space": {
+        "method.estimate_epochs": {"grid": [1, 2]}}}})
+    with pytest.raises(SpecError, match="different estimation epochs"):
+        estimation_epochs(two)

@@ -376,3 +376,20 @@ def test_cli_results_show_intervals_and_paired_differences(hand_sweep):
     assert "+0.240 [+0.160," in res.output and "higher" in res.output and "not" in res.output
     assert "How to read: [low, high] is a 95% t-interval" in " ".join(res.output.split())
     assert "How to read" in res.output
+
+
+def test_gblend_finding_names_its_weights_and_a_starved_head(tmp_path):
+    trials = {f"{m}_s0": ({"method.name": m, "train.seed": "0", **extra}, metrics) for m, extra, metrics in (
+        ("normal", {}, {"acc": [0.5, 0.8], "acc_audio": [0.5, 0.8], "acc_visual": [0.2, 0.4]}),
+        ("gblend", {"gblend_weights_source": "estimated"},
+         {"acc": [0.1, 0.2], "acc_audio": [0.1, 0.1], "acc_visual": [0.3, 0.4]}))}
+    page = hand_report_page(tmp_path, "blend", trials)  # the hand sweep's parent has weights 0.2 / 0.5 / 0.3
+    text = sentence(page, "gblend")
+    assert "audio 0.200, visual 0.500, joint 0.300 (estimated)" in text and "joint accuracy is 0.200" in text
+    assert "weight 0" not in text
+    uri = f"sqlite:///{tmp_path / 'starved.db'}"
+    client, parent, _ = write_hand_sweep(uri, "starved", trials)
+    client.log_batch(parent, metrics=[Metric("gblend_w_audio", 0.0, 1, 0), Metric("gblend_w_visual", 1.0, 1, 0),
+                                      Metric("gblend_w_joint", 0.0, 1, 0)])
+    starved = sentence(html.unescape(build_report("starved", tracking_uri=uri, out_dir=tmp_path / "s").read_text()), "gblend")
+    assert "The audio and joint heads get weight 0 and no gradient" in starved

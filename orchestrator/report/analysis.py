@@ -528,3 +528,22 @@ def gblend_weights_source(sweep: SweepData) -> str:
     """How the sweep's G-Blend trials got their weights (run param `gblend_weights_source`:
     estimated / given / uniform, "+online" when re-estimated during training); "" without any."""
     return ", ".join(sorted({p["gblend_weights_source"] for p in sweep.params.values() if "gblend_weights_source" in p}))
+
+
+def gblend_finding(sweep: SweepData, table: pd.DataFrame) -> dict[str, Any] | None:
+    """What G-Blend trained with, and what a zero weight means: a head with weight 0 gets no gradient, so its
+    accuracy (the joint one included) is whatever the untrained head gives."""
+    weights = gblend_weights(sweep)
+    rows = table[(table["method"] == "gblend") & table["acc"].notna()]
+    if weights is None or rows.empty:
+        return None
+    source = gblend_weights_source(sweep)
+    text = (f"G-Blend trained with loss weights audio {weights['audio']:.3f}, visual {weights['visual']:.3f}, joint "
+            f"{weights['joint']:.3f} ({source or 'source not logged'}); its joint accuracy is "
+            f"{float(rows['acc'].astype(float).mean()):.3f} (mean over {len(rows)} trials).")
+    starved = [h for h, w in weights.items() if w == 0]
+    if starved:
+        text += (f" The {' and '.join(starved)} head{'s get' if len(starved) > 1 else ' gets'} weight 0 and no "
+                 "gradient: each head's weight follows its validation-loss drop over the estimation window (dG), and "
+                 "a head whose validation loss did not fall there gets none (see gblend_estimate.json on the parent run).")
+    return {"id": "gblend", "group": "", "weights": weights, "source": source, "starved": starved, "text": text}

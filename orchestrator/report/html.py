@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, SweepData, config_means, findings, gblend_weights,
+from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, gblend_finding, SweepData, config_means, findings, gblend_weights,
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
 from orchestrator.report.comparisons import config_summary, format_interval
@@ -147,6 +147,8 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
     items = findings(table, sweep.predictions)
+    if (blend := gblend_finding(sweep, table)) is not None:
+        items.append(blend)
 
     out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
     out.mkdir(parents=True, exist_ok=True)

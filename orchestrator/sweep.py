@@ -189,7 +189,8 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
             client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage,
-            CONFIG_TAG: config_label(spec, searched)}
+            # A stage's runs are their own configurations: grouped with the main ones they would skew their means.
+            CONFIG_TAG: config_label(spec, searched) if stage == MAIN_STAGE else f"{stage}_{config_label(spec, searched)}"}
     # A stage's runs say so in their names: the estimation stage trains the same methods as the main one.
     run_name = run_name_for(spec) if stage == MAIN_STAGE else f"{stage}_{run_name_for(spec)}"
     _, run_id = start_mlflow_run(client, spec, tags=tags, run_name=run_name)

@@ -68,6 +68,27 @@ def test_sweep_and_report_show_in_the_mlflow_ui(browser, shared_sweep, tmp_path)
     page.locator("[role=columnheader][col-id='metrics.`acc_visual`']").scroll_into_view_if_needed()
     page.screenshot(path=str(tmp_path / "mlflow_ui_runs.png"), full_page=True)
 
+    # Grouped by configuration (the `avtune.config` tag: settings without the seed). Screenshot
+    # mlflow_ui_grouped.png shows, under "Group by: avtune.config", one collapsible row per configuration
+    # ("Group: normal_concat", "Group: ogm_ge_concat_a0.5_w0-2", ..., the G-Blend stage's runs in groups of
+    # their own) whose acc_audio / acc_visual cells read "<mean over its seeds> (average)", its runs below.
+    configs = {r.data.tags["avtune.config"]: r.data.metrics for r in client.search_runs(
+        [result.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and "
+                                              "tags.`avtune.stage` = 'main'") if r.info.run_name in children}
+    assert set(configs) == {name.removesuffix("_s0") for name in children}
+    page.get_by_role("button", name="Group by").first.click()
+    page.get_by_placeholder("Search").last.fill("avtune.config")
+    page.get_by_text("avtune.config", exact=True).last.click()
+    page.keyboard.press("Escape")
+    for config, metrics in configs.items():
+        group = page.locator(".ag-row", has=page.get_by_text(f"Group: {config}", exact=True)).first
+        row_index = group.get_attribute("row-index")
+        for key in ("acc_audio", "acc_visual"):
+            text = page.locator(f".ag-row[row-index='{row_index}'] [col-id='metrics.`{key}`']").first.inner_text()
+            assert text.endswith("(average)") and float(text.split()[0]) == pytest.approx(metrics[key], abs=1e-6), \
+                (config, key, text)
+    page.screenshot(path=str(tmp_path / "mlflow_ui_grouped.png"), full_page=True)
+
     # The report opens in the parent run's artifact viewer, with its embedded plots.
     page.goto(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}/artifacts")
     page.get_by_text("report", exact=True).first.click()

@@ -8,7 +8,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 data_app = typer.Typer(
     help="Generate synthetic audio-visual clip datasets and inspect dataset folders.",
@@ -27,8 +29,72 @@ class Layout(str, Enum):
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # escape: paths in messages may hold "[...]", which rich would read as markup
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+class CardError(ValueError):
+    """A ``card.json`` that cannot be used: the message names the file and what is wrong."""
+
+
+# What `_print_card_summary` reads: top-level keys, then the keys of each split's entry.
+CARD_KEYS = ("informative_realised", "best_achievable_accuracy", "params")
+CARD_SPLIT_KEYS = {
+    "informative_realised": ("clips", "audio", "visual"),
+    "best_achievable_accuracy": ("audio", "visual", "audio_visual"),
+}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_card(root: Path) -> dict[str, Any] | None:
+    """The dataset's generation card, ``root/card.json``; ``None`` when the folder has none.
+
+    Raises :class:`CardError` ("card.json at <path>: <what is wrong>") for a file that is unreadable,
+    not UTF-8, empty, not valid JSON, not a JSON object, or lacks a key the card summary needs.
+    """
+    from orchestrator.synth import CARD_FILE
+
+    path = Path(root) / CARD_FILE
+    if not path.is_file():
+        return None
+    where = f"{CARD_FILE} at {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CardError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise CardError(f"{where}: cannot be read ({err.strerror or err})") from None
+    if not text.strip():
+        raise CardError(f"{where}: empty file (regenerate the dataset with `avtune data synth`)")
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CardError(f"{where}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if not isinstance(card, dict):
+        raise CardError(f"{where}: top level is {_json_type(card)}, expected a JSON object")
+    missing = [key for key in CARD_KEYS if key not in card]
+    if missing:
+        raise CardError(f"{where}: missing key{'s' if len(missing) > 1 else ''} "
+                        + ", ".join(repr(key) for key in missing))
+    for key in CARD_KEYS:
+        if not isinstance(card[key], dict):
+            raise CardError(f"{where}: key {key!r} is {_json_type(card[key])}, expected a JSON object")
+    for split in card["informative_realised"]:
+        if split not in card["best_achievable_accuracy"]:
+            raise CardError(f"{where}: missing key 'best_achievable_accuracy.{split}'")
+        for key, needed in CARD_SPLIT_KEYS.items():
+            entry = card[key][split]
+            if not isinstance(entry, dict):
+                raise CardError(f"{where}: key '{key}.{split}' is {_json_type(entry)}, expected a JSON object")
+            for sub in needed:
+                if sub not in entry:
+                    raise CardError(f"{where}: missing key '{key}.{split}.{sub}'")
+    return card
 
 
 def _fmt(value: Any) -> str:
@@ -107,11 +173,16 @@ def inspect(
     from orchestrator.synth import inspect_dataset
 
     try:
+        card = read_card(root)  # first: inspect_dataset would fail on a bad card without naming it
         summary = inspect_dataset(root, layout.value, probe_limit=probe_limit)
     except (ValueError, ManifestError) as err:
         _fail(str(err))
+    summary["card"] = card
+    problems = summary["problems"] + summary["media"]["errors"]
     if as_json:
         console.print_json(json.dumps(summary, default=str))
+        if problems:
+            raise typer.Exit(1)
         return
 
     counts = Table(title=f"Clips per class and split: {root} ({layout.value})")
@@ -136,15 +207,14 @@ def inspect(
     if media["duration_s"]:
         d = media["duration_s"]
         console.print(f"durations: min {d['min']:.3f} s, mean {d['mean']:.3f} s, max {d['max']:.3f} s")
-    problems = summary["problems"] + media["errors"]
-    if problems:
-        bad = Table(title=f"{len(problems)} problem(s)", style="red")
-        bad.add_column("where")
-        bad.add_column("problem")
-        for where, problem in problems:
-            bad.add_row(where, problem)
-        console.print(bad)
     if summary["card"]:
         _print_card_summary(summary["card"])
     else:
         console.print("no card.json (not a generated dataset)")
+    if problems:
+        # One plain "where: problem" line each, never wrapped or cut (a table would fold or
+        # ellipsize long paths), so the full path can be copied or grepped; exit 1 = problems found.
+        console.print(f"[bold red]{len(problems)} problem(s):[/]")
+        for where, problem in problems:
+            console.print(Text(f"{where}: {problem}", style="red"), soft_wrap=True, highlight=False)
+        raise typer.Exit(1)

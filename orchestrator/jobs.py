@@ -43,6 +43,10 @@ def submit_spec(spec: ExperimentSpec, address: str, tracking_uri: str | None = N
     The job's working_dir holds only the three packages and the spec, so nothing else of the
     local checkout (virtualenv, runs, data) is uploaded.
     """
+    if command == "sweep" and spec.search is not None:
+        from orchestrator.sweep import check_search
+
+        check_search(spec)  # the same up-front check `avtune sweep` makes, before anything is uploaded
     client = job_client(address, token_file)
     staging = Path(tempfile.mkdtemp(prefix="avtune-submit-"))
     try:

@@ -159,6 +159,27 @@ def trial_spec_data(base: dict[str, Any], config: dict[str, Any]) -> dict[str, A
     return data
 
 
+def check_search(spec: ExperimentSpec) -> None:
+    """Every trial spec the search can produce validates: each grid combination, each `choice` value and
+    both bounds of a `uniform` / `loguniform` range (paths included: a typo'd field is refused here,
+    not after data synthesis or inside a trial); one G-Blend estimation window."""
+    estimating = needs_gblend_estimation(spec)
+    check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0} if estimating else None))
+    if estimating:
+        estimation_epochs(spec)
+    base = spec.model_dump(mode="json")
+    problems = []
+    for path, dim in spec.search.space.items():
+        values = {"choice": dim.choice, "uniform": dim.uniform, "loguniform": dim.loguniform}.get(dim.kind) or []
+        for value in values:
+            try:
+                validate_spec(trial_spec_data(base, {path: value}), source="(search value)")
+            except SpecError as err:
+                problems.append(f"{path}={value!r}: {str(err).splitlines()[-1].strip()}")
+    if problems:
+        raise SpecError("search.space has invalid values:\n  " + "\n  ".join(problems[:20]))
+
+
 def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -> None:
     """Reject a grid whose combinations include invalid specs (e.g. ends <= starts), naming them."""
     base = spec.model_dump(mode="json")
@@ -481,6 +502,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow."""
     if spec.search is None:
         raise SpecError("search: this spec has no search section; use `avtune train` for a single run")
+    if not resume:
+        check_search(spec)  # before any data is generated or anything logged
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -495,10 +518,6 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         client.update_run(parent_run_id, status="RUNNING")
     else:
-        check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0}
-                                                        if needs_gblend_estimation(spec) else None))
-        if needs_gblend_estimation(spec):
-            estimation_epochs(spec)  # one estimation stage: refuse conflicting windows before anything is logged
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
                                                         run_name=f"sweep_{spec.name}")
         state = {"parent_run_id": parent_run_id}

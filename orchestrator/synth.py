@@ -76,6 +76,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
+# Written first into every folder the generator makes: the only folders it ever writes into again.
+GENERATOR_MARKER = ".avtune-generated"
 MANIFEST_FILE = "manifest.csv"
 SIGNATURES_FILE = "signatures.csv"
 CLASSES_FILE = "classes.txt"
@@ -455,6 +457,32 @@ def best_achievable_accuracy(labels: Sequence[int], signatures: Sequence[Sequenc
     return sum(max(counter.values()) for counter in table.values()) / len(labels)
 
 
+def made_by_generator(root: Path) -> bool:
+    """The folder holds the generator's marker (written before anything else), or is a complete set made
+    before the marker existed (a card with the generator's params)."""
+    if (root / GENERATOR_MARKER).is_file():
+        return True
+    try:
+        card = json.loads((root / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and isinstance(card.get("params"), dict) and "audio_informative" in card["params"]
+
+
+def claim_output_folder(root: Path) -> None:
+    """Make `root` the generator's, or refuse: it must be new, empty, or made by the generator. Never write
+    into a folder the generator did not create (a real dataset's files share names with generated ones)."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"data.root: {root} is a file, not a folder the generator can write into")
+    if root.is_dir() and any(root.iterdir()) and not made_by_generator(root):
+        raise FileExistsError(
+            f"data.root: {root} is not empty and was not made by the clip generator, so nothing is generated into "
+            "it (its files could be a real dataset's). To train on a dataset there, set data.source: dataset and "
+            "data.layout; to generate clips, give an empty or new folder (or leave data.root unset)")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / GENERATOR_MARKER).write_text("made by avtune's clip generator (orchestrator/synth.py)\n")
+
+
 def _card(
     clips: list[_Clip], class_names: list[str], signatures: list[dict[str, Any]], params: dict[str, Any]
 ) -> dict[str, Any]:
@@ -634,7 +662,7 @@ def synthesize_dataset(
     params = drop_default_difficulty(params)
     started = time.perf_counter()
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(root)
     (root / CARD_FILE).unlink(missing_ok=True)  # the card marks a complete set; written last
 
     class_names = _class_names(layout, classes)

@@ -75,7 +75,10 @@ def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
         root = Path(spec.data.root) if spec.data.root else storage.runs_dir / "data" / spec.data.synth.folder_key()
         root = root.resolve()
         if not (root / "card.json").exists():
-            synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
+            try:
+                synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
+            except FileExistsError as err:  # a folder the generator did not make: never written into
+                raise SpecError(str(err)) from None
     return spec.model_copy(update={"storage": storage, "data": data.model_copy(update={"root": root})})
 
 

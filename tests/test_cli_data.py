@@ -80,7 +80,7 @@ def test_inspect_reports_bad_rows(tmp_path, synth_layouts):
     with open(root / "my_test.txt", "a") as handle:
         handle.write("abc_000001_000011,1,9\n")
     result = _invoke("inspect", str(root), "--layout", "kinetics-sounds")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # problems found (issue 16 item 10)
     assert "1 problem(s)" in result.output and "unknown label index 9" in result.output
 
 
@@ -94,3 +94,98 @@ def test_bad_input_exits_with_a_message(tmp_path, synth_dataset):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = _invoke("inspect", str(synth_dataset), "--layout", "cremad")
     assert result.exit_code == 2 and "train.csv" in result.output and "split list not found" in result.output
+
+
+# ---- clear messages (issue 16 item 10): a bad card.json, and problems found by `inspect` --------------
+
+
+def _invoke_narrow(*args: str, width: int = 40):
+    # narrower than any tmp path: nothing that names a file may be wrapped, folded or cut
+    return runner.invoke(data_app, list(args), terminal_width=width, env={"COLUMNS": str(width)})
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    raise AssertionError("text is valid JSON")
+
+
+def _drop(card: dict, *keys: str) -> str:
+    *parents, last = keys
+    node = card
+    for key in parents:
+        node = node[key]
+    del node[last]
+    return json.dumps(card, indent=2)
+
+
+# name -> (damage(card text, card) -> new text, expected message after "card.json at <path>: ")
+CARD_DAMAGE = {
+    "truncated": (lambda text, card: text[: len(text) // 2], lambda text: _json_error(text)),
+    "junk": (lambda text, card: "\x00\x01 not json\n", lambda text: _json_error(text)),
+    "empty": (lambda text, card: "", lambda text: "empty file (regenerate the dataset with `avtune data synth`)"),
+    "array": (lambda text, card: "[1, 2]\n", lambda text: "top level is an array, expected a JSON object"),
+    "no_params": (lambda text, card: _drop(card, "params"), lambda text: "missing key 'params'"),
+    "no_informative": (lambda text, card: _drop(card, "informative_realised"),
+                       lambda text: "missing key 'informative_realised'"),
+    "params_not_object": (lambda text, card: json.dumps({**card, "params": []}),
+                          lambda text: "key 'params' is an array, expected a JSON object"),
+    "nested_key": (lambda text, card: _drop(card, "best_achievable_accuracy", "val", "audio_visual"),
+                   lambda text: "missing key 'best_achievable_accuracy.val.audio_visual'"),
+}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["tables", "json"])
+@pytest.mark.parametrize("damage", list(CARD_DAMAGE))
+def test_inspect_bad_card_exits_2_naming_the_file(tmp_path, synth_layouts, damage, as_json):
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(synth_layouts["avtune"], root)
+    card_file = root / "card.json"
+    text = card_file.read_text()
+    make, expected = CARD_DAMAGE[damage]
+    card_file.write_text(make(text, json.loads(text)))
+    new_text = card_file.read_text()
+
+    result = _invoke_narrow("inspect", str(root), *(["--json"] if as_json else []))
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # no KeyError / JSONDecodeError
+    assert "Traceback" not in result.output
+    message = f"error: card.json at {card_file}: {expected(new_text)}"
+    assert message in result.output.splitlines(), result.output  # the whole message, on one line
+
+
+def test_inspect_problems_exit_1_with_full_paths(tmp_path, synth_layouts):
+    import shutil
+
+    root = (tmp_path / "a_folder_with_a_long_name_so_paths_are_wider_than_the_console" / "set").resolve()
+    shutil.copytree(synth_layouts["avtune"], root)
+    with open(root / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    broken = root / rows[0]["path"]
+    broken.write_bytes(b"\x00junk, not a video" * 64)  # bad media
+    with open(root / "manifest.csv", "a") as handle:  # a manifest error on line 14 (header + 12 rows + 1)
+        handle.write("../outside.mp4,class_00,train,\n")
+
+    result = _invoke_narrow("inspect", str(root))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.splitlines()
+    assert "2 problem(s):" in lines, result.output
+    # each problem on one line that starts with the full, intact path
+    assert any(line.startswith(f"{broken}: ") and len(line) > len(f"{broken}: ") for line in lines), result.output
+    assert f"{root / 'manifest.csv'}, line 14: video path '../outside.mp4' contains '..'" in lines, result.output
+    assert "generation parameters:" in result.output  # the card is still shown
+
+    result = _invoke_narrow("inspect", str(root), "--json")
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.output)
+    assert [path for path, _ in summary["media"]["errors"]] == [str(broken)]
+    assert summary["problems"] == [[f"{root / 'manifest.csv'}, line 14", "video path '../outside.mp4' contains '..'"]]
+
+    # the clean set still exits 0
+    result = _invoke_narrow("inspect", str(synth_layouts["avtune"]))
+    assert result.exit_code == 0, result.output

@@ -33,6 +33,8 @@ __all__ = [
     "decode_clip",
     "uniform_frame_indices",
     "clip_num_samples",
+    "DEFAULT_MAX_SOURCE_PIXELS",
+    "DEFAULT_MAX_SOURCE_SECONDS",
 ]
 
 # A file whose container is recognised but which cannot be decoded is reported as truncated or
@@ -53,6 +55,12 @@ _CONTAINER_SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
 # Decoded video must cover at least this share of the duration the container declares (capped at
 # the clip window); less means the file was cut short after its header was written.
 _MIN_DECLARED_COVERAGE = 0.5
+
+# Limits on the source media, checked from the container's header before anything is decoded (the
+# defaults of ``DecodeParams.max_source_pixels`` / ``max_source_seconds``): a frame of at most 4K
+# (3840 x 2160) and a file of at most 10 minutes admit every clip of the public datasets.
+DEFAULT_MAX_SOURCE_PIXELS = 3840 * 2160
+DEFAULT_MAX_SOURCE_SECONDS = 600.0
 
 
 class BadMediaError(ValueError):
@@ -354,12 +362,48 @@ def _time_scale(stream: av.stream.Stream) -> float:
     return float(stream.time_base) if stream.time_base is not None else 0.0
 
 
-def _decode_audio_only(path: Path, collector: _AudioCollector) -> None:
+def _declared_seconds(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+    """The duration the file declares: the container's, else the stream's (``None``: unknown)."""
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return _seconds(stream.duration, stream.time_base)
+
+
+def _check_source_limits(
+    path: Path,
+    container: av.container.InputContainer,
+    stream: av.stream.Stream,
+    max_pixels: int | None,
+    max_seconds: float,
+) -> None:
+    """Refuse a file whose frames (video ``stream``) or declared duration exceed the limits.
+
+    Reads only what opening the file parsed (stream parameters, container header); decodes
+    nothing. ``max_pixels=None``: no frame-size check (``stream`` is an audio stream). A size or
+    duration the file does not declare is not checked (decoding stays bounded by the clip window).
+    """
+    if max_pixels is not None:
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width and height and width * height > max_pixels:
+            raise BadMediaError(
+                path,
+                f"source frames {width}x{height} ({width * height} pixels) exceed "
+                f"max_source_pixels {max_pixels}",
+            )
+    duration = _declared_seconds(container, stream)
+    if duration is not None and duration > max_seconds:
+        raise BadMediaError(
+            path, f"duration {duration:.3f} s exceeds max_source_seconds {max_seconds:g}"
+        )
+
+
+def _decode_audio_only(path: Path, collector: _AudioCollector, max_seconds: float) -> None:
     container = _open(path, known_format=True)
     try:
         if not container.streams.audio:
             raise BadMediaError(path, "no audio stream")
         stream = container.streams.audio[0]
+        _check_source_limits(path, container, stream, None, max_seconds)
         for packet in container.demux(stream):
             for frame in packet.decode():
                 collector.add(frame)
@@ -406,6 +450,8 @@ def decode_clip(
     frame_width: int,
     sample_rate_hz: int,
     clip_seconds: float,
+    max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+    max_source_seconds: float = DEFAULT_MAX_SOURCE_SECONDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one clip: ``num_frames`` uniformly spaced RGB frames and a mono waveform.
 
@@ -413,8 +459,10 @@ def decode_clip(
     ``frames``: uint8 ``(num_frames, frame_height, frame_width, 3)`` and
     ``waveform``: float32 ``(round(clip_seconds * sample_rate_hz),)``.
 
-    Raises :class:`BadMediaError` for a missing / unreadable / empty / non-media / truncated file
-    or a file lacking the needed stream.
+    Raises :class:`BadMediaError` for a missing / unreadable / empty / non-media / truncated file,
+    a file lacking the needed stream, or, before anything is decoded, a video whose frames have
+    more than ``max_source_pixels`` pixels (source width * height) or a file that declares a
+    duration over ``max_source_seconds``.
     """
     if num_frames <= 0 or frame_height <= 0 or frame_width <= 0 or sample_rate_hz <= 0:
         raise ValueError(
@@ -423,25 +471,31 @@ def decode_clip(
         )
     if not clip_seconds > 0:
         raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+    if not (max_source_pixels > 0 and max_source_seconds > 0):
+        raise ValueError(
+            "max_source_pixels and max_source_seconds must be positive, got "
+            f"{max_source_pixels}, {max_source_seconds}"
+        )
     video_path, audio_path = Path(video_path), Path(audio_path)
     shared = video_path == audio_path or os.path.abspath(video_path) == os.path.abspath(audio_path)
     collector = _AudioCollector(sample_rate_hz, clip_num_samples(clip_seconds, sample_rate_hz))
-    if not shared:
-        # Check the video file first so a bad video is reported before the audio file is touched.
-        _check_file(video_path)
-        _decode_audio_only(audio_path, collector)
 
+    # Open the video file first, so a bad or oversized video is reported before the audio file is
+    # touched; its frame size and duration are checked before anything is decoded.
     container = _open(video_path, known_format=True)
     try:
         if not container.streams.video:
             raise BadMediaError(video_path, "no video stream")
         video = container.streams.video[0]
+        _check_source_limits(video_path, container, video, max_source_pixels, max_source_seconds)
         _single_threaded(video)
         audio = None
         if shared:
             if not container.streams.audio:
                 raise BadMediaError(video_path, "no audio stream")
             audio = container.streams.audio[0]
+        else:
+            _decode_audio_only(audio_path, collector, max_source_seconds)
         window_start = _stream_start(video)
         window_end = window_start + clip_seconds
         video_scale = _time_scale(video)
@@ -502,7 +556,8 @@ def decode_clip(
             # The decoder produced fewer frames than there were packets (dropped / undecodable
             # packets): decode again from the start, this time keeping every frame in the window.
             frames = _decode_all_then_select(
-                video_path, num_frames, window_end, frame_height, frame_width
+                video_path, num_frames, window_end, frame_height, frame_width,
+                max_source_pixels, max_source_seconds,
             )
         declared = _seconds(video.duration, video.time_base)
         if declared is None and container.duration is not None:
@@ -596,33 +651,70 @@ def _stack(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
 
 
 def _decode_all_then_select(
-    path: Path, num_frames: int, window_end: float, height: int, width: int
+    path: Path,
+    num_frames: int,
+    window_end: float,
+    height: int,
+    width: int,
+    max_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+    max_seconds: float = DEFAULT_MAX_SOURCE_SECONDS,
 ) -> np.ndarray:
+    """Decode every frame of the window, then take the uniformly chosen ones.
+
+    Two passes, so memory stays at ``num_frames`` converted frames whatever the window holds: the
+    first counts the frames the decoder yields in the window (keeping none), the second decodes
+    again and converts only the chosen ones.
+    """
+    count, _ = _scan_window(path, window_end, max_pixels, max_seconds)
+    if count == 0:
+        raise BadMediaError(path, "video stream has no decodable frames")
+    wanted = uniform_frame_indices(count, num_frames)
+    _, by_index = _scan_window(
+        path, window_end, max_pixels, max_seconds, wanted=set(wanted), height=height, width=width
+    )
+    if len(by_index) != len(set(wanted)):  # the decoder yielded fewer frames the second time
+        raise BadMediaError(path, "video stream does not decode the same way twice")
+    return _stack([by_index[index] for index in wanted], height, width)
+
+
+def _scan_window(
+    path: Path,
+    window_end: float,
+    max_pixels: int,
+    max_seconds: float,
+    *,
+    wanted: set[int] | None = None,
+    height: int = 0,
+    width: int = 0,
+) -> tuple[int, dict[int, np.ndarray]]:
+    """Decode the video stream of ``path`` from the start, numbering the frames before
+    ``window_end``: returns how many there are (up to the last wanted one) and the ``wanted``
+    ones converted to RGB ``(height, width, 3)``. No decoded frame is kept beyond its turn."""
     container = _open(path, known_format=True)
+    by_index: dict[int, np.ndarray] = {}
+    position = 0
     try:
+        if not container.streams.video:
+            raise BadMediaError(path, "no video stream")
         stream = container.streams.video[0]
+        _check_source_limits(path, container, stream, max_pixels, max_seconds)
         _single_threaded(stream)
         scale = _time_scale(stream)
-        kept: list[av.VideoFrame] = []
+        reformatter = _new_reformatter() if wanted else None
+        last_wanted = max(wanted) if wanted else None
         for frame in container.decode(stream):
             if frame.pts is not None and frame.pts * scale >= window_end:
                 continue
-            kept.append(frame)
+            if wanted is not None and position in wanted:
+                by_index[position] = _frame_to_rgb(reformatter, frame, height, width)
+            position += 1
+            if last_wanted is not None and position > last_wanted:
+                break
     except av.error.FFmpegError as err:
         raise BadMediaError(path, f"truncated or corrupt video stream ({_ffmpeg_message(err)})") from None
     finally:
         container.close()
-    if not kept:
-        raise BadMediaError(path, "video stream has no decodable frames")
-    reformatter = _new_reformatter()
-    return _stack(
-        [
-            _frame_to_rgb(reformatter, kept[i], height, width)
-            for i in uniform_frame_indices(len(kept), num_frames)
-        ],
-        height,
-        width,
-    )
+    return position, by_index
 
 
 def clip_num_samples(clip_seconds: float, sample_rate_hz: int) -> int:

@@ -35,6 +35,12 @@ _Strict = StrictModel
 # Default noise levels of the generator (audio_noise_std / visual_noise_std of synthesize_dataset).
 DIFFICULTY_DEFAULTS = {"audio_noise_std": 0.03, "visual_noise_std": 12.0}
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch takes it too
+# Per-epoch metrics a search can rank trials by (every classifier reports the first ones; the rest are
+# the heads', OGM's and G-Blend's): a typo is refused here, not found when no best trial is tagged.
+SEARCH_METRICS = ("acc", "loss", "best_acc", "acc_audio", "acc_visual", "loss_audio", "loss_visual", "loss_train",
+                  "loss_train_eval", "gap_av", "shapley_audio", "shapley_visual", "k_audio", "k_visual", "ratio_av",
+                  "gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "epoch_seconds")
 
 
 def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
@@ -53,17 +59,32 @@ class DecodeParams(StrictModel):
     hop_ms=16.01``, its VGGSound one (256 / 128 at 16 kHz) is ``win_ms=16, hop_ms=8``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    num_frames: int = Field(4, gt=0, description="video frames sampled uniformly per clip")
-    frame_height: int = Field(64, gt=0)
-    frame_width: int = Field(64, gt=0)
-    sample_rate_hz: int = Field(16000, gt=0)
-    clip_seconds: float = Field(1.0, gt=0)
+    # Upper bounds keep one decoded clip to a bounded size (at most 256 x 1024 x 1024 x 3 bytes of
+    # frames and 60 s of audio): a typo such as `clip_seconds: 1e9` is refused here, not found as
+    # an out-of-memory worker.
+    num_frames: int = Field(4, gt=0, le=256, description="video frames sampled uniformly per clip")
+    frame_height: int = Field(64, gt=0, le=1024, description="height of the decoded frames (pixels)")
+    frame_width: int = Field(64, gt=0, le=1024, description="width of the decoded frames (pixels)")
+    sample_rate_hz: int = Field(16000, gt=0, le=96000, description="audio resampled to this rate (Hz)")
+    clip_seconds: float = Field(1.0, gt=0, le=60, description="length of the decoded window (s)")
     audio_feature: Literal["logmel", "spectrogram"] = "logmel"
-    n_mels: int = Field(40, gt=0)
-    win_ms: float = Field(25.0, gt=0)
-    hop_ms: float = Field(10.0, gt=0)
+    n_mels: int = Field(40, gt=0, le=512)
+    win_ms: float = Field(25.0, gt=0, le=1000)
+    hop_ms: float = Field(10.0, gt=0, le=1000)
+    # Limits on the SOURCE media, checked before anything is decoded (workers.media.decode_clip).
+    # The defaults admit every clip of the public datasets (CREMA-D, Kinetics-Sounds, VGGSound, AVE:
+    # clips of at most ~10 s, frames up to 4K). Left out of dumps at their defaults (exclude_if),
+    # so the cache key and the logged parameters of existing settings stay the same.
+    max_source_pixels: int = Field(
+        3840 * 2160, gt=0, exclude_if=lambda v: v == 3840 * 2160,
+        description="refuse a video whose frames (source width * height) have more pixels than this",
+    )
+    max_source_seconds: float = Field(
+        600.0, gt=0, exclude_if=lambda v: v == 600.0,
+        description="refuse a video or audio file whose declared duration is longer than this (s)",
+    )
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -153,7 +174,7 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     lr_decay_step: int = Field(70, ge=1, description="epochs between StepLR decays")
     lr_decay_ratio: float = Field(0.1, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="initialisation and data order (torch, numpy, random)")
     train_split_loss: bool = Field(False, description=(
         "also measure, at the end of every epoch, the model's loss on the whole training split in eval mode "
         "(loss_train_eval*): G-Blend's L^T_N (Wang et al., Sec. 3.2); its estimation stage turns this on"))
@@ -170,7 +191,8 @@ class ScalingSpec(_Strict):
 
 class TrackingSpec(_Strict):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else sqlite under storage.runs_dir")
-    experiment: str | None = Field(None, description="None: the spec's name")
+    experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
+                                   description="None: the spec's name (also a folder name: letters, digits, . _ -)")
 
 
 class StorageSpec(_Strict):
@@ -212,12 +234,12 @@ class SearchSpec(_Strict):
     space: dict[str, SearchDimension] = Field(default_factory=dict)
     compare: list[Literal[METHOD_NAMES]] = Field(
         default_factory=list, description="methods run side by side on the same data and seeds")
-    seeds: list[int] = Field(default_factory=list, description=(
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=list, description=(
         "train.seed values crossed with every configuration (compared methods and baselines included): "
         "each configuration runs once per seed on the same clips and splits, so comparisons are paired"))
     searcher: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "acc"
+    metric: Literal[SEARCH_METRICS] = Field("acc", description="a per-epoch metric every trial reports")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1, le=10000)
     max_concurrent_trials: int = Field(1, ge=1, le=1024)
@@ -293,6 +315,35 @@ def validate_spec(data: Any, source: str = "<python>") -> ExperimentSpec:
         raise SpecError(_format_validation_error(err, source)) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter for specs: no anchors or aliases (an alias expands after validation,
+    so a "billion laughs" spec or a self-reference would only blow up later, in dumps, job submissions
+    and error texts) and no duplicate keys (YAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            name = getattr(event, "anchor", "")
+            raise SpecError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&{name} / *{name}) are not "
+                            "allowed in a spec: write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise SpecError(f"line {line}: duplicate key {key!r} (first at line {first_line[key]}); "
+                                "YAML would silently keep the last one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`model.fusion=film` -> (["model", "fusion"], "film"); the value is parsed as YAML (safe)."""
     if "=" not in text:
@@ -301,7 +352,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise SpecError(f"override {text!r}: empty field name in {key!r}")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return parts, load_yaml(raw) if raw.strip() else ""
+    except SpecError as err:
+        raise SpecError(f"override {text!r}: {err}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -332,9 +386,11 @@ def load_spec(path_or_data: str | Path | dict[str, Any], overrides: list[str] | 
         except OSError as err:
             raise SpecError(f"cannot read spec {path}: {err.strerror or err}") from None
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as err:
             raise SpecError(f"spec {path} is not valid YAML: {err}") from None
+        except SpecError as err:
+            raise SpecError(f"spec {path}, {err}") from None
         if data is None:
             data = {}
     if not isinstance(data, dict):

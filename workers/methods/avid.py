@@ -109,9 +109,20 @@ class AVID(Method):
     @classmethod
     def spec_problems(cls, spec) -> list[str]:
         m = spec.method
+        problems = []
         if m.name == "avid" and (m.init_from or m.init_source or m.avid_stage_epochs):
-            return ["method.init_from / init_source / avid_stage_epochs: only cma starts from a trained AVID model"]
-        return []
+            problems.append("method.init_from / init_source / avid_stage_epochs: only cma starts from a trained AVID model")
+        if m.config:
+            try:  # a typo'd official name is found here, not when a trial builds its criterion
+                config = models.parse_avid_config(m.config)
+                config.validate()
+            except ValueError as err:
+                problems.append(f"method.config: {err}")
+            else:
+                if config.uses_positives != (m.name == "cma"):
+                    problems.append(f"method.config: {m.config!r} is a{' CMA' if config.uses_positives else 'n AVID'} "
+                                    f"criterion; method {m.name} needs {'an InstX-...-Pos' if m.name == 'cma' else 'a Cross-/Joint-'} name")
+        return problems
 
     def build_model(self, num_classes: int):
         m = self.spec.model

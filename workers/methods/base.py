@@ -47,7 +47,8 @@ evaluation = lazy_module("workers.evaluation")
 class StrictModel(BaseModel):
     """Base of every spec model: unknown fields are errors naming the field path."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a setting (`learning_rate: .nan` would pass `le=10` checks).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class MethodSection(StrictModel):

@@ -110,6 +110,7 @@ def sweep(
     address: AddressOpt = None,
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: search.max_concurrent_trials)"),
     resume: bool = typer.Option(False, "--resume", help="continue this spec's interrupted sweep (same parent run)"),
+    resume_run: Optional[str] = typer.Option(None, "--resume-run", help="continue the sweep with this parent run id"),
 ) -> None:
     """Run a Ray Tune sweep: one MLflow parent run, a child run per trial."""
     from orchestrator.sweep import run_sweep
@@ -119,7 +120,7 @@ def sweep(
         _fail(f"{spec}: no search section; use `avtune train` for a single run")
     console.print(f"sweep [bold]{exp.name}[/]: starting Ray and the trials ...")
     try:
-        result = run_sweep(exp, address=address, max_concurrent=max_concurrent, resume=resume)
+        result = run_sweep(exp, address=address, max_concurrent=max_concurrent, resume=resume_run or resume)
     except Exception as err:  # noqa: BLE001
         _fail(f"sweep failed: {err}")
     if result.gblend_weights:

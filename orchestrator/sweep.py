@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import queue
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
-from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
+from orchestrator.tracking import MlflowEpochLogger, finish_run, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
     config_label,
@@ -207,7 +208,7 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
     found = child_runs(client, parent_run_id, trial_id=trial_id, max_results=1)
     if found:
         if found[0].info.status != "RUNNING":
-            client.update_run(found[0].info.run_id, status="RUNNING")
+            reopen_run(client, found[0].info.run_id)
         return found[0].info.run_id
     tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name, STAGE_TAG: stage,
             # A stage's runs are their own configurations: grouped with the main ones they would skew their means.
@@ -497,9 +498,20 @@ def run_start_stages(spec: ExperimentSpec, client: MlflowClient, parent_run_id: 
     return starts
 
 
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """The sweep's resume file, replaced atomically: a crash never leaves half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(state))
+    os.replace(partial, path)
+
+
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
-              resume: bool = False) -> SweepResult:
-    """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow."""
+              resume: bool | str = False) -> SweepResult:
+    """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow.
+
+    `resume=True` continues the sweep this spec's resume file names (written as soon as the parent run
+    exists); `resume="<parent run id>"` continues that sweep."""
     if spec.search is None:
         raise SpecError("search: this spec has no search section; use `avtune train` for a single run")
     if not resume:
@@ -511,18 +523,29 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     state_file = sweep_state_file(spec)
     state: dict[str, Any] = {}
     if resume:
-        if not state_file.exists():
+        saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if isinstance(resume, str):
+            state = saved if saved.get("parent_run_id") == resume else {"parent_run_id": resume}
+            try:
+                parent = client.get_run(resume)
+            except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
+                raise SpecError(f"--resume-run: no run {resume} at {tracking_uri} ({err})") from None
+            if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
+                raise SpecError(f"--resume-run: run {resume} is not a sweep's parent run")
+        elif not saved:
             raise FileNotFoundError(f"nothing to resume: no sweep named {spec.name!r} under {state_file.parent}")
-        state = json.loads(state_file.read_text())
+        else:
+            state = saved
         parent_run_id = state["parent_run_id"]
         experiment_id = client.get_run(parent_run_id).info.experiment_id
-        client.update_run(parent_run_id, status="RUNNING")
+        reopen_run(client, parent_run_id)
     else:
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
                                                         run_name=f"sweep_{spec.name}")
         state = {"parent_run_id": parent_run_id}
+    # Right away: a crash in a stage before the main trials must resume this sweep, not an older one.
+    write_state(state_file, state)
     name = f"{spec.name}-{parent_run_id[:8]}"
-    state_file.parent.mkdir(parents=True, exist_ok=True)
 
     try:
         connect_ray(address)
@@ -530,11 +553,12 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         if weights is None and needs_gblend_estimation(spec):
             weights = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)
             state["gblend_weights"] = weights
+            write_state(state_file, state)
         starts = state.get("start_points")
         if starts is None:
             starts = state["start_points"] = run_start_stages(spec, client, parent_run_id, tracking_uri, name,
                                                               max_concurrent)
-        state_file.write_text(json.dumps(state))
+            write_state(state_file, state)
         param_space = build_param_space(spec, weights, starts)
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
@@ -569,6 +593,10 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         # Utilisation vs the uni-modal baselines, per child and per epoch, plus the parent's summary.
         log_sweep_imbalance(client, parent_run_id)
     except BaseException as err:
+        # Interrupted (KILLED) or failed: no child run of this sweep is left RUNNING either.
+        for child in child_runs(client, parent_run_id, experiment_id=experiment_id):
+            if child.info.status == "RUNNING":
+                finish_run(client, child.info.run_id, err)
         finish_run(client, parent_run_id, err)
         raise
     finish_run(client, parent_run_id)

@@ -63,12 +63,30 @@ def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+# Stopped by the user (Ctrl-C, `kill`), not failed: MLflow's KILLED.
+INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
 def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
+    """End a run with the state that tells the truth: FINISHED, KILLED (interrupted) or FAILED (with the
+    error text in the `error` tag)."""
     if error is None:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    elif isinstance(error, INTERRUPTS):
+        client.set_tag(run_id, "avtune.stopped_by", "interrupt")
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
     else:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """A resumed run: RUNNING again, without the error or stop tag of the attempt it continues."""
+    run = client.get_run(run_id)
+    for tag in ("error", "avtune.stopped_by"):
+        if tag in run.data.tags:
+            client.delete_tag(run_id, tag)
+    client.update_run(run_id, status="RUNNING")
 
 
 @contextmanager

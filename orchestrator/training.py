@@ -22,6 +22,7 @@ from orchestrator.tracking import (
     get_or_create_experiment,
     log_params_batched,
     metric_history_frame,
+    reopen_run,
     resolve_tracking_uri,
 )
 from orchestrator.synth import synthesize_dataset
@@ -165,14 +166,18 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, spec.storage.runs_dir)
     run = client.create_run(experiment_id, run_name=run_name or run_name_for(spec), tags={**run_tags(spec), **(tags or {})})
     run_id = run.info.run_id
-    log_params_batched(client, run_id, {**flatten(spec.model_dump(mode="json")),
-                                        **get_method(spec.method.name).run_params(spec)})
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
-        client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))
-    card = Path(spec.data.root) / "card.json" if spec.data.root else None
-    if card and card.exists():
-        client.log_artifact(run_id, str(card))
+    try:  # a run that exists is never left RUNNING by a failure while it is being described
+        log_params_batched(client, run_id, {**flatten(spec.model_dump(mode="json")),
+                                            **get_method(spec.method.name).run_params(spec)})
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
+            client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))
+        card = Path(spec.data.root) / "card.json" if spec.data.root else None
+        if card and card.exists():
+            client.log_artifact(run_id, str(card))
+    except BaseException as err:
+        finish_run(client, run_id, err)
+        raise
     return experiment_id, run_id
 
 
@@ -289,6 +294,7 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
     if resume_run_id:
         run_id = resume_run_id
         experiment_id = client.get_run(run_id).info.experiment_id
+        reopen_run(client, run_id)
     else:
         experiment_id, run_id = start_mlflow_run(client, spec)
     logger = MlflowEpochLogger(tracking_uri, run_id)

@@ -114,3 +114,74 @@ def test_search_values_and_paths_are_checked_before_data_or_runs(tmp_path):
         with pytest.raises(SpecError, match=match):
             run_sweep(load_spec({**base, "search": search}))
     assert not (tmp_path / "runs").exists(), "no clips generated, nothing logged"
+
+
+# ---- run states ----------------------------------------------------------------------------------
+
+
+def sqlite_client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_interrupt_is_killed_failure_is_failed_and_resume_reopens(tmp_path):
+    from orchestrator.tracking import finish_run, reopen_run
+
+    client = sqlite_client(tmp_path)
+    exp = client.create_experiment("states")
+    interrupted, failed = (client.create_run(exp).info.run_id for _ in range(2))
+    finish_run(client, interrupted, KeyboardInterrupt())
+    finish_run(client, failed, RuntimeError("boom"))
+    run = client.get_run(interrupted)
+    assert run.info.status == "KILLED" and run.data.tags["avtune.stopped_by"] == "interrupt" and "error" not in run.data.tags
+    assert client.get_run(failed).info.status == "FAILED" and client.get_run(failed).data.tags["error"] == "RuntimeError: boom"
+    for run_id in (interrupted, failed):
+        reopen_run(client, run_id)  # what a resume does
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING" and not {"error", "avtune.stopped_by"} & set(run.data.tags)
+
+
+def test_a_run_that_fails_while_it_is_described_is_not_left_running(tmp_path, synth_dataset):
+    from orchestrator.training import start_mlflow_run
+
+    spec = load_spec({"data": {"source": "dataset", "root": str(synth_dataset)}, "storage": {"runs_dir": str(tmp_path / "runs")}})
+    client = sqlite_client(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    # The experiment's artifact store is a path under a file: the run is created, its spec.yaml cannot be stored.
+    client.create_experiment("avtune", artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    with pytest.raises(OSError):
+        start_mlflow_run(client, spec)
+    (run,) = client.search_runs([client.get_experiment_by_name("avtune").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"]
+
+
+def test_the_resume_file_names_the_new_parent_as_soon_as_it_exists(tmp_path, synth_dataset, monkeypatch):
+    """A crash before the first trial (here: Ray cannot be reached) must leave a resume file that names
+    this sweep's parent run, not an older sweep's; `--resume-run` takes a parent id and checks it."""
+    import json
+
+    import orchestrator.sweep as sweep
+
+    spec = load_spec({"name": "crash", "data": {"source": "dataset", "root": str(synth_dataset)},
+                      "storage": {"runs_dir": str(tmp_path / "runs")},
+                      "search": {"compare": ["normal"]}})
+    state_file = sweep.sweep_state_file(spec)
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(json.dumps({"parent_run_id": "an-older-sweep"}))
+
+    def unreachable(address=None):
+        raise ConnectionError("no Ray cluster at the address")
+
+    monkeypatch.setattr(sweep, "connect_ray", unreachable)
+    with pytest.raises(ConnectionError):
+        sweep.run_sweep(spec)
+    parent = json.loads(state_file.read_text())["parent_run_id"]
+    client = sqlite_client(tmp_path / "runs")
+    assert client.get_run(parent).info.status == "FAILED"
+    assert not list(state_file.parent.glob("*.partial"))
+    with pytest.raises(SpecError, match="--resume-run: no run 0123456789abcdef0123456789abcdef"):
+        sweep.run_sweep(spec, resume="0123456789abcdef0123456789abcdef")
+    child = client.create_run(client.get_run(parent).info.experiment_id).info.run_id
+    with pytest.raises(SpecError, match=f"--resume-run: run {child} is not a sweep's parent run"):
+        sweep.run_sweep(spec, resume=child)

@@ -187,13 +187,20 @@ def submit(
     set_: SetOpt = None,
     train_only: bool = typer.Option(False, "--train", help="run `avtune train` instead of `avtune sweep`"),
     token_file: Optional[Path] = typer.Option(None, help="Ray auth token file (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"),
+    allow_insecure_http: bool = typer.Option(False, "--allow-insecure-http",
+                                             help="send the token over plain http to a non-loopback host"),
 ) -> None:
     """Submit a spec to a Ray cluster with Ray Jobs (token auth on)."""
-    from orchestrator.jobs import submit_spec
+    from orchestrator.jobs import SubmitError, submit_spec
+    from orchestrator.specs import SpecError
 
     exp = _load(spec, set_ or [])
     command = "train" if train_only or exp.search is None else "sweep"
-    job_id = submit_spec(exp, address, tracking_uri=tracking_uri, command=command, token_file=token_file)
+    try:
+        job_id = submit_spec(exp, address, tracking_uri=tracking_uri, command=command, token_file=token_file,
+                             allow_insecure_http=allow_insecure_http)
+    except (SubmitError, SpecError) as err:
+        _fail(str(err))
     console.print(f"submitted [bold]{job_id}[/] ({command} {exp.name}) to {address}")
     console.print(f"follow it: avtune jobs logs {job_id} --address {address}")
 
@@ -203,9 +210,12 @@ app.add_typer(jobs_app, name="jobs")
 
 
 def _jobs_client(address: str, token_file: Optional[Path]):
-    from orchestrator.jobs import job_client
+    from orchestrator.jobs import SubmitError, job_client
 
-    return job_client(address, token_file)
+    try:
+        return job_client(address, token_file)
+    except SubmitError as err:
+        _fail(str(err))
 
 
 @jobs_app.command("list")

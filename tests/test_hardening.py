@@ -185,3 +185,36 @@ def test_the_resume_file_names_the_new_parent_as_soon_as_it_exists(tmp_path, syn
     child = client.create_run(client.get_run(parent).info.experiment_id).info.run_id
     with pytest.raises(SpecError, match=f"--resume-run: run {child} is not a sweep's parent run"):
         sweep.run_sweep(spec, resume=child)
+
+
+# ---- the Ray token -------------------------------------------------------------------------------
+
+
+def test_submit_never_sends_the_token_in_clear_or_without_one(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.jobs import SubmitError, check_transport, read_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with pytest.raises(SubmitError, match="no Ray auth token: set RAY_AUTH_TOKEN"):
+        read_auth_token()
+    with pytest.raises(SubmitError, match=r"--token-file: cannot read .*missing: No such file"):
+        read_auth_token(tmp_path / "missing")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    assert read_auth_token() == "t" * 32
+    for address in ("http://127.0.0.1:8265", "http://localhost:8265", "https://ray.example.org:8265"):
+        check_transport(address)
+    with pytest.raises(SubmitError, match=r"--address http://10.1.2.3:8265: plain http to a non-loopback host"):
+        check_transport("http://10.1.2.3:8265")
+    check_transport("http://10.1.2.3:8265", allow_insecure_http=True)
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nsearch: {compare: [normal]}\n")
+    res = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://10.1.2.3:8265"])
+    assert res.exit_code == 2 and "plain http to a non-loopback host" in res.output, res.output
+    res = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1",
+                                   "--token-file", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "--token-file: cannot read" in res.output and "Traceback" not in res.output

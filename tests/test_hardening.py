@@ -218,3 +218,26 @@ def test_submit_never_sends_the_token_in_clear_or_without_one(tmp_path, monkeypa
     res = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1",
                                    "--token-file", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "--token-file: cannot read" in res.output and "Traceback" not in res.output
+
+
+def test_a_cache_that_cannot_be_written_never_stops_training(synth_dataset, tmp_path, caplog):
+    """A read-only cache folder (as a dataset folder often is): the clips decode, a warning says so
+    once, and training goes on."""
+    import logging
+    import os
+
+    from workers.engine import fit
+
+    if os.geteuid() == 0:
+        # root writes through permission bits: make the cache path a file, which no one can mkdir under.
+        (tmp_path / "cache").write_text("not a folder")
+    else:
+        (tmp_path / "cache").mkdir(mode=0o500)
+    spec = load_spec({"data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                               "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+                      "model": {"width": 8}, "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam"}})
+    with caplog.at_level(logging.WARNING):
+        history = fit(spec, report=lambda metrics, state: None)
+    assert [h["epoch"] for h in history] == [0.0]
+    warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert 1 <= len(warnings) <= 4, [r.getMessage() for r in warnings]  # once per dataset split's cache, not per clip

@@ -145,6 +145,7 @@ class ClipCache:
         self._audio_shape = audio_feature_shape(params)
         # Resolved paths, memoised per instance: resolving walks every path component.
         self._resolved: dict[str, str] = {}
+        self.write_failed = False  # set after the first failed write: stop trying
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_resolved": {}}
@@ -185,7 +186,7 @@ class ClipCache:
             with open(path, "rb") as handle:
                 buffer = bytearray(os.fstat(handle.fileno()).st_size)
                 read = handle.readinto(buffer)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder at all)
             return None
         except OSError as err:
             self._discard(path, f"unreadable ({err})")
@@ -243,7 +244,15 @@ class ClipCache:
         if cached is not None:
             return cached, True
         frames, audio = build()
-        self.store(key, frames, audio)
+        if not self.write_failed:
+            try:
+                self.store(key, frames, audio)
+            except OSError as err:
+                # Disk full, a read-only dataset folder: the cache is an optimisation, training goes on
+                # without it. Said once per process, not once per clip.
+                self.write_failed = True
+                logger.warning("decode cache %s cannot be written (%s); going on without storing decoded clips",
+                               self.directory, err)
         return {"frames": frames, "audio": audio}, False
 
 

@@ -80,8 +80,14 @@ def train(
     tests = {k: v for k, v in result.metrics.items() if k.startswith("test_acc")}
     if tests:
         console.print("held-out test (best-val model): " + ", ".join(f"{k}={v:.3f}" for k, v in tests.items()))
-    console.print(f"MLflow: {result.tracking_uri}  run {result.run_id}")
+    console.print(f"MLflow: {_redact(result.tracking_uri)}  run {result.run_id}")
     console.print(f"checkpoint: {result.checkpoint_path}")
+
+
+def _redact(uri: str) -> str:
+    from orchestrator.tracking import redact_uri
+
+    return redact_uri(uri)
 
 
 def print_trials(frame, title: str) -> None:
@@ -126,7 +132,7 @@ def sweep(
     if result.gblend_weights:
         console.print("G-Blend weights: " + ", ".join(f"{k}={v:.3f}" for k, v in result.gblend_weights.items()))
     print_trials(result.trials, f"{exp.name}: parent run {result.parent_run_id}")
-    console.print(f"MLflow: {result.tracking_uri}; open the UI with: avtune ui --runs-dir {exp.storage.runs_dir}")
+    console.print(f"MLflow: {_redact(result.tracking_uri)}; open the UI with: avtune ui --runs-dir {exp.storage.runs_dir}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from ray.job_submission import JobSubmissionClient
 
 from orchestrator.specs import ExperimentSpec, dump_spec_yaml
+from orchestrator.tracking import split_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "workers", "orchestrator")
@@ -83,7 +84,9 @@ def submit_spec(spec: ExperimentSpec, address: str, tracking_uri: str | None = N
         (staging / "spec.yaml").write_text(dump_spec_yaml(spec))
         env_vars = {}
         if tracking_uri:
-            env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+            # Credentials go in MLflow's own variables, not inside a URI that the job prints and logs.
+            uri, credentials = split_credentials(tracking_uri)
+            env_vars.update(MLFLOW_TRACKING_URI=uri, **credentials)
         runtime_env = {"working_dir": str(staging), "env_vars": env_vars}
         if pip:
             runtime_env["pip"] = pip

@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
-from orchestrator.tracking import MlflowEpochLogger, finish_run, reopen_run, resolve_tracking_uri
+from orchestrator.tracking import MlflowEpochLogger, finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
     config_label,
@@ -583,8 +583,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
             for key in ("acc", "acc_audio", "acc_visual", "gap_av", "test_acc"):
                 if best.get(key) is not None and not pd.isna(best.get(key)):
                     summary[f"best_{key}"] = float(best[key])
-        ts = int(time.time() * 1000)
-        client.log_batch(parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in summary.items()])
+        log_summary_once(client, parent_run_id, summary)
         with tempfile.TemporaryDirectory() as tmp:
             trials.to_csv(Path(tmp) / "trials.csv", index=False)
             client.log_artifact(parent_run_id, str(Path(tmp) / "trials.csv"))

@@ -8,6 +8,8 @@ driver resumes. MLflow itself is the tracker; nothing here stores metrics of its
 """
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit, urlunsplit
+
 import math
 import os
 import time
@@ -61,6 +63,43 @@ def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_summary_once(client: MlflowClient, run_id: str, values: dict[str, float]) -> None:
+    """Step-0 summary metrics of a run (a sweep parent's), each point logged once: a value the run already
+    has is skipped, so a resumed sweep or a second report adds no duplicate points."""
+    import time
+
+    from mlflow.entities import Metric
+
+    current = client.get_run(run_id).data.metrics
+    ts = int(time.time() * 1000)
+    fresh = [Metric(k, float(v), ts, 0) for k, v in values.items() if current.get(k) != float(v)]
+    for i in range(0, len(fresh), 500):
+        client.log_batch(run_id, metrics=fresh[i : i + 500])
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI fit to print or put in a report: a password in it becomes ***."""
+    parsed = urlsplit(uri)
+    if parsed.password is None:
+        return uri
+    host = parsed.hostname or ""
+    netloc = f"{parsed.username}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
+    return urlunsplit(parsed._replace(netloc=netloc))
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """The URI without user:password, and MLflow's own variables for them (MLFLOW_TRACKING_USERNAME /
+    _PASSWORD), so the credentials never travel inside a URI that gets printed or logged."""
+    parsed = urlsplit(uri)
+    if parsed.username is None:
+        return uri, {}
+    host = (parsed.hostname or "") + (f":{parsed.port}" if parsed.port else "")
+    env = {"MLFLOW_TRACKING_USERNAME": unquote(parsed.username)}
+    if parsed.password is not None:
+        env["MLFLOW_TRACKING_PASSWORD"] = unquote(parsed.password)
+    return urlunsplit(parsed._replace(netloc=host)), env
 
 
 # Stopped by the user (Ctrl-C, `kill`), not failed: MLflow's KILLED.

@@ -241,3 +241,38 @@ def test_a_cache_that_cannot_be_written_never_stops_training(synth_dataset, tmp_
     assert [h["epoch"] for h in history] == [0.0]
     warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert 1 <= len(warnings) <= 4, [r.getMessage() for r in warnings]  # once per dataset split's cache, not per clip
+
+
+def test_tracking_credentials_are_never_shown():
+    from orchestrator.tracking import redact_uri, split_credentials
+
+    uri = "https://alice:s3cr%40t@mlflow.example.org:5000/path"
+    assert redact_uri(uri) == "https://alice:***@mlflow.example.org:5000/path"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert split_credentials(uri) == ("https://mlflow.example.org:5000/path",
+                                      {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cr@t"})
+    assert split_credentials("sqlite:////tmp/x.db") == ("sqlite:////tmp/x.db", {})
+
+
+def test_reports_log_each_summary_point_once_and_hide_credentials(tmp_path):
+    """A second report (or a resumed sweep) adds no duplicate step-0 points on the parent; the page never
+    shows a tracking password."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+    from test_report import HAND_TRIALS, write_hand_sweep
+
+    from orchestrator.report import build_report, imbalance_summary, load_sweep
+    from orchestrator.report.html import render_html
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client, parent, _ = write_hand_sweep(uri, "hand", HAND_TRIALS)
+    for _ in range(2):
+        build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out")
+    for key in ("best_by_acc/acc", "cfg/normal/acc_mean"):
+        assert len(MlflowClient(uri).get_metric_history(parent, key)) == 1, key
+    assert not list((tmp_path / "out").glob(".*.partial"))
+    sweep = dataclasses.replace(load_sweep(client, parent), tracking_uri="https://alice:s3cret@mlflow.example.org/")
+    table, definition = imbalance_summary(sweep)
+    page = render_html(sweep, table, definition, [], [], None)
+    assert "s3cret" not in page and "https://alice:***@mlflow.example.org/" in page

@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
+from orchestrator.tracking import log_summary_once
 from orchestrator.report.comparisons import compare, config_summary, describe, load_predictions, power, verdict
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
@@ -306,7 +307,8 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
                         if int(epoch) not in logged]
         for i in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[i : i + 500])
-    parent_metrics, tags = [], {"avtune.imbalance.balance_definition": definition}
+    parent_metrics: dict[str, float] = {}
+    tags = {"avtune.imbalance.balance_definition": definition}
     for label, key in (("best_by_acc", "acc"), ("best_by_balance", "balance")):
         best = _best(table, key)
         if best is None:
@@ -317,23 +319,19 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
                     "shapley_visual", "balance"):
             value = number(best[col])
             if value is not None:
-                parent_metrics.append(Metric(f"{label}/{col}", value, ts, 0))
+                parent_metrics[f"{label}/{col}"] = value
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
-    if parent_metrics:
-        client.log_batch(parent_run_id, metrics=parent_metrics)
     summary = config_summary(table, sweep.predictions)
     # Per-configuration means with 95% intervals over seeds on the parent, so the MLflow UI's metric
     # view compares configurations, not single seeds (`cfg/<config>/acc_mean`, `..._low`, `..._high`).
-    interval_metrics = []
     for _, row in summary.iterrows():
         for key in ("acc", "acc_audio", "acc_visual"):
             for suffix, col in (("mean", key), ("low", f"{key}_low"), ("high", f"{key}_high")):
                 value = number(row.get(col))
                 if value is not None:
-                    interval_metrics.append(Metric(f"cfg/{_metric_name(row['config'])}/{key}_{suffix}", value, ts, 0))
-    for i in range(0, len(interval_metrics), 500):
-        client.log_batch(parent_run_id, metrics=interval_metrics[i : i + 500])
+                    parent_metrics[f"cfg/{_metric_name(row['config'])}/{key}_{suffix}"] = value
+    log_summary_once(client, parent_run_id, parent_metrics)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
         summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)

@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMA
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
 from orchestrator.report.comparisons import config_summary, format_interval
+from orchestrator.tracking import redact_uri
 from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
                                        plot_shapley, plot_utilisation)
 
@@ -92,7 +94,7 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
              f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p class='meta'>sweep parent run <code>{sweep.parent_run_id}</code>, {len(table)} trials, "
-             f"tracking URI <code>{html.escape(sweep.tracking_uri)}</code>, generated {stamp}. "
+             f"tracking URI <code>{html.escape(redact_uri(sweep.tracking_uri))}</code>, generated {stamp}. "
              "All accuracies are on the validation split at the last epoch; numbers in the findings are means over seeds.</p>",
              "<h2>Findings</h2><ul>"]
     parts += [f"<li id='{html.escape(i['id'])}'>{html.escape(i['text'])}</li>" for i in items]
@@ -119,6 +121,13 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
     parts += [_img(path, caption) for path, caption in figures]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step: a reader (the MLflow UI, a browser) never sees half a report."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def default_report_dir(runs_dir: Path, experiment: str, sweep_run_id: str) -> Path:
@@ -179,11 +188,11 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
             figures.append((path, caption))
     table.to_csv(out / SUMMARY_FILE, index=False)
     summary.to_csv(out / CONFIG_SUMMARY_FILE, index=False)
-    (out / "findings.json").write_text(json.dumps(
+    _write_atomic(out / "findings.json", json.dumps(
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
     report = out / "report.html"
-    report.write_text(render_html(sweep, table, definition, items, figures, weights, summary), encoding="utf-8")
+    _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary))
     if log_to_mlflow:
         for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / "findings.json", *(p for p, _ in figures)]:
             client.log_artifact(sweep_run_id, str(path), artifact_path=REPORT_DIR)

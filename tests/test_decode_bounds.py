@@ -58,8 +58,8 @@ def _write_wav(path: Path, seconds: float, sr: int = 16000) -> None:
 
 
 def _ramp(count: int, height: int, width: int) -> np.ndarray:
-    """Frame i has brightness 20 * i."""
-    return np.stack([np.full((height, width, 3), 20 * i, np.uint8) for i in range(count)])
+    """Frame i has brightness 12 * i."""
+    return np.stack([np.full((height, width, 3), 12 * i, np.uint8) for i in range(count)])
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_clips_within_the_limits_decode(clips):
     # 1920x1088 is within the default (4K) frame limit
     frames, wave = decode_clip(clips["large"], clips["large"], **{**DECODE, "clip_seconds": 0.5})
     assert frames.shape == (2, 32, 32, 3) and wave.shape == (8000,)
-    assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([0, 20], abs=4)
+    assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([0, 12], abs=4)
     # exactly at the limit is allowed
     frames, _ = decode_clip(clips["large"], clips["large"], **DECODE, max_source_pixels=1920 * 1088)
     assert frames.shape == (2, 32, 32, 3)
@@ -157,7 +157,7 @@ def test_clips_within_the_limits_decode(clips):
         frames, wave = decode_clip(clips["long"], clips["long_wav"], **DECODE, max_source_seconds=limit)
         assert frames.shape == (2, 32, 32, 3) and wave.shape == (16000,)
         # the first 1 s holds frames 0..3: floor((2k + 1) * 4 / 4) -> 1, 3
-        assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([20, 60], abs=4)
+        assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([12, 36], abs=4)
 
 
 def test_fallback_keeps_only_the_sampled_frames_and_matches_the_main_path(clips, monkeypatch):

@@ -276,3 +276,15 @@ def test_reports_log_each_summary_point_once_and_hide_credentials(tmp_path):
     table, definition = imbalance_summary(sweep)
     page = render_html(sweep, table, definition, [], [], None)
     assert "s3cret" not in page and "https://alice:***@mlflow.example.org/" in page
+
+
+def test_the_loader_applies_the_specs_source_limits(synth_dataset):
+    """The spec's decode limits reach the decoder through the dataset (32x32 generated frames = 1024 pixels)."""
+    from workers.datasets import AVClipDataset, BadMediaError
+
+    spec = load_spec({"data": {"source": "dataset", "root": str(synth_dataset),
+                               "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5,
+                                          "max_source_pixels": 1000}}})
+    dataset = AVClipDataset(synth_dataset, "avtune", "train", spec.data.decode)
+    with pytest.raises(BadMediaError, match=r"\.mp4.*source frames 32x32 \(1024 pixels\) exceed max_source_pixels 1000"):
+        dataset[0]

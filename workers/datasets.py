@@ -139,6 +139,8 @@ def decode_record(record: ClipRecord, params: DecodeParams) -> tuple[torch.Tenso
         frame_width=params.frame_width,
         sample_rate_hz=params.sample_rate_hz,
         clip_seconds=params.clip_seconds,
+        max_source_pixels=params.max_source_pixels,
+        max_source_seconds=params.max_source_seconds,
     )
     expected = audio_feature_shape(params)
     if params.audio_feature == "logmel":

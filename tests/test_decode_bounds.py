@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import test_media
 import workers.media as media
 from orchestrator.specs import SpecError, load_spec
 from workers.cache import cache_key
@@ -20,27 +21,8 @@ DECODE = dict(num_frames=2, frame_height=32, frame_width=32, sample_rate_hz=1600
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int, *, audio: np.ndarray | None = None, sr: int = 16000) -> None:
-    """Encode ``frames`` (T, H, W, 3) uint8 with libx264 (+ optional mono AAC audio)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.options = {"preset": "ultrafast", "qp": "10"}
-        a_stream = container.add_stream("aac", rate=sr, layout="mono") if audio is not None else None
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if a_stream is not None:
-            for start in range(0, len(audio), 1024):
-                frame = av.AudioFrame.from_ndarray(audio[None, start : start + 1024], format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = sr, start
-                for packet in a_stream.encode(frame):
-                    container.mux(packet)
-            for packet in a_stream.encode():
-                container.mux(packet)
+    """tests/test_media.py's writer, with libx264's fastest preset (these clips are large)."""
+    test_media._write_video(path, frames, fps, audio=audio, sr=sr, preset="ultrafast")
 
 
 def _write_wav(path: Path, seconds: float, sr: int = 16000) -> None:

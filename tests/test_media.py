@@ -31,12 +31,14 @@ def _first_clip(root: Path) -> Path:
     return root / _rows(root / "manifest.csv")[0]["path"]
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: int, *, audio: np.ndarray | None = None, sr: int = 16000) -> None:
-    """Encode ``frames`` (T, H, W, 3) uint8 with libx264 (+ optional mono AAC audio)."""
+def _write_video(path: Path, frames: np.ndarray, fps: int, *, audio: np.ndarray | None = None, sr: int = 16000,
+                 preset: str | None = None) -> None:
+    """Encode ``frames`` (T, H, W, 3) uint8 with libx264 (+ optional mono AAC audio); `preset` e.g.
+    "ultrafast" for large frames."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.options = {"qp": "10"}
+        stream.codec_context.options = {"qp": "10", **({"preset": preset} if preset else {})}
         a_stream = container.add_stream("aac", rate=sr, layout="mono") if audio is not None else None
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")

@@ -286,13 +286,15 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
     return joint.sort_values([key, "acc"], ascending=False, kind="stable").iloc[0]
 
 
-def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None) -> pd.DataFrame:
+def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None,
+                        summary: pd.DataFrame | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
     (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table.
 
-    `sweep`: the sweep as already read with :func:`load_sweep` (read here when None).
+    `sweep`: the sweep as already read with :func:`load_sweep` (read here when None); `summary`: its
+    :func:`config_summary` when the caller has it (its paired bootstraps are the costly part).
     """
     if sweep is None:
         sweep = load_sweep(client, parent_run_id)
@@ -322,7 +324,8 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
                 parent_metrics[f"{label}/{col}"] = value
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
-    summary = config_summary(table, sweep.predictions)
+    if summary is None:
+        summary = config_summary(table, sweep.predictions)
     # Per-configuration means with 95% intervals over seeds on the parent, so the MLflow UI's metric
     # view compares configurations, not single seeds (`cfg/<config>/acc_mean`, `..._low`, `..._high`).
     for _, row in summary.iterrows():

@@ -151,10 +151,11 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, Path("runs")))
     sweep_run_id = resolve_sweep(client, experiment, sweep_run_id)
     sweep = load_sweep(client, sweep_run_id)
-    if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id, sweep)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
+    summary = config_summary(table, sweep.predictions)
+    if log_to_mlflow:
+        log_sweep_imbalance(client, sweep_run_id, sweep, summary)
     items = findings(table, sweep.predictions)
     if (blend := gblend_finding(sweep, table)) is not None:
         items.append(blend)
@@ -163,7 +164,6 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     out.mkdir(parents=True, exist_ok=True)
     weights = gblend_weights(sweep)
     scores_note = ogm_scores_note(sweep)
-    summary = config_summary(table, sweep.predictions)
     planned = [
         (lambda p: plot_intervals(summary, p), "configurations.png",
          "final acc / acc_audio / acc_visual per configuration: mean over seeds with its 95% t-interval"),

@@ -30,6 +30,10 @@ METHOD_SETTINGS = {
     "avslowfast": {"config": "tiny"},
     "avid": {"config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16},
     "cma": {"config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16},
+    # slot: mmpareto
+    # slot: pmr
+    # slot: agm
+    # slot: mla
 }
 # Keys that hold wall-clock time, not results.
 TIMING_KEYS = {"epoch_seconds", "train_seconds"}

@@ -160,6 +160,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         model = model.to_channels_last() if hasattr(model, "to_channels_last") else model.to(memory_format=torch.channels_last)
     model = runtime.prepare_model(model)
     raw = unwrap(model)
+    method.loaders = loaders  # e.g. PMR's prototypes are computed over the training split
     method.setup(raw, datasets)
 
     optimizer = build_optimizer(spec, [p for p in raw.parameters() if p.requires_grad])
@@ -189,14 +190,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         steps = 0
         for step, (audio, visual, labels, index) in enumerate(loaders["train"]):
             batch = Batch(audio.to(device), visual.to(device), labels.to(device), index.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                out = model(batch.audio, batch.visual)
-                loss = method.loss(out, batch, sums)
-            loss.backward()
-            method.after_backward(out, batch, epoch, step, sums)
-            optimizer.step()
-            method.after_step(out, batch)
+            loss = method.train_step(model, optimizer, batch, epoch, step, sums, autocast)
             sums["loss_train"] += loss.detach().float()
             steps += 1
         scheduler.step()

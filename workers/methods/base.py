@@ -136,6 +136,21 @@ class Method:
     def start_epoch(self, epoch: int) -> None:
         pass
 
+    def train_step(self, model, optimizer, batch, epoch: int, step: int, sums: defaultdict, autocast):
+        """One optimisation step on ``batch``; returns the loss it logs as ``loss_train``. ``model`` is the
+        (possibly DDP-wrapped) model, ``self.model`` the module under it. The default is the step most
+        methods share; a method whose step differs in kind (several backward passes, alternating
+        modalities) overrides this and keeps the other hooks."""
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(batch.audio, batch.visual)
+            loss = self.loss(out, batch, sums)
+        loss.backward()
+        self.after_backward(out, batch, epoch, step, sums)
+        optimizer.step()
+        self.after_step(out, batch)
+        return loss
+
     def loss(self, out, batch, sums: defaultdict):
         F = torch.nn.functional
         loss = F.cross_entropy(out.logits, batch.labels)

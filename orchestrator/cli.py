@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -44,31 +45,73 @@ def _load(spec_path: Path, overrides: list[str]):
         _fail(str(err))
 
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="stream Ray's own output to the console "
+                                            "(default: into a log file under <runs_dir>/logs, whose path is printed)")]
+
+
+@contextmanager
+def quiet_ray(runs_dir: str, name: str, verbose: bool):
+    """Ray's, Ray Train's and Tune's output into runs/logs/<name>-<time>.log for the block (nothing with
+    --verbose); what this CLI prints (views, tables, errors) still reaches the console. Ray is shut
+    down inside the block, so its exit messages land in the log too."""
+    from orchestrator.console import log_file_for, ray_output_to
+
+    log_path = None if verbose else log_file_for(runs_dir, name)
+    with ray_output_to(log_path) as stream:
+        console.file = stream
+        try:
+            if log_path is not None:
+                console.print(f"Ray log: {log_path}", soft_wrap=True, highlight=False)
+            yield log_path
+        finally:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+            console.file = None
+
+
+@contextmanager
+def showing(board):
+    """The board as a live table on a terminal, else one plain line per finished epoch or trial."""
+    from orchestrator.console import LiveView, watching
+
+    with watching(board):
+        if console.is_terminal:
+            with LiveView(board, console):
+                yield board
+        else:
+            board.on_line = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
+            yield board
+
+
 @app.command()
 def train(
     spec: SpecArg,
     set_: SetOpt = None,
     address: AddressOpt = None,
     resume: Optional[str] = typer.Option(None, help="MLflow run id of an interrupted run to continue"),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train one spec under Ray Train; per-epoch acc / acc_audio / acc_visual go to MLflow."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from orchestrator.training import run_training
+    from orchestrator.console import Board
+    from orchestrator.training import run_name_for, run_training
 
     exp = _load(spec, set_ or [])
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"{exp.name} {exp.method.name}", total=exp.train.epochs, status="starting Ray")
+    with quiet_ray(exp.storage.runs_dir, exp.name, verbose):
+        board = Board(f"avtune train {exp.name}", per_epoch=True)
+        with showing(board):
+            board.expect(1, exp.train.epochs)
+            board.trial_started("run", run_name_for(exp), exp.train.epochs)
+            try:
+                result = run_training(exp, address=address, on_epoch=lambda m: board.epoch_done("run", m),
+                                      resume_run_id=resume)
+            except Exception as err:  # noqa: BLE001
+                board.trial_ended("run", "FAILED", str(err))
+                _fail(f"training failed: {err}")
+            board.trial_ended("run", "FINISHED")
+        print_history(exp, result)
 
-        def on_epoch(m: dict[str, float]) -> None:
-            status = " ".join(f"{k}={m[k]:.3f}" for k in ("acc", "acc_audio", "acc_visual") if k in m)
-            progress.update(task, completed=int(m["epoch"]) + 1, status=status)
 
-        try:
-            result = run_training(exp, address=address, on_epoch=on_epoch, resume_run_id=resume)
-        except Exception as err:  # noqa: BLE001
-            _fail(f"training failed: {err}")
+def print_history(exp, result) -> None:
     table = Table(title=f"{exp.name}: run {result.run_id}")
     table.add_column("epoch", justify="right")
     cols = [c for c in METRIC_COLUMNS if c in result.history.columns]
@@ -80,8 +123,8 @@ def train(
     tests = {k: v for k, v in result.metrics.items() if k.startswith("test_acc")}
     if tests:
         console.print("held-out test (best-val model): " + ", ".join(f"{k}={v:.3f}" for k, v in tests.items()))
-    console.print(f"MLflow: {_redact(result.tracking_uri)}  run {result.run_id}")
-    console.print(f"checkpoint: {result.checkpoint_path}")
+    console.print(f"MLflow: {_redact(result.tracking_uri)}  run {result.run_id}", soft_wrap=True)
+    console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
 
 
 def _redact(uri: str) -> str:
@@ -117,22 +160,32 @@ def sweep(
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default: search.max_concurrent_trials)"),
     resume: bool = typer.Option(False, "--resume", help="continue this spec's interrupted sweep (same parent run)"),
     resume_run: Optional[str] = typer.Option(None, "--resume-run", help="continue the sweep with this parent run id"),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a Ray Tune sweep: one MLflow parent run, a child run per trial."""
-    from orchestrator.sweep import run_sweep
-
     exp = _load(spec, set_ or [])
     if exp.search is None:
         _fail(f"{spec}: no search section; use `avtune train` for a single run")
-    console.print(f"sweep [bold]{exp.name}[/]: starting Ray and the trials ...")
-    try:
-        result = run_sweep(exp, address=address, max_concurrent=max_concurrent, resume=resume_run or resume)
-    except Exception as err:  # noqa: BLE001
-        _fail(f"sweep failed: {err}")
+    with quiet_ray(exp.storage.runs_dir, exp.name, verbose):
+        result = _run_sweep_shown(exp, f"avtune sweep {exp.name}", "sweep", address=address,
+                                  max_concurrent=max_concurrent, resume=resume_run or resume)
+        print_trials(result.trials, f"{exp.name}: parent run {result.parent_run_id}")
+        console.print(f"MLflow: {_redact(result.tracking_uri)}; open the UI with: avtune ui --runs-dir {exp.storage.runs_dir}")
+
+
+def _run_sweep_shown(exp, title: str, what: str, **kwargs):
+    """`run_sweep` with its trials on the board; a failure is printed and exits 2."""
+    from orchestrator.console import Board
+    from orchestrator.sweep import run_sweep
+
+    with showing(Board(title)):
+        try:
+            result = run_sweep(exp, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            _fail(f"{what} failed: {err}")
     if result.gblend_weights:
         console.print("G-Blend weights: " + ", ".join(f"{k}={v:.3f}" for k, v in result.gblend_weights.items()))
-    print_trials(result.trials, f"{exp.name}: parent run {result.parent_run_id}")
-    console.print(f"MLflow: {_redact(result.tracking_uri)}; open the UI with: avtune ui --runs-dir {exp.storage.runs_dir}")
+    return result
 
 
 @app.command()
@@ -280,22 +333,135 @@ def runs(
     console.print(table)
 
 
+UI_STOP_TIMEOUT_S = 15.0  # SIGTERM to the UI's process group, then SIGKILL after this long
+
+
+def _ui_processes(leader: int) -> list[int]:
+    """Live processes that `avtune ui` started: the session / process group of `leader` (the `mlflow server`
+    it launched with start_new_session) and every descendant, from /proc (Linux); zombies are not counted.
+    Without /proc: the leader's group while it answers."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(leader, 0)
+            return [leader]
+        except (ProcessLookupError, PermissionError):
+            return []
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:  # gone meanwhile
+            continue
+        state, ppid, pgrp, sid = stat[stat.rindex(")") + 2:].split()[:4]
+        table[int(entry.name)] = (state, int(ppid), int(pgrp), int(sid))
+    found = {pid for pid, (_, _, pgrp, sid) in table.items() if leader in (pid, pgrp, sid)}
+    while True:  # descendants that left the group or session
+        more = {pid for pid, (_, ppid, _, _) in table.items() if ppid in found and pid not in found}
+        if not more:
+            break
+        found |= more
+    return sorted(pid for pid in found if table[pid][0] != "Z" and pid != os.getpid())
+
+
+def _stop_ui_server(proc: subprocess.Popen, timeout: float, hurry) -> bool:
+    """SIGTERM to the server's process group (and any descendant outside it), wait up to `timeout` for
+    all of them to end, then SIGKILL. `hurry()` true (a second Ctrl-C) skips the wait. True when
+    SIGTERM was enough."""
+    import signal
+    import time
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in _ui_processes(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait(seconds: float, stop_early) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop_early():
+            proc.poll()  # reap the leader, so it does not count as running
+            if not _ui_processes(proc.pid):
+                return True
+            time.sleep(0.1)
+        proc.poll()
+        return not _ui_processes(proc.pid)
+
+    if proc.poll() is None or _ui_processes(proc.pid):
+        send(signal.SIGTERM)
+        if wait(timeout, hurry):
+            return True
+        send(signal.SIGKILL)
+        wait(10.0, lambda: False)
+        return False
+    return True
+
+
 @app.command()
 def ui(
     runs_dir: Path = typer.Option(Path("runs"), help="runs folder holding mlflow.db"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
     port: int = typer.Option(5000),
+    stop_timeout: float = typer.Option(UI_STOP_TIMEOUT_S, help="seconds the server gets to stop on SIGTERM before SIGKILL"),
 ) -> None:
-    """Start the MLflow UI for the local store (binds 127.0.0.1 by default)."""
+    """Start the MLflow UI for the local store (binds 127.0.0.1 by default).
+
+    Only the web server runs (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no GenAI job runner or huey
+    consumers; one uvicorn worker), in a process group of its own; Ctrl-C, SIGTERM or SIGHUP stop every
+    process it started (SIGTERM, then SIGKILL after --stop-timeout; a second Ctrl-C kills at once). Exit
+    code: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); 1 or the server's code when it ends by itself."""
+    import signal
+
     from orchestrator.tracking import artifact_root, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, runs_dir)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith(("http://", "https://")):
+        _fail(f"MLFLOW_TRACKING_URI is a tracking server ({_redact(uri)}): open it in a browser; "
+              "`avtune ui` serves a local store (unset MLFLOW_TRACKING_URI to use the one under --runs-dir)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
     root = artifact_root(uri, runs_dir)
     if root:
         cmd += ["--default-artifact-root", root]
-    console.print(f"MLflow UI for {uri} at http://{host}:{port}")
-    raise typer.Exit(subprocess.call(cmd))
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    received: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in stops}
+    try:
+        console.print(f"MLflow UI for {_redact(uri)} at http://{host}:{port} (Ctrl-C stops it)", soft_wrap=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        while not received and proc.poll() is None:
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if received:
+            code = 128 + received[0]
+        elif proc.returncode < 0:  # killed by a signal
+            code = 128 - proc.returncode
+        else:  # `mlflow server` exits 0 even when uvicorn could not bind the port: any end of its own is an error
+            code = proc.returncode or 1
+        clean = _stop_ui_server(proc, stop_timeout, hurry=lambda: len(received) > 1)
+        try:
+            if received:
+                console.print(f"MLflow UI stopped ({signal.Signals(received[0]).name}"
+                              f"{'' if clean else '; SIGKILL after --stop-timeout'})")
+            else:
+                console.print(f"[bold red]error:[/] mlflow server ended by itself (exit code {proc.returncode}; "
+                              f"its output is above, e.g. port {port} already in use)")
+        except OSError:  # the terminal is gone (SIGHUP)
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -303,25 +469,20 @@ def demo(
     spec: Path = typer.Option(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml", help="demo spec"),
     runs_dir: Path = typer.Option(Path("runs"), help="where data, Ray results and the MLflow store go"),
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once"),
+    verbose: VerboseOpt = False,
 ) -> None:
     """The demo: generate clips if absent, run experiments/demo.yaml on a local Ray, print the trials."""
     import time
 
-    from orchestrator.sweep import run_sweep
-
     exp = _load(spec, [f"storage.runs_dir={runs_dir}"])
     started = time.perf_counter()
-    try:
-        result = run_sweep(exp, max_concurrent=max_concurrent)
-    except Exception as err:  # noqa: BLE001
-        _fail(f"demo failed: {err}")
-    if result.gblend_weights:
-        console.print("G-Blend weights: " + ", ".join(f"{k}={v:.3f}" for k, v in result.gblend_weights.items()))
-    print_trials(result.trials, f"demo: parent run {result.parent_run_id}")
-    from orchestrator.report import build_report
+    with quiet_ray(exp.storage.runs_dir, exp.name, verbose):
+        result = _run_sweep_shown(exp, "avtune demo", "demo", max_concurrent=max_concurrent)
+        print_trials(result.trials, f"demo: parent run {result.parent_run_id}")
+        from orchestrator.report import build_report
 
-    report_path = build_report(exp.tracking.experiment or exp.name, sweep_run_id=result.parent_run_id,
-                               tracking_uri=result.tracking_uri, out_dir=Path(runs_dir) / "reports" / exp.name)
+        report_path = build_report(exp.tracking.experiment or exp.name, sweep_run_id=result.parent_run_id,
+                                   tracking_uri=result.tracking_uri, out_dir=Path(runs_dir) / "reports" / exp.name)
     console.print(f"demo wall time: {time.perf_counter() - started:.0f} s")
     console.print(f"report: {report_path} (also on the parent run under report/)")
     console.print(f"open the MLflow UI: .venv/bin/avtune ui --runs-dir {runs_dir}   (then http://127.0.0.1:5000)")
@@ -347,7 +508,27 @@ def report(
         path = build_report(experiment, sweep_id, uri, out_dir=out or default_report_dir(runs_dir, experiment, sweep_id))
     except ValueError as err:
         _fail(str(err))
+    print_leaderboard(path.parent)
     console.print(f"report: {path}", soft_wrap=True)
+
+
+def print_leaderboard(report_dir: Path) -> None:
+    """The report's leaderboard (methods as rows, mean [95% interval] over seeds, paired against normal)."""
+    import pandas as pd
+
+    from orchestrator.report.html import READING_LEADERBOARD
+    from orchestrator.report.leaderboard import LEADERBOARD_FILE
+
+    board = pd.read_csv(report_dir / LEADERBOARD_FILE, dtype=str, keep_default_na=False)
+    if board.empty:
+        return
+    table = Table(title="leaderboard: validation accuracy, mean [95% interval] over seeds")
+    for c in board.columns:
+        table.add_column(c, justify="left" if c in ("group", "method", "acc vs normal") else "right")
+    for _, row in board.iterrows():
+        table.add_row(*row.tolist())
+    console.print(table)
+    console.print(READING_LEADERBOARD, markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover

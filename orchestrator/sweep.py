@@ -30,6 +30,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
+from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.tracking import MlflowEpochLogger, finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
@@ -326,6 +327,68 @@ class ChildRunStatus(tune.Callback):
             finish_run(client, run.info.run_id, RuntimeError(str(trial.error_file or "trial error")))
 
 
+class TrialProgress(tune.Callback):
+    """Driver side: each trial's start, epochs and end, for the console's board (`orchestrator.console`).
+    Holds only the base spec (Tune pickles callbacks with its experiment state); the board is looked up."""
+
+    def __init__(self, base_spec: dict[str, Any], stage: str):
+        self.base_spec = base_spec
+        self.stage = stage
+
+    def _label(self, trial) -> tuple[str, int]:
+        try:
+            spec = validate_spec(trial_spec_data(self.base_spec, trial.config), source=f"trial {trial.trial_id}")
+            label, epochs = run_name_for(spec), spec.train.epochs
+        except SpecError:  # the trial itself reports it; the board still shows the trial
+            label, epochs = trial.trial_id, int(self.base_spec["train"]["epochs"])
+        return (label if self.stage == MAIN_STAGE else f"{self.stage}_{label}"), epochs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        board = current_board()
+        if board is not None:
+            board.trial_started(trial.trial_id, *self._label(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        board = current_board()
+        if board is not None:
+            board.epoch_done(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        board = current_board()
+        if board is not None:
+            state = board.trials.get(trial.trial_id)
+            stopped = state is not None and state.epoch < state.epochs
+            board.trial_ended(trial.trial_id, "STOPPED" if stopped else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        board = current_board()
+        if board is not None:
+            board.trial_ended(trial.trial_id, "FAILED", trial_error_text(trial))
+
+
+def trial_error_text(trial) -> str:
+    """The end of a failed trial's error (Tune's error file), for one line on the console."""
+    try:
+        return Path(trial.error_file).read_text()[-2000:] if trial.error_file else "trial error"
+    except OSError:
+        return "trial error (no error file)"
+
+
+def count_trials(param_space: Any, samples: int) -> int:
+    """Trials Tune's variant generator makes of `param_space`: `samples` x every grid's length."""
+    def grids(node: Any) -> int:
+        if isinstance(node, dict):
+            if set(node) == {"grid_search"}:
+                return len(node["grid_search"])
+            count = 1
+            for value in node.values():
+                count *= grids(value)
+            return count
+        return 1
+
+    return samples * grids(param_space)
+
+
 # ---- the sweep ----------------------------------------------------------------------------
 
 
@@ -368,18 +431,22 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
             stop_last_trials=False,
         )
     path = str(Path(storage) / name)
+    samples = search.num_samples if stage == MAIN_STAGE else 1
+    board = current_board()
+    if board is not None:
+        board.expect(count_trials(param_space, samples), spec.train.epochs, stage)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg, scheduler=scheduler,
-            num_samples=search.num_samples if stage == MAIN_STAGE else 1,
+            num_samples=samples,
             max_concurrent_trials=max_concurrent or search.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
-            callbacks=[ChildRunStatus(tracking_uri, parent_run_id)],
+            callbacks=[ChildRunStatus(tracking_uri, parent_run_id), TrialProgress(spec.model_dump(mode="json"), stage)],
             verbose=0,
         ),
     )

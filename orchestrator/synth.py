@@ -37,12 +37,11 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -647,7 +646,7 @@ def synthesize_dataset(
         seed: seeds labels-to-splits, informative flags and all per-clip randomness.
         split_fractions: (train, val, test) shares per class. For layouts without an official
             validation list the val share is fixed by the loader's derivation rule instead.
-        num_workers: encoding processes (default: up to 2, one for small sets).
+        num_workers: encoding threads (default: up to 2, one for small sets).
         audio_noise_std, visual_noise_std: difficulty of recognising each modality's signature
             (see the module docstring): std of the white noise added to the waveform (full
             scale 1) and of the pixel noise (0-255). The defaults reproduce the original clips
@@ -692,10 +691,13 @@ def synthesize_dataset(
     if num_workers is None:
         num_workers = 1 if len(jobs) < 64 else min(2, os.cpu_count() or 1)
     if num_workers > 1:
-        # spawn, not fork: the caller may hold threads (Ray, gRPC, OpenMP) that fork would copy
-        # in an inconsistent state.
-        with ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_render_clip, jobs, chunksize=8))
+        # Threads, not processes: a process pool would have to fork (copying the caller's threads,
+        # Ray's and gRPC's, in an inconsistent state) or spawn (re-importing the caller's main module,
+        # which breaks a script without an `if __name__ == "__main__":` guard, and a notebook). x264,
+        # AAC and numpy's array work release the GIL; every clip has its own seeded RNGs and its own
+        # output files, so the clips are byte-identical to a serial run.
+        with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="avtune-synth") as pool:
+            list(pool.map(_render_clip, jobs))
     else:
         for job in jobs:
             _render_clip(job)

@@ -45,16 +45,92 @@ def artifact_root(tracking_uri: str, runs_dir: Path) -> str | None:
     return None
 
 
+# The MLflow UI (3.x) opens an experiment on its GenAI overview (traces) unless the experiment says it is a
+# model-training one; with this kind it opens on the runs table. Values: `custom_model_development`,
+# `genai_development`, ... (../shared/notes/mlflow-3.17.md).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training(client: MlflowClient, experiment) -> None:
+    """Give an experiment (an `mlflow.entities.Experiment`) the model-training kind when it has none; a kind
+    someone else set is kept."""
+    if not (experiment.tags or {}).get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, runs_dir: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        mark_model_training(client, exp)
         return exp.experiment_id
     location = artifact_root(client.tracking_uri, runs_dir)  # MlflowClient's public property: the URI it was made with
     if location:
         location = f"{location}/{name}"
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+
+
+DATA_CONTEXT = "training"
+MANIFEST_COLUMNS = ["clip_id", "split", "label", "video", "audio"]
+
+
+def data_manifest(layout: str, root: Path):
+    """Every clip the layout's split lists give training, validation and test (`workers.layouts.read_layout`,
+    the derived validation split included), as a DataFrame: clip id, split, label and the media paths
+    relative to the root. Rows a split list cannot use are left out (the loader names them)."""
+    import pandas as pd
+
+    from workers.layouts import SPLITS, read_layout
+
+    rows = []
+    for split in SPLITS:
+        found, _ = read_layout(Path(root), layout, split)
+        rows += [(r.clip_id, split, r.label, r.video, r.audio) for r in found if r.problem is None]
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def training_dataset(data):
+    """The MLflow dataset a run trains on, from the spec's `data` section (root resolved), or None when
+    there is no data folder to describe yet. Its DataFrame is the layout's manifest (`data_manifest`); its
+    digest is an MD5 of the whole manifest (MLflow's own pandas digest reads only the first 10,000 rows)
+    and, for generated clips, of the generator's card.json, which is then the source (otherwise the root).
+    Name: `<layout>:<root folder name>`, `generated-<layout>:...` for generated clips."""
+    import hashlib
+    import warnings
+
+    import mlflow.data
+
+    if data.root is None:
+        return None
+    root = Path(data.root)
+    generated = data.source == "generated"
+    if generated and not (root / "card.json").is_file():
+        return None
+    frame = data_manifest(data.layout, root)
+    digest = hashlib.md5(frame.to_csv(index=False).encode(), usedforsecurity=False)
+    source = root
+    if generated:
+        source = root / "card.json"
+        digest.update(source.read_bytes())
+    name = f"{'generated-' if generated else ''}{data.layout}:{root.name}"
+    with warnings.catch_warnings():  # MLflow 3.17 registers its local source twice and warns about it
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_pandas(frame, source=str(source), name=name, digest=digest.hexdigest()[:8])
+
+
+def log_training_data(client: MlflowClient, run_id: str, data) -> None:
+    """Log the run's data (`training_dataset`) as its MLflow dataset input, context "training": the runs
+    table's Dataset column then names it. Called for every run avtune starts (`start_mlflow_run`)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = training_dataset(data)
+    if dataset is None:
+        return
+    entity = Dataset(**dataset.to_dict())
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXT)])])
 
 
 def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -126,6 +202,7 @@ def reopen_run(client: MlflowClient, run_id: str) -> None:
         if tag in run.data.tags:
             client.delete_tag(run_id, tag)
     client.update_run(run_id, status="RUNNING")
+    mark_model_training(client, client.get_experiment(run.info.experiment_id))  # an experiment from before the kind
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from orchestrator.tracking import (
     finish_run,
     get_or_create_experiment,
     log_params_batched,
+    log_training_data,
     metric_history_frame,
     reopen_run,
     resolve_tracking_uri,
@@ -175,6 +176,7 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
         card = Path(spec.data.root) / "card.json" if spec.data.root else None
         if card and card.exists():
             client.log_artifact(run_id, str(card))
+        log_training_data(client, run_id, spec.data)  # the runs table's Dataset column
     except BaseException as err:
         finish_run(client, run_id, err)
         raise

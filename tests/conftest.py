@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,3 +230,34 @@ class RunsCode:
 
 def write_hostile_checkpoint(path: Path, marker: Path) -> None:
     torch.save({"model": {}, "epoch": 0, "payload": RunsCode(marker)}, path)
+
+
+# What Ray, Ray Train and Tune print on their own; none of it may reach the console without --verbose.
+RAY_LINES = ("Reporting training result", "Checkpoint successfully created", "(TrainController", "(RayTrainWorker",
+             "Failed to query Ray Train Controller", "PreemptionWatcher", "Started a local Ray instance")
+
+
+def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600) -> SimpleNamespace:
+    """Run `command` under a pseudo-terminal; its exit code and what the terminal showed, escape codes removed."""
+    typescript = cwd / "typescript.txt"
+    env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm-256color"}
+    done = subprocess.run(["script", "-qec", shlex.join(command), str(typescript)], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", typescript.read_text(errors="replace"))
+    return SimpleNamespace(exit_code=done.returncode, output=shown)
+
+
+# ---- running the suite on two pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ------------------
+#
+# Tests that share an expensive fixture run on the same worker, so it is built once: a session- or
+# module-scoped fixture used by tests on both workers would be built on each. Everything else is
+# handed out test by test.
+SHARED_FIXTURES = ("shared_sweep", "cli_run", "ray_cluster", "busy_dataset", "browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break

@@ -30,10 +30,10 @@ METHOD_SETTINGS = {
     "avslowfast": {"config": "tiny"},
     "avid": {"config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16},
     "cma": {"config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16},
-    # slot: mmpareto
-    # slot: pmr
-    # slot: agm
-    # slot: mla
+    "mmpareto": {"magnitude_scale": 1.5},
+    "pmr": {"prototype_subset_fraction": 0.5, "prototype_momentum": 0.2, "entropy_epochs": 2, "rebalance_end_epoch": 3},
+    "agm": {"modulation_strength": 1.5, "modulation_end_epoch": 2},
+    "mla": {},
 }
 # Keys that hold wall-clock time, not results.
 TIMING_KEYS = {"epoch_seconds", "train_seconds"}
@@ -261,6 +261,7 @@ def _ddp_rank(rank: int, world_size: int, init_file: str, spec_data: dict, out_d
 
     from workers.engine import Runtime
 
+    torch.set_num_threads(1)  # a forked rank: one thread, as a forked DataLoader worker does
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
 
     def shard(loader):
@@ -274,17 +275,37 @@ def _ddp_rank(rank: int, world_size: int, init_file: str, spec_data: dict, out_d
     dist.destroy_process_group()
 
 
-def test_online_gblend_weights_are_identical_on_every_ddp_rank(synth_dataset, tmp_path):
-    """Each rank trains on its own shard, so its running per-head train losses differ; the engine
-    averages them over ranks before online G-Blend re-estimates, so every rank blends with the same
-    weights (else DDP's averaged gradients mix two different objectives)."""
+def run_ddp_ranks(spec_data: dict, tmp_path: Path, world_size: int = 2) -> list[list[dict[str, float]]]:
+    """`fit` on `world_size` gloo DDP ranks (forked: the ranks inherit this process's imports, where a
+    spawned rank re-imports torch and torchvision); each rank's per-epoch metrics."""
     import json
 
     import torch.multiprocessing as mp
 
+    mp.start_processes(_ddp_rank, args=(world_size, str(tmp_path / "pg"), spec_data, str(tmp_path)), nprocs=world_size,
+                       join=True, start_method="fork")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+# Methods that change gradients from numbers computed over the batch (scores, prototypes, sub-gradients):
+# computed on one rank's shard alone, the replicas would drift apart.
+@pytest.mark.parametrize("name", ["ogm_ge", "agm", "mmpareto", "pmr"])
+def test_replicas_stay_identical_on_every_ddp_rank(synth_dataset, tmp_path, name):
+    """Each rank trains on its own shard; what the method computes is reduced over ranks first, so every
+    rank takes the same step and evaluates the same model: every per-epoch number equal on both ranks."""
+    spec_data = engine_spec(synth_dataset, tmp_path / "cache", name, epochs=2).model_dump(mode="json")
+    ranks = run_ddp_ranks(spec_data, tmp_path)
+    assert len(ranks[0]) == 2
+    results_0, results_1 = ([results(m) for m in rank] for rank in ranks)
+    assert results_0 == results_1
+
+
+def test_online_gblend_weights_are_identical_on_every_ddp_rank(synth_dataset, tmp_path):
+    """Each rank trains on its own shard, so its running per-head train losses differ; the engine
+    averages them over ranks before online G-Blend re-estimates, so every rank blends with the same
+    weights (else DDP's averaged gradients mix two different objectives)."""
     spec_data = engine_spec(synth_dataset, tmp_path / "cache", "gblend", epochs=3).model_dump(mode="json")
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "pg"), spec_data, str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_ddp_ranks(spec_data, tmp_path)
     keys = ["gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "loss_train", "loss_train_audio", "loss_train_joint",
             "loss_train_eval", "loss_train_eval_audio"]
     for key in keys:

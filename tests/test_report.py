@@ -404,3 +404,39 @@ def test_gblend_finding_names_its_weights_and_a_starved_head(tmp_path):
                                       Metric("gblend_w_joint", 0.0, 1, 0)])
     starved = sentence(html.unescape(build_report("starved", tracking_uri=uri, out_dir=tmp_path / "s").read_text()), "gblend")
     assert "The audio and joint heads get weight 0 and no gradient" in starved
+
+
+def test_leaderboard_rows_are_hand_computed_and_logged_on_the_parent(hand_sweep, tmp_path):
+    """Methods as rows: mean and 95% t-interval over seeds, the weak modality's utilisation, the Shapley
+    balance, training seconds per epoch and the paired difference from normal, as computed by hand."""
+    uri, client, parent, ids = hand_sweep
+    ts = int(time.time() * 1000)
+    for name, seconds in (("normal_s0", [1.0, 3.0]), ("normal_s2", [2.0, 4.0])):
+        client.log_batch(ids[name], metrics=[Metric("train_seconds", v, ts, step) for step, v in enumerate(seconds)])
+    out = build_report("hand", tracking_uri=uri, out_dir=tmp_path / "report")
+    board = pd.read_csv(tmp_path / "report" / "leaderboard_numbers.csv").set_index("config")
+    # Best joint accuracy first: audio_only (0.8, 0.9) 0.85, ogm_ge w0-1 0.84, normal (0.85, 0.8) 0.825, ...
+    assert list(board.index[:3]) == ["audio_only", "ogm_ge alpha=0.5 window=0-1", "normal"]
+    normal = board.loc["normal"]
+    # n = 2: mean 0.825, sd 0.0353553, t(0.975, 1) = 12.7062 -> half-width 12.7062 * 0.0353553 / sqrt(2) = 0.317655.
+    assert normal["n"] == 2 and normal["acc"] == pytest.approx(0.825)
+    assert (normal["acc_low"], normal["acc_high"]) == pytest.approx((0.507345, 1.142655), abs=1e-5)
+    # Normal's heads: audio 0.825 > visual 0.36, so visual is weak. util_visual: seed 0 against visual_only
+    # seed 0 (0.3 / 0.6 = 0.5); seed 2 has no baseline of its seed: the mean of the others (0.42 / 0.65).
+    assert normal["weak"] == "visual"
+    assert normal["util_weak"] == pytest.approx((0.5 + 0.42 / 0.65) / 2)
+    # Shapley balance 1 - |a - v| / (|a| + |v|): seed 0 (0.5, 0.1) -> 1/3, seed 2 (0.4, 0.2) -> 2/3.
+    assert normal["shapley_balance"] == pytest.approx(0.5)
+    # Mean over epochs per run (2.0, 3.0), then over runs.
+    assert normal["train_seconds_per_epoch"] == pytest.approx(2.5)
+    ogm = board.loc["ogm_ge alpha=0.5 window=0-1"]
+    assert ogm["util_weak"] == pytest.approx(0.45 / 0.6) and ogm["shapley_balance"] == pytest.approx(1 - 0.2 / 0.6)
+    # Paired on the one seed both ran (0) and the same 100 clips: 0.84 - 0.85.
+    assert ogm["d_acc"] == pytest.approx(-0.01)
+    assert pd.isna(board.loc["audio_only", "d_acc"]) and pd.isna(board.loc["audio_only", "acc_visual"])
+    page = out.read_text()
+    assert "id='leaderboard'" in page and "0.825 [0.507, 1.143]" in page
+    logged = {a.path for a in client.list_artifacts(parent)}
+    assert {"leaderboard.csv", "leaderboard_numbers.csv"} <= logged
+    shown = pd.read_csv(client.download_artifacts(parent, "leaderboard.csv", str(tmp_path)))
+    assert shown.loc[shown["method"] == "normal", "acc"].item() == "0.825 [0.507, 1.143]"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from conftest import RAY_LINES
 
 from orchestrator import load_spec
 from orchestrator.specs import SpecError
@@ -225,6 +228,14 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     time.sleep(2)
     resumed = subprocess.run(cli + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # Piped, as in CI or `| tee`: one plain line per finished trial, no Ray log line; those are in the log file.
+    finished = re.findall(r"^\[\d+:\d\d\] ogm_ge_concat_a0\.[18]_w0-3_s0  FINISHED\s+3/3 epochs  acc \d\.\d{3}",
+                          resumed.stdout, flags=re.M)
+    assert len(finished) == 2, resumed.stdout
+    shown = resumed.stdout + resumed.stderr
+    assert not [line for line in RAY_LINES if line in shown], shown[-3000:]
+    log_file = Path(resumed.stdout.split("Ray log:")[1].split()[0])
+    assert "Reporting training result" in log_file.read_text(errors="replace")
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("sw")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`avtune.kind` = 'sweep'")

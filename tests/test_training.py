@@ -5,12 +5,14 @@ through the CLI; resume and a failing run in tests/test_faults.py. Every method'
 tested in-process through the same engine (tests/test_engine.py)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import RAY_LINES, on_a_terminal
 from orchestrator import load_spec
 from orchestrator.specs import SpecError
 
@@ -80,9 +82,12 @@ def cli_run(ray_local, synth_dataset, tmp_path_factory) -> dict:
     runner = CliRunner()
     bad = runner.invoke(app, ["train", str(spec_file), "--set", "model.fusion=average"])
     overrides = ["--set", "method.name=ogm_ge", "--set", "method.alpha=0.3", "--set", "scaling.num_workers=2"]
-    res = runner.invoke(app, ["train", str(spec_file), *overrides])
+    # As a person runs it: a real process on a pseudo-terminal (util-linux `script`), so the live view draws.
+    res = on_a_terminal([sys.executable, "-m", "orchestrator.cli", "train", str(spec_file), *overrides], tmp)
     return {"tmp": tmp, "spec_file": spec_file, "overrides": overrides, "bad": bad, "res": res, "runner": runner,
             "client": MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")}
+
+
 
 
 def test_cli_train_then_runs(cli_run):
@@ -93,7 +98,14 @@ def test_cli_train_then_runs(cli_run):
 
     bad, res, client, tmp = cli_run["bad"], cli_run["res"], cli_run["client"], cli_run["tmp"]
     assert bad.exit_code == 2 and "model.fusion" in bad.output, bad.output
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0, res.output[-5000:]
+    # The live view: its header, the trial's row and the overall line; Ray's own lines only in the log file.
+    assert "avtune train t" in res.output and "ogm_ge_concat_a0.3" in res.output
+    assert "1/1 trials done" in res.output and "FINISHED" in res.output
+    assert not [line for line in RAY_LINES if line in res.output], res.output[-3000:]
+    log_file = Path(res.output.split("Ray log:")[1].split()[0])
+    assert log_file.parent == tmp / "runs" / "logs"
+    assert "Reporting training result" in log_file.read_text(errors="replace")
     assert "acc_audio" in res.output and "k_audio" in res.output and "checkpoint:" in res.output
     run_id = res.output.split(" run ")[-1].split()[0]
     run = client.get_run(run_id)

@@ -44,7 +44,8 @@ from workers.methods import get_method, run_param_keys, unimodal_methods
 MODALITIES = ("audio", "visual")
 # Per-epoch metrics the report reads (each child logs more; only these are fetched).
 HISTORY_KEYS = ("acc", "acc_audio", "acc_visual", "gap_av", "k_audio", "k_visual", "shapley_audio",
-                "shapley_visual", "util_audio", "util_visual", "gblend_w_audio", "gblend_w_visual", "gblend_w_joint")
+                "shapley_visual", "util_audio", "util_visual", "gblend_w_audio", "gblend_w_visual", "gblend_w_joint",
+                "train_seconds")
 SUMMARY_FILE = "imbalance_summary.csv"
 CONFIG_SUMMARY_FILE = "config_summary.csv"
 REPORT_DIR = "report"
@@ -111,16 +112,38 @@ def _history(client: MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataF
     return frame
 
 
-def _config(row: dict[str, Any], group: str) -> str:
-    """A trial's settings without the seed, e.g. "ogm_ge alpha=0.5 window=0-2 (fusion=film)"."""
+def _config(row: dict[str, Any], group: str, labels: dict[str, str] | None = None) -> str:
+    """A trial's settings without the seed, e.g. "ogm_ge alpha=0.5 window=0-2 (fusion=film)"; `labels`: other
+    label fields of its method that differ between this method's trials (e.g. "magnitude_scale": "2")."""
     config = row["method"]
     if row["alpha"] is not None:
         config += f" alpha={row['alpha']:g}"
     if row["window"]:
         config += f" window={row['window']}"
+    for key, value in (labels or {}).items():
+        config += f" {key}={value}"
     if group:
         config += f" ({group})"
     return config
+
+
+def _varying_label_fields(runs: list, params: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """Per method: its label fields (`Method.label_fields`, OGM's alpha and window aside, which the trial
+    row carries) whose values differ between its trials in this sweep; a field every trial shares
+    names nothing apart."""
+    out: dict[str, list[str]] = {}
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for run in runs:
+        p = params[run.info.run_id]
+        by_method.setdefault(p.get("method.name", ""), []).append(p)
+    for method, trials in by_method.items():
+        try:
+            fields = get_method(method).label_fields
+        except ValueError:  # a run logged by a foreign tool
+            continue
+        out[method] = [f for f in fields if f not in ("alpha", "modulation_starts", "modulation_ends")
+                       and len({t.get(f"method.{f}", "") for t in trials}) > 1]
+    return out
 
 
 def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
@@ -138,10 +161,12 @@ def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
     derived = run_param_keys()
     context_keys = [k for k in varying if not k.startswith("method.") and k != SEED_PARAM and k not in derived]
     rows, histories = [], {}
+    label_keys = _varying_label_fields(runs, params)
     for run in runs:
         row, p, m = trial_row(run), params[run.info.run_id], run.data.metrics
         row["group"] = ", ".join(f"{k.split('.', 1)[-1]}={p.get(k, '')}" for k in context_keys)
-        row["config"] = _config(row, row["group"])
+        labels = {k: p.get(f"method.{k}", "") for k in label_keys.get(row["method"], ())}
+        row["config"] = _config(row, row["group"], labels)
         keys = [k for k in HISTORY_KEYS if k in m]
         histories[run.info.run_id] = _history(client, run.info.run_id, keys) if keys else pd.DataFrame()
         rows.append(row)
@@ -340,6 +365,9 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
         summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)
         client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
         client.log_artifact(parent_run_id, str(Path(tmp) / CONFIG_SUMMARY_FILE))
+    from orchestrator.report.leaderboard import leaderboard, log_leaderboard
+
+    log_leaderboard(client, parent_run_id, leaderboard(sweep, table, summary))
     return table
 
 

@@ -20,6 +20,7 @@ from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMA
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
 from orchestrator.report.comparisons import config_summary, format_interval
+from orchestrator.report.leaderboard import LEADERBOARD_FILE, LEADERBOARD_NUMBERS_FILE, display_rows, leaderboard
 from orchestrator.tracking import redact_uri
 from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
                                        plot_shapley, plot_utilisation)
@@ -68,6 +69,15 @@ READING_INTERVALS = (
     "'not distinguishable' from normal on this data, whatever the sign of the mean difference.")
 
 
+READING_LEADERBOARD = (
+    "One row per configuration, best joint accuracy first: validation accuracy of the joint prediction and of each "
+    "head, mean [95% t-interval] over seeds; 'weak util' is the weak modality's head accuracy over its uni-modal "
+    "baseline's (1 = as good as trained alone); 'shapley balance' is 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|) "
+    "(1 = both modalities add the same); 's/epoch' is training seconds per epoch on this machine; 'acc vs normal' "
+    "is the paired difference from the normal joint model on the same seeds and clips (paired bootstrap), "
+    "'not distinguishable' when its interval covers 0.")
+
+
 def _interval_table(summary: pd.DataFrame) -> str:
     rows = []
     for _, r in summary.iterrows():
@@ -87,7 +97,7 @@ def _interval_table(summary: pd.DataFrame) -> str:
 
 def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: list[dict[str, Any]],
                 figures: list[tuple[Path, str]], weights: dict[str, float] | None,
-                summary: pd.DataFrame | None = None) -> str:
+                summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None) -> str:
     title = f"avtune imbalance report: {sweep.experiment_name}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -101,6 +111,10 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
     if not items:
         parts.append("<li>No joint audio-visual trial with per-modality accuracies in this sweep.</li>")
     parts.append("</ul>")
+    if board is not None and not board.empty:
+        shown = display_rows(board)
+        parts.append("<h2 id='leaderboard'>Leaderboard</h2>" + _html_table(shown, list(shown.columns))
+                     + f"<p class='meta'>{html.escape(READING_LEADERBOARD)}</p>")
     parts.append("<h2>Definitions</h2><ul>"
                  "<li><b>utilisation</b> util_m = accuracy of modality m's head inside the joint model / accuracy of the "
                  "matching uni-modal baseline (same seed when the sweep has it, else mean over seeds), per epoch and final.</li>"
@@ -192,8 +206,12 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
     report = out / "report.html"
-    _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary))
+    board = leaderboard(sweep, table, summary)
+    board.to_csv(out / LEADERBOARD_NUMBERS_FILE, index=False)
+    display_rows(board).to_csv(out / LEADERBOARD_FILE, index=False)
+    _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board))
     if log_to_mlflow:
-        for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / "findings.json", *(p for p, _ in figures)]:
+        for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / LEADERBOARD_FILE,
+                     out / LEADERBOARD_NUMBERS_FILE, out / "findings.json", *(p for p, _ in figures)]:
             client.log_artifact(sweep_run_id, str(path), artifact_path=REPORT_DIR)
     return report.resolve()

@@ -1,0 +1,130 @@
+"""The leaderboard: one row per configuration (in a method comparison, one per method), side by side.
+
+Per row, over the seeds of that configuration (t-intervals, `orchestrator.report.stats`):
+joint / audio-head / visual-head validation accuracy (mean and 95% interval), the utilisation of the
+weak modality (its head's accuracy over its uni-modal baseline's; see `analysis`), the Shapley balance
+``1 - |phi_a - phi_v| / (|phi_a| + |phi_v|)``, the training seconds per epoch, and the paired difference of
+joint accuracy from the normal configuration of the same group (same seeds, same validation clips: a
+paired bootstrap, `comparisons.config_summary`) with its interval, p-value and verdict.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.report.analysis import MODALITIES, SweepData, is_unimodal, shapley_balance
+from orchestrator.report.comparisons import CONFIDENCE, format_interval
+from orchestrator.report.stats import t_interval
+
+# On the parent run: the table as shown (MLflow's artifact view renders a CSV as a table) and its numbers.
+LEADERBOARD_FILE = "leaderboard.csv"
+LEADERBOARD_NUMBERS_FILE = "leaderboard_numbers.csv"
+COLUMNS = ["group", "config", "method", "n", "acc", "acc_low", "acc_high", "acc_audio", "acc_audio_low",
+           "acc_audio_high", "acc_visual", "acc_visual_low", "acc_visual_high", "weak", "util_weak",
+           "util_weak_low", "util_weak_high", "shapley_balance", "train_seconds_per_epoch", "d_acc", "d_acc_low",
+           "d_acc_high", "p_acc", "vs_normal_acc"]
+
+
+def weak_modality(table: pd.DataFrame) -> str | None:
+    """The modality whose head is less accurate in the normal joint model (mean over its seeds; all joint
+    trials when there is no normal run); None when neither is weaker."""
+    joint = table[~table["method"].map(is_unimodal).astype(bool) & table["acc_audio"].notna()
+                  & table["acc_visual"].notna()]
+    reference = joint[joint["method"] == "normal"]
+    reference = reference if not reference.empty else joint
+    if reference.empty:
+        return None
+    audio, visual = reference["acc_audio"].astype(float).mean(), reference["acc_visual"].astype(float).mean()
+    if audio == visual:
+        return None
+    return "visual" if audio > visual else "audio"
+
+
+def train_seconds(sweep: SweepData, run_id: str) -> float | None:
+    """Mean training seconds per epoch of one run (its `train_seconds` history)."""
+    history = sweep.histories.get(run_id)
+    if history is None or "train_seconds" not in history:
+        return None
+    values = history["train_seconds"].dropna()
+    return float(values.mean()) if not values.empty else None
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return (np.nan, np.nan, np.nan)
+    interval = t_interval(values, CONFIDENCE)
+    return interval.mean, interval.low, interval.high
+
+
+def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of the sweep (columns `COLUMNS`), joint accuracy first, per group.
+
+    `table`: `analysis.imbalance_summary(sweep)`; `summary`: `comparisons.config_summary` of it."""
+    rows = []
+    done = table[table["acc"].notna()]
+    for group, trials in done.groupby("group", sort=False, dropna=False):
+        weak = weak_modality(trials)
+        for config, runs in trials.groupby("config", sort=False):
+            row: dict = {"group": group, "config": config, "method": runs["method"].iloc[0], "n": len(runs), "weak": weak}
+            for key in ("acc", "acc_audio", "acc_visual"):
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = _interval(runs[key].astype(float).tolist())
+            if weak is not None and f"util_{weak}" in runs:
+                row["util_weak"], row["util_weak_low"], row["util_weak_high"] = \
+                    _interval(runs[f"util_{weak}"].astype(float).tolist())
+            balances = [shapley_balance(a, v) for a, v in zip(runs["shapley_audio"], runs["shapley_visual"])]
+            balances = [b for b in balances if b is not None]
+            row["shapley_balance"] = float(np.mean(balances)) if balances else np.nan
+            seconds = [s for s in (train_seconds(sweep, r) for r in runs["run_id"]) if s is not None]
+            row["train_seconds_per_epoch"] = float(np.mean(seconds)) if seconds else np.nan
+            paired = summary[(summary["config"] == config) & (summary["group"] == group)] if not summary.empty else summary
+            if not paired.empty and "d_acc" in paired and not pd.isna(paired["d_acc"].iloc[0]):
+                for key in ("d_acc", "d_acc_low", "d_acc_high", "p_acc", "vs_normal_acc"):
+                    row[key] = paired[key].iloc[0]
+            rows.append(row)
+    board = pd.DataFrame(rows, columns=COLUMNS)
+    return board.sort_values(["group", "acc"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def display_rows(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as text cells, as the report page, the CLI and the MLflow table show it."""
+    out = []
+    for _, r in board.iterrows():
+        d = r.get("d_acc")
+        out.append({
+            **({"group": r["group"]} if board["group"].astype(bool).any() else {}),
+            "method": r["config"], "seeds": str(int(r["n"])),
+            "acc": format_interval(r["acc"], r["acc_low"], r["acc_high"]),
+            "acc_audio": format_interval(r["acc_audio"], r["acc_audio_low"], r["acc_audio_high"]),
+            "acc_visual": format_interval(r["acc_visual"], r["acc_visual_low"], r["acc_visual_high"]),
+            "weak util": ("" if pd.isna(r["util_weak"]) else
+                          f"{r['weak']}: " + format_interval(r["util_weak"], r["util_weak_low"], r["util_weak_high"])),
+            "shapley balance": "" if pd.isna(r["shapley_balance"]) else f"{r['shapley_balance']:.3f}",
+            "s/epoch": "" if pd.isna(r["train_seconds_per_epoch"]) else f"{r['train_seconds_per_epoch']:.2f}",
+            "acc vs normal": ("" if d is None or pd.isna(d) else
+                              f"{d:+.3f} [{r['d_acc_low']:+.3f}, {r['d_acc_high']:+.3f}] p={r['p_acc']:.2g} {r['vs_normal_acc']}"),
+        })
+    return pd.DataFrame(out)
+
+
+def compares_methods(board: pd.DataFrame) -> bool:
+    """Whether the sweep put more than one joint method side by side (then the leaderboard leads the report)."""
+    joint = board[~board["method"].map(is_unimodal).astype(bool)]
+    return joint["method"].nunique() > 1
+
+
+def log_leaderboard(client, parent_run_id: str, board: pd.DataFrame) -> None:
+    """The leaderboard on the sweep's parent run (replacing an older one of the same name)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        display_rows(board).to_csv(Path(tmp) / LEADERBOARD_FILE, index=False)
+        board.to_csv(Path(tmp) / LEADERBOARD_NUMBERS_FILE, index=False)
+        client.log_artifact(parent_run_id, str(Path(tmp) / LEADERBOARD_FILE))
+        client.log_artifact(parent_run_id, str(Path(tmp) / LEADERBOARD_NUMBERS_FILE))
+
+
+__all__ = ["COLUMNS", "LEADERBOARD_FILE", "LEADERBOARD_NUMBERS_FILE", "log_leaderboard", "MODALITIES", "compares_methods", "display_rows", "leaderboard", "weak_modality"]

@@ -90,8 +90,9 @@ def submit_spec(spec: ExperimentSpec, address: str, tracking_uri: str | None = N
         runtime_env = {"working_dir": str(staging), "env_vars": env_vars}
         if pip:
             runtime_env["pip"] = pip
-        # argv list joined by Ray into a shell line: only fixed words here, never spec values.
-        entrypoint = f"python -m orchestrator.cli {command} spec.yaml"
+        # argv list joined by Ray into a shell line: only fixed words here, never spec values. --verbose: a
+        # job's log (`avtune jobs logs`) is where its Ray output belongs, not a file on the head node.
+        entrypoint = f"python -m orchestrator.cli {command} spec.yaml --verbose"
         deadline = time.monotonic() + agent_wait_seconds
         while True:
             try:

@@ -72,6 +72,13 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session's local Ray as a subprocess reaches it (`RAY_ADDRESS`; the token is Ray's default file,
+    ~/.ray/auth_token): a CLI or script under test joins it instead of paying for a Ray of its own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
 # Ports handed out for servers a test starts itself, chosen below the kernel's ephemeral range
 # (32768-60999 here) and above Ray's worker ports (10002-19999): a port picked from the ephemeral range
 # and released can be taken, before our server binds it, by any process binding port 0, e.g. Ray's own
@@ -237,27 +244,12 @@ RAY_LINES = ("Reporting training result", "Checkpoint successfully created", "(T
              "Failed to query Ray Train Controller", "PreemptionWatcher", "Started a local Ray instance")
 
 
-def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600) -> SimpleNamespace:
+def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> SimpleNamespace:
     """Run `command` under a pseudo-terminal; its exit code and what the terminal showed, escape codes removed."""
     typescript = cwd / "typescript.txt"
-    env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm-256color"}
+    env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm-256color", **(env or {})}
     done = subprocess.run(["script", "-qec", shlex.join(command), str(typescript)], cwd=cwd, env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", typescript.read_text(errors="replace"))
     return SimpleNamespace(exit_code=done.returncode, output=shown)
 
-
-# ---- running the suite on two pytest-xdist workers (`make test`: -n 2 --dist loadgroup) ------------------
-#
-# Tests that share an expensive fixture run on the same worker, so it is built once: a session- or
-# module-scoped fixture used by tests on both workers would be built on each. Everything else is
-# handed out test by test.
-SHARED_FIXTURES = ("shared_sweep", "cli_run", "ray_cluster", "busy_dataset", "browser")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for name in SHARED_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
-                break

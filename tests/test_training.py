@@ -59,7 +59,7 @@ def test_spec_error_names_the_field(base_spec):
 
 
 @pytest.fixture(scope="module")
-def cli_run(ray_local, synth_dataset, tmp_path_factory) -> dict:
+def cli_run(ray_address, synth_dataset, tmp_path_factory) -> dict:
     """`avtune train` of OGM-GE on 2 DDP workers, once for this module: its scores are all-reduced and
     its noise seeded alike on both ranks (workers/methods/ogm.py). A bad `--set` first, refused."""
     import yaml
@@ -83,7 +83,8 @@ def cli_run(ray_local, synth_dataset, tmp_path_factory) -> dict:
     bad = runner.invoke(app, ["train", str(spec_file), "--set", "model.fusion=average"])
     overrides = ["--set", "method.name=ogm_ge", "--set", "method.alpha=0.3", "--set", "scaling.num_workers=2"]
     # As a person runs it: a real process on a pseudo-terminal (util-linux `script`), so the live view draws.
-    res = on_a_terminal([sys.executable, "-m", "orchestrator.cli", "train", str(spec_file), *overrides], tmp)
+    res = on_a_terminal([sys.executable, "-m", "orchestrator.cli", "train", str(spec_file), *overrides], tmp,
+                        env={"RAY_ADDRESS": ray_address})
     return {"tmp": tmp, "spec_file": spec_file, "overrides": overrides, "bad": bad, "res": res, "runner": runner,
             "client": MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")}
 

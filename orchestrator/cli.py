@@ -15,6 +15,8 @@ from rich.table import Table
 app = typer.Typer(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(width=None if sys.stdout.isatty() else 150)
+# MLflow draws a progress bar per artifact download (the report reads every trial's predictions.csv).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 try:  # the data sub-app lives beside this file
     from orchestrator.cli_data import data_app
@@ -522,12 +524,14 @@ def print_leaderboard(report_dir: Path) -> None:
     board = pd.read_csv(report_dir / LEADERBOARD_FILE, dtype=str, keep_default_na=False)
     if board.empty:
         return
-    table = Table(title="leaderboard: validation accuracy, mean [95% interval] over seeds")
+    table = Table(title="leaderboard: validation accuracy, mean ± 95% interval over seeds")
     for c in board.columns:
-        table.add_column(c, justify="left" if c in ("group", "method", "acc vs normal") else "right")
+        table.add_column(c, justify="left" if c in ("group", "method", "vs normal", "weak vs normal") else "right",
+                         no_wrap=True)
     for _, row in board.iterrows():
         table.add_row(*row.tolist())
-    console.print(table)
+    # One line per method: piped output (a file, CI) is not cut to 150 columns.
+    (console if console.is_terminal else Console(file=console.file, width=300)).print(table)
     console.print(READING_LEADERBOARD, markup=False, highlight=False)
 
 

@@ -217,8 +217,8 @@ def test_section_defaults_labels_and_run_params():
     assert (m.modulation_first_epoch, m.modulation_end_epoch) == (0, None)
     cls = get_method("agm")
     assert "alpha" not in cls.label_fields  # not OGM's family in the report
-    assert cls.run_label(m) == ["s1"]
-    assert cls.run_label(m.model_copy(update={"modulation_end_epoch": 2})) == ["s1", "w0-2"]
+    assert cls.run_label(m) == ["str1"]
+    assert cls.run_label(m.model_copy(update={"modulation_end_epoch": 2})) == ["str1", "w0-2"]
     assert cls.run_params(spec) == {"agm_clip_test": "fusion.fc_x.weight+fusion.fc_y.weight"}
     off = load_spec({"method": {"name": "agm", "fusion_grad_clip": None}})
     assert cls.run_params(off) == {"agm_clip_test": "off"}

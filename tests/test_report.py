@@ -435,8 +435,8 @@ def test_leaderboard_rows_are_hand_computed_and_logged_on_the_parent(hand_sweep,
     assert ogm["d_acc"] == pytest.approx(-0.01)
     assert pd.isna(board.loc["audio_only", "d_acc"]) and pd.isna(board.loc["audio_only", "acc_visual"])
     page = out.read_text()
-    assert "id='leaderboard'" in page and "0.825 [0.507, 1.143]" in page
+    assert "id='leaderboard'" in page and "0.825 ±0.318" in page
     logged = {a.path for a in client.list_artifacts(parent)}
     assert {"leaderboard.csv", "leaderboard_numbers.csv"} <= logged
     shown = pd.read_csv(client.download_artifacts(parent, "leaderboard.csv", str(tmp_path)))
-    assert shown.loc[shown["method"] == "normal", "acc"].item() == "0.825 [0.507, 1.143]"
+    assert shown.loc[shown["method"] == "normal", "acc"].item() == "0.825 ±0.318"

@@ -71,11 +71,13 @@ READING_INTERVALS = (
 
 READING_LEADERBOARD = (
     "One row per configuration, best joint accuracy first: validation accuracy of the joint prediction and of each "
-    "head, mean [95% t-interval] over seeds; 'weak util' is the weak modality's head accuracy over its uni-modal "
-    "baseline's (1 = as good as trained alone); 'shapley balance' is 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|) "
-    "(1 = both modalities add the same); 's/epoch' is training seconds per epoch on this machine; 'acc vs normal' "
-    "is the paired difference from the normal joint model on the same seeds and clips (paired bootstrap), "
-    "'not distinguishable' when its interval covers 0.")
+    "head (AVID / CMA: linear probes on frozen features), mean ± half-width of its 95% t-interval over seeds; "
+    "'weak util' is the weak modality's head accuracy over its uni-modal baseline's (1 = as good as trained "
+    "alone); 'balance' is the Shapley balance 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|) (1 = both modalities add "
+    "the same); 's/epoch' is training seconds per epoch on this machine; 'acc - normal' is the paired difference "
+    "from the normal joint model on the same seeds and validation clips with its 95% interval and p-value "
+    "(paired bootstrap), 'not distinguishable' when the interval covers 0; 'weak head - normal' is the same for "
+    "the weak modality's head (the modality normal's heads use less).")
 
 
 def _interval_table(summary: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.report.analysis import MODALITIES, SweepData, is_unimodal, shapley_balance
-from orchestrator.report.comparisons import CONFIDENCE, format_interval
+from orchestrator.report.comparisons import CONFIDENCE
 from orchestrator.report.stats import t_interval
 
 # On the parent run: the table as shown (MLflow's artifact view renders a CSV as a table) and its numbers.
@@ -24,7 +24,7 @@ LEADERBOARD_NUMBERS_FILE = "leaderboard_numbers.csv"
 COLUMNS = ["group", "config", "method", "n", "acc", "acc_low", "acc_high", "acc_audio", "acc_audio_low",
            "acc_audio_high", "acc_visual", "acc_visual_low", "acc_visual_high", "weak", "util_weak",
            "util_weak_low", "util_weak_high", "shapley_balance", "train_seconds_per_epoch", "d_acc", "d_acc_low",
-           "d_acc_high", "p_acc", "vs_normal_acc"]
+           "d_acc_high", "p_acc", "vs_normal_acc", "d_weak", "d_weak_low", "d_weak_high", "p_weak", "vs_normal_weak"]
 
 
 def weak_modality(table: pd.DataFrame) -> str | None:
@@ -83,9 +83,22 @@ def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) ->
             if not paired.empty and "d_acc" in paired and not pd.isna(paired["d_acc"].iloc[0]):
                 for key in ("d_acc", "d_acc_low", "d_acc_high", "p_acc", "vs_normal_acc"):
                     row[key] = paired[key].iloc[0]
+            # The weak modality's head against normal's: what a balancing method is for.
+            if weak is not None and not paired.empty and f"d_acc_{weak}" in paired \
+                    and not pd.isna(paired[f"d_acc_{weak}"].iloc[0]):
+                row.update({"d_weak": paired[f"d_acc_{weak}"].iloc[0], "d_weak_low": paired[f"d_acc_{weak}_low"].iloc[0],
+                            "d_weak_high": paired[f"d_acc_{weak}_high"].iloc[0], "p_weak": paired[f"p_acc_{weak}"].iloc[0],
+                            "vs_normal_weak": paired[f"vs_normal_acc_{weak}"].iloc[0]})
             rows.append(row)
     board = pd.DataFrame(rows, columns=COLUMNS)
     return board.sort_values(["group", "acc"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def _pm(mean: float, low: float, high: float) -> str:
+    """"0.889 ±0.015": a t-interval is symmetric about the mean; the mean alone with one seed."""
+    if mean is None or pd.isna(mean):
+        return ""
+    return f"{mean:.3f}" if pd.isna(low) or pd.isna(high) else f"{mean:.3f} ±{(high - low) / 2:.3f}"
 
 
 def display_rows(board: pd.DataFrame) -> pd.DataFrame:
@@ -93,18 +106,25 @@ def display_rows(board: pd.DataFrame) -> pd.DataFrame:
     out = []
     for _, r in board.iterrows():
         d = r.get("d_acc")
+        paired = d is not None and not pd.isna(d)
+        weak_paired = not pd.isna(r.get("d_weak"))
         out.append({
             **({"group": r["group"]} if board["group"].astype(bool).any() else {}),
             "method": r["config"], "seeds": str(int(r["n"])),
-            "acc": format_interval(r["acc"], r["acc_low"], r["acc_high"]),
-            "acc_audio": format_interval(r["acc_audio"], r["acc_audio_low"], r["acc_audio_high"]),
-            "acc_visual": format_interval(r["acc_visual"], r["acc_visual_low"], r["acc_visual_high"]),
-            "weak util": ("" if pd.isna(r["util_weak"]) else
-                          f"{r['weak']}: " + format_interval(r["util_weak"], r["util_weak_low"], r["util_weak_high"])),
-            "shapley balance": "" if pd.isna(r["shapley_balance"]) else f"{r['shapley_balance']:.3f}",
+            "acc": _pm(r["acc"], r["acc_low"], r["acc_high"]),
+            "acc_audio": _pm(r["acc_audio"], r["acc_audio_low"], r["acc_audio_high"]),
+            "acc_visual": _pm(r["acc_visual"], r["acc_visual_low"], r["acc_visual_high"]),
+            "weak util": "" if pd.isna(r["util_weak"]) else f"{r['weak']} " + _pm(r["util_weak"], r["util_weak_low"],
+                                                                                   r["util_weak_high"]),
+            "balance": "" if pd.isna(r["shapley_balance"]) else f"{r['shapley_balance']:.3f}",
             "s/epoch": "" if pd.isna(r["train_seconds_per_epoch"]) else f"{r['train_seconds_per_epoch']:.2f}",
-            "acc vs normal": ("" if d is None or pd.isna(d) else
-                              f"{d:+.3f} [{r['d_acc_low']:+.3f}, {r['d_acc_high']:+.3f}] p={r['p_acc']:.2g} {r['vs_normal_acc']}"),
+            "acc - normal [95% CI]": f"{d:+.3f} [{r['d_acc_low']:+.3f}, {r['d_acc_high']:+.3f}]" if paired else "",
+            "p": f"{r['p_acc']:.2g}" if paired else "",
+            "vs normal": r["vs_normal_acc"] if paired else "",
+            "weak head - normal [95% CI]": (f"{r['d_weak']:+.3f} [{r['d_weak_low']:+.3f}, {r['d_weak_high']:+.3f}]"
+                                            if weak_paired else ""),
+            "p weak": f"{r['p_weak']:.2g}" if weak_paired else "",
+            "weak vs normal": r["vs_normal_weak"] if weak_paired else "",
         })
     return pd.DataFrame(out)
 

@@ -70,7 +70,7 @@ class AGM(Normal):
 
     @classmethod
     def run_label(cls, section: AGMSection) -> list[str]:
-        parts = [f"s{section.modulation_strength:g}"]
+        parts = [f"str{section.modulation_strength:g}"]  # "s<n>" would read as a seed
         if section.modulation_first_epoch or section.modulation_end_epoch is not None:
             end = "end" if section.modulation_end_epoch is None else section.modulation_end_epoch
             parts.append(f"w{section.modulation_first_epoch}-{end}")

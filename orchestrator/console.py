@@ -4,8 +4,8 @@
 acc_visual, elapsed time, the last line of a failure) as events arrive: from a sweep's Tune callback
 (`orchestrator.sweep.TrialProgress`) or a single run's epoch poller. Two views draw it:
 `LiveView`, one live rich table with an overall progress line and the time left, on a terminal; and
-`plain_printer`, one plain line per finished epoch (a single run) or trial (a sweep) when stdout is
-not a terminal (CI, `| tee`).
+the board's `on_line`, one plain line per finished epoch (a single run) or trial (a sweep) when stdout
+is not a terminal (CI, `| tee`).
 
 `ray_output_to(log)` sends this process's stdout and stderr (file descriptors 1 and 2: Ray's driver
 logs, the worker output Ray streams to the driver, Ray Train's report and checkpoint lines, Tune's
@@ -90,7 +90,6 @@ class Board:
         self.expected_epochs = 0
         self.expected_trials = 0
         self.stage = ""
-        self.log_path: Path | None = None
         self.started = time.monotonic()
         self._lock = threading.Lock()
 
@@ -195,10 +194,7 @@ class LiveView:
             cells = [f"{t.metrics[k]:.3f}" if k in t.metrics else "" for k, _ in SHOWN_METRICS]
             table.add_row(t.label, f"[{colours.get(t.status, 'white')}]{t.status}[/]", f"{t.epoch}/{t.epochs}", *cells,
                           clock(t.elapsed()), Text(t.error[:120], style="red"))
-        lines = [table, Text(self.board.overall(), style="bold")]
-        if self.board.log_path:
-            lines.append(Text(f"Ray log: {self.board.log_path}", style="dim"))
-        return Group(*lines)
+        return Group(table, Text(self.board.overall(), style="bold"))
 
     def __enter__(self) -> "LiveView":
         self.live.__enter__()
@@ -207,14 +203,6 @@ class LiveView:
     def __exit__(self, *exc) -> None:
         self.live.refresh()
         self.live.__exit__(*exc)
-
-
-def plain_printer(stream: IO[str]) -> Callable[[str], None]:
-    def write(line: str) -> None:
-        stream.write(line + "\n")
-        stream.flush()
-
-    return write
 
 
 def log_file_for(runs_dir: str | os.PathLike[str], name: str) -> Path:

@@ -312,14 +312,15 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
 
 
 def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None,
-                        summary: pd.DataFrame | None = None) -> pd.DataFrame:
+                        summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
     (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table.
 
     `sweep`: the sweep as already read with :func:`load_sweep` (read here when None); `summary`: its
-    :func:`config_summary` when the caller has it (its paired bootstraps are the costly part).
+    :func:`config_summary` when the caller has it (its paired bootstraps are the costly part); `board`:
+    its leaderboard (``orchestrator.report.leaderboard``) when the caller has it.
     """
     if sweep is None:
         sweep = load_sweep(client, parent_run_id)
@@ -367,7 +368,7 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
         client.log_artifact(parent_run_id, str(Path(tmp) / CONFIG_SUMMARY_FILE))
     from orchestrator.report.leaderboard import leaderboard, log_leaderboard
 
-    log_leaderboard(client, parent_run_id, leaderboard(sweep, table, summary))
+    log_leaderboard(client, parent_run_id, board if board is not None else leaderboard(sweep, table, summary))
     return table
 
 

@@ -170,8 +170,9 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
     summary = config_summary(table, sweep.predictions)
+    board = leaderboard(sweep, table, summary)
     if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id, sweep, summary)
+        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board)
     items = findings(table, sweep.predictions)
     if (blend := gblend_finding(sweep, table)) is not None:
         items.append(blend)
@@ -208,7 +209,6 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
     report = out / "report.html"
-    board = leaderboard(sweep, table, summary)
     board.to_csv(out / LEADERBOARD_NUMBERS_FILE, index=False)
     display_rows(board).to_csv(out / LEADERBOARD_FILE, index=False)
     _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board))

@@ -69,8 +69,11 @@ def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) ->
         weak = weak_modality(trials)
         for config, runs in trials.groupby("config", sort=False):
             row: dict = {"group": group, "config": config, "method": runs["method"].iloc[0], "n": len(runs), "weak": weak}
+            paired = summary[(summary["config"] == config) & (summary["group"] == group)] if not summary.empty else summary
+            # The accuracies' intervals are the configuration summary's (comparisons.config_intervals).
             for key in ("acc", "acc_audio", "acc_visual"):
-                row[key], row[f"{key}_low"], row[f"{key}_high"] = _interval(runs[key].astype(float).tolist())
+                for column in (key, f"{key}_low", f"{key}_high"):
+                    row[column] = paired[column].iloc[0] if not paired.empty else np.nan
             if weak is not None and f"util_{weak}" in runs:
                 row["util_weak"], row["util_weak_low"], row["util_weak_high"] = \
                     _interval(runs[f"util_{weak}"].astype(float).tolist())
@@ -79,7 +82,6 @@ def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) ->
             row["shapley_balance"] = float(np.mean(balances)) if balances else np.nan
             seconds = [s for s in (train_seconds(sweep, r) for r in runs["run_id"]) if s is not None]
             row["train_seconds_per_epoch"] = float(np.mean(seconds)) if seconds else np.nan
-            paired = summary[(summary["config"] == config) & (summary["group"] == group)] if not summary.empty else summary
             if not paired.empty and "d_acc" in paired and not pd.isna(paired["d_acc"].iloc[0]):
                 for key in ("d_acc", "d_acc_low", "d_acc_high", "p_acc", "vs_normal_acc"):
                     row[key] = paired[key].iloc[0]
@@ -129,12 +131,6 @@ def display_rows(board: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def compares_methods(board: pd.DataFrame) -> bool:
-    """Whether the sweep put more than one joint method side by side (then the leaderboard leads the report)."""
-    joint = board[~board["method"].map(is_unimodal).astype(bool)]
-    return joint["method"].nunique() > 1
-
-
 def log_leaderboard(client, parent_run_id: str, board: pd.DataFrame) -> None:
     """The leaderboard on the sweep's parent run (replacing an older one of the same name)."""
     import tempfile
@@ -147,4 +143,4 @@ def log_leaderboard(client, parent_run_id: str, board: pd.DataFrame) -> None:
         client.log_artifact(parent_run_id, str(Path(tmp) / LEADERBOARD_NUMBERS_FILE))
 
 
-__all__ = ["COLUMNS", "LEADERBOARD_FILE", "LEADERBOARD_NUMBERS_FILE", "log_leaderboard", "MODALITIES", "compares_methods", "display_rows", "leaderboard", "weak_modality"]
+__all__ = ["COLUMNS", "LEADERBOARD_FILE", "LEADERBOARD_NUMBERS_FILE", "log_leaderboard", "MODALITIES", "display_rows", "leaderboard", "weak_modality"]

@@ -356,6 +356,8 @@ class TrialProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         board = current_board()
         if board is not None:
+            # A trial restored from a resumed sweep may end without a new report: its last result counts.
+            board.epoch_done(trial.trial_id, trial.last_result or {})
             state = board.trials.get(trial.trial_id)
             stopped = state is not None and state.epoch < state.epochs
             board.trial_ended(trial.trial_id, "STOPPED" if stopped else "FINISHED")

@@ -233,7 +233,8 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     # Piped, as in CI or `| tee`: one plain line per finished trial, no Ray log line; those are in the log file.
     finished = re.findall(r"^\[\d+:\d\d\] ogm_ge_concat_a0\.[18]_w0-3_s0  FINISHED\s+3/3 epochs  acc \d\.\d{3}",
                           resumed.stdout, flags=re.M)
-    assert len(finished) == 2, resumed.stdout
+    # One line per trial the resumed sweep ran: both, unless one had finished before the driver was killed.
+    assert 1 <= len(finished) <= 2, resumed.stdout
     shown = resumed.stdout + resumed.stderr
     assert not [line for line in RAY_LINES if line in shown], shown[-3000:]
     log_file = Path(resumed.stdout.split("Ray log:")[1].split()[0])

@@ -26,13 +26,13 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 # Internal in Ray 2.60 (the public UserCallback does not run at controller start); pinned ray==2.60.0.
-from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
-from orchestrator.tracking import MlflowEpochLogger, finish_run, log_summary_once, reopen_run, resolve_tracking_uri
+from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger
+from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
     config_label,
@@ -233,16 +233,6 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
 
 _TRAIN_RUN: dict[str, Any] = {}  # this trial actor's running Train run: {"mailbox": Queue}
 _STOPPED_BY_TUNE = threading.Event()
-
-
-class ControllerHandle(ControllerCallback):
-    """Runs in the Train controller: sends its own actor handle back to the trial, for `abort()`."""
-
-    def __init__(self, mailbox: Queue):
-        self.mailbox = mailbox
-
-    def after_controller_start(self, train_run_context) -> None:
-        self.mailbox.put(ray.get_runtime_context().current_actor)
 
 
 def abort_train_run(timeout_s: float = 60) -> None:

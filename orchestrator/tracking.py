@@ -1,4 +1,4 @@
-"""MLflow tracking: where runs go, how a run is opened and closed, and the per-epoch logger.
+"""MLflow tracking: where runs go, how a run is opened and closed (the per-epoch logger: train_callbacks).
 
 Why `MlflowClient` and not `ray.air.integrations.mlflow`: Ray Train V2 has no MLflow callback
 (`../shared/notes/ray-2.60.md`), and `setup_mlflow` inside workers would log from every rank and
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from ray.train import UserCallback
 
-# Metrics reported by the loop that describe bookkeeping, not model quality, still go to MLflow;
-# only `epoch` itself is the step, not a metric of its own.
-STEP_KEY = "epoch"
+# The per-epoch logger lives in a module of its own: Ray ships it to every Train worker, which then
+# imports its module (importing this one there would cost each worker ~0.8 s of MLflow it never uses).
+from orchestrator.train_callbacks import STEP_KEY, MlflowEpochLogger, single_try_requests  # noqa: F401
 
 
 def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
@@ -203,99 +200,6 @@ def reopen_run(client: MlflowClient, run_id: str) -> None:
             client.delete_tag(run_id, tag)
     client.update_run(run_id, status="RUNNING")
     mark_model_training(client, client.get_experiment(run.info.experiment_id))  # an experiment from before the kind
-
-
-@contextmanager
-def single_try_requests(seconds: float) -> Iterator[None]:
-    """MLflow HTTP requests made inside get one try and at most `seconds` (>= 1) to answer.
-
-    MLflow's client retries a failed request itself with exponential backoff for about four
-    minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, 120 s timeout). Inside a Ray Train callback that
-    blocks the controller's report loop, and the workers stall at their next report for the whole
-    outage; the logger retries on its own schedule instead. MLflow reads both variables on every
-    request, so the override ends with the block.
-    """
-    override = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(seconds)))}
-    saved = {key: os.environ.get(key) for key in override}
-    os.environ.update(override)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-class MlflowEpochLogger(UserCallback):
-    """Logs each epoch's report (rank 0's metrics) to an MLflow run, once.
-
-    Runs on the Ray Train controller. Epochs already in the run (a resumed trial, a restarted
-    driver) are skipped, so every epoch appears exactly once. When the tracking server is
-    unreachable the metrics stay queued and are retried on the next report and at the end,
-    so a tracking hiccup never aborts training.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, retry_seconds: float = 120.0):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.retry_seconds = retry_seconds
-        # (epoch, metrics, timestamp): the timestamp is fixed when queued, so a batch re-sent after
-        # an ambiguous failure (a timeout after the server stored it) is identical and MLflow's
-        # store skips it instead of adding a second value at the same step.
-        self._pending: list[tuple[int, dict[str, float], int]] = []
-        self._logged_epochs: set[int] | None = None
-
-    def _client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking_uri)
-
-    def _load_logged_epochs(self, client: MlflowClient) -> set[int]:
-        history = client.get_metric_history(self.run_id, STEP_KEY)
-        return {int(m.value) for m in history}
-
-    def _flush(self, deadline: float) -> bool:
-        while self._pending:
-            try:
-                with single_try_requests(deadline - time.monotonic()):
-                    client = self._client()
-                    if self._logged_epochs is None:
-                        self._logged_epochs = self._load_logged_epochs(client)
-                    epoch, values, ts = self._pending[0]
-                    if epoch not in self._logged_epochs:
-                        metrics = [Metric(k, float(v), ts, epoch) for k, v in values.items()]
-                        # `epoch` goes last so a partly failed batch is retried in full next time.
-                        for i in range(0, len(metrics), 200):
-                            client.log_batch(self.run_id, metrics=metrics[i : i + 200])
-                        self._logged_epochs.add(epoch)
-                self._pending.pop(0)
-            except Exception:  # noqa: BLE001 - any tracking failure: keep the queue, retry later
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(2.0)
-        return True
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        report = metrics[0] if metrics else {}
-        if STEP_KEY not in report:
-            return
-        epoch = int(report[STEP_KEY])
-        values = {k: v for k, v in report.items() if isinstance(v, (int, float)) and k != STEP_KEY}
-        values[STEP_KEY] = epoch
-        self._pending.append((epoch, values, int(time.time() * 1000)))
-        # Short deadline while training: never stall the run for long on a tracking outage.
-        self._flush(deadline=time.monotonic() + 5.0)
-
-    def reconcile(self, history: list[dict[str, float]]) -> bool:
-        """Driver side, after fit(): log whatever epochs of the run's history MLflow still lacks.
-
-        The controller's copy of this callback may have given up during an outage; the final
-        checkpoint carries the whole history, and epochs already in MLflow are skipped.
-        """
-        for metrics in history:
-            self._pending.append((int(metrics[STEP_KEY]), dict(metrics), int(time.time() * 1000)))
-        return self._flush(deadline=time.monotonic() + self.retry_seconds)
 
 
 def metric_history_frame(client: MlflowClient, run_id: str):

@@ -47,6 +47,7 @@ at 8 epochs, lr 0.01).
 from __future__ import annotations
 
 import html
+import multiprocessing
 import re
 import statistics
 
@@ -90,23 +91,38 @@ CASES = {
 }
 
 
+def train_one(trial_data: dict) -> tuple[list[dict[str, float]], list[dict]]:
+    """One trial through the engine on one thread, as a Ray Train worker with one CPU runs it:
+    (per-epoch history, the final model's per-clip predictions)."""
+    import torch
+
+    torch.set_num_threads(1)
+    states = []
+    history = fit(load_spec(trial_data), report=lambda metrics, state: states.append(state))
+    return history, states[-1]["predictions"]
+
+
 def run_as_sweep(spec_data: dict, methods: list[dict], seeds: list[int]) -> tuple[str, str, str]:
     """Each (method, seed) trained in-process and logged as one child of a sweep parent run, with the
-    params, tags and per-epoch metrics a sweep trial logs. Returns (tracking_uri, parent_run_id, name)."""
+    params, tags and per-epoch metrics a sweep trial logs. Returns (tracking_uri, parent_run_id, name).
+    The trials train two at a time in forked processes (one per core, each on one thread: a trial of
+    this tiny model keeps one core busy, not two); MLflow is written from this process only."""
     spec = load_spec(spec_data)
     uri = resolve_tracking_uri(None, spec.storage.runs_dir)
     client = MlflowClient(uri)
     _, parent = start_mlflow_run(client, spec, tags={"avtune.kind": "sweep"}, run_name=f"sweep_{spec.name}")
-    for method in methods:
-        for seed in seeds:
-            trial = load_spec({**spec_data, "method": method, "train": {**spec_data["train"], "seed": seed}})
-            _, run_id = start_mlflow_run(client, trial, tags={
-                "mlflow.parentRunId": parent, "avtune.stage": "main", "avtune.trial_id": f"{method['name']}_{seed}"})
-            states = []
-            history = fit(trial, report=lambda metrics, state: states.append(state))
-            assert MlflowEpochLogger(uri, run_id).reconcile(history)
-            log_predictions(client, run_id, states[-1]["predictions"])
-            finish_run(client, run_id)
+    trials = [{**spec_data, "method": method, "train": {**spec_data["train"], "seed": seed}}
+              for method in methods for seed in seeds]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        outcomes = pool.map(train_one, trials, chunksize=1)
+    for trial_data, (history, predictions) in zip(trials, outcomes):
+        trial = load_spec(trial_data)
+        _, run_id = start_mlflow_run(client, trial, tags={
+            "mlflow.parentRunId": parent, "avtune.stage": "main",
+            "avtune.trial_id": f"{trial.method.name}_{trial.train.seed}"})
+        assert MlflowEpochLogger(uri, run_id).reconcile(history)
+        log_predictions(client, run_id, predictions)
+        finish_run(client, run_id)
     log_sweep_imbalance(client, parent)
     finish_run(client, parent)
     return uri, parent, spec.name

@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@$(PY) tools/venv_cache.py save $(VENV) $(CACHED_VENV)
 
+# Two pytest-xdist workers: one Ray test is about 60% CPU-bound on 2 cores (the rest is Ray's start-up
+# waits), so two streams keep both cores busy; `loadgroup` keeps the shared sweep's readers on one worker.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 test-cluster: setup
 	$(BIN)/python -m pytest -q -m cluster tests

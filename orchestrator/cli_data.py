@@ -20,6 +20,14 @@ data_app = typer.Typer(
 console = Console()
 
 
+@data_app.callback()
+def _console_sized_now() -> None:
+    # rich fixes a console's width from COLUMNS when the console is created: create it when a command
+    # runs, not when this module is imported (a width from whatever environment imported it first).
+    global console
+    console = Console()
+
+
 class Layout(str, Enum):
     avtune = "avtune"
     cremad = "cremad"

@@ -253,3 +253,17 @@ def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600, env: dict
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", typescript.read_text(errors="replace"))
     return SimpleNamespace(exit_code=done.returncode, output=shown)
 
+
+
+def pytest_collection_modifyitems(items):
+    # Longest first: the shared sweep's readers (one xdist group), then the other Ray and server tests,
+    # then the in-process ones, which fill in at the end while the other worker finishes its last long test.
+    items.sort(key=lambda item: 0 if "shared_sweep" in item.fixturenames else 1 if item.get_closest_marker("slow") else 2)
+
+
+def pytest_itemcollected(item):
+    # Under pytest-xdist (`--dist loadgroup`, as `make test` runs): every reader of the session's shared
+    # sweep goes to one worker, so the sweep runs once. Marked as each test is collected, before
+    # xdist's own collection hook turns the group marks into scheduling groups.
+    if "shared_sweep" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group("shared_sweep"))

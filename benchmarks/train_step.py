@@ -90,7 +90,7 @@ def len_train_steps(spec) -> int:
 
 def mlflow_log_seconds(tracking_uri: str, run_id: str, metrics: dict[str, float], repeats: int = 20) -> float:
     """Time of what the controller-side logger does per epoch (one batched log to the store)."""
-    from orchestrator.tracking import MlflowEpochLogger
+    from orchestrator.train_callbacks import MlflowEpochLogger
 
     times = []
     for i in range(repeats):

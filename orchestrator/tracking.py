@@ -15,13 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-
-# The per-epoch logger lives in a module of its own: Ray ships it to every Train worker, which then
-# imports its module (importing this one there would cost each worker ~0.8 s of MLflow it never uses).
-from orchestrator.train_callbacks import STEP_KEY, MlflowEpochLogger, single_try_requests  # noqa: F401
 
 
 def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
@@ -141,8 +136,6 @@ def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]
 def log_summary_once(client: MlflowClient, run_id: str, values: dict[str, float]) -> None:
     """Step-0 summary metrics of a run (a sweep parent's), each point logged once: a value the run already
     has is skipped, so a resumed sweep or a second report adds no duplicate points."""
-    import time
-
     from mlflow.entities import Metric
 
     current = client.get_run(run_id).data.metrics

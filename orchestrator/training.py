@@ -17,7 +17,6 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
 from orchestrator.tracking import (
-    MlflowEpochLogger,
     finish_run,
     get_or_create_experiment,
     log_params_batched,
@@ -27,6 +26,7 @@ from orchestrator.tracking import (
     resolve_tracking_uri,
 )
 from orchestrator.synth import synthesize_dataset
+from orchestrator.train_callbacks import MlflowEpochLogger
 from workers.methods import get_method
 from workers.methods.base import is_run_id
 from workers.evaluation import PREDICTION_COLUMNS

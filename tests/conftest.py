@@ -258,7 +258,10 @@ def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600, env: dict
 def pytest_collection_modifyitems(items):
     # Longest first: the shared sweep's readers (one xdist group), then the other Ray and server tests,
     # then the in-process ones, which fill in at the end while the other worker finishes its last long test.
-    items.sort(key=lambda item: 0 if "shared_sweep" in item.fixturenames else 1 if item.get_closest_marker("slow") else 2)
+    def rank(item) -> int:
+        return 0 if "shared_sweep" in getattr(item, "fixturenames", ()) else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
 
 
 def pytest_itemcollected(item):

@@ -58,7 +58,8 @@ from orchestrator import load_spec
 from orchestrator.report import log_sweep_imbalance
 from orchestrator.sweep import trials_frame
 from orchestrator.synth import synthesize_dataset
-from orchestrator.tracking import MlflowEpochLogger, finish_run, resolve_tracking_uri
+from orchestrator.tracking import finish_run, resolve_tracking_uri
+from orchestrator.train_callbacks import MlflowEpochLogger
 from orchestrator.training import log_predictions, start_mlflow_run
 from workers.engine import fit
 

@@ -25,7 +25,6 @@ import ray
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
-# Internal in Ray 2.60 (the public UserCallback does not run at controller start); pinned ray==2.60.0.
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 
@@ -136,8 +136,6 @@ def log_params_batched(client: MlflowClient, run_id: str, params: dict[str, Any]
 def log_summary_once(client: MlflowClient, run_id: str, values: dict[str, float]) -> None:
     """Step-0 summary metrics of a run (a sweep parent's), each point logged once: a value the run already
     has is skipped, so a resumed sweep or a second report adds no duplicate points."""
-    from mlflow.entities import Metric
-
     current = client.get_run(run_id).data.metrics
     ts = int(time.time() * 1000)
     fresh = [Metric(k, float(v), ts, 0) for k, v in values.items() if current.get(k) != float(v)]

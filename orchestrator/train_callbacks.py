@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 from ray.train import UserCallback
+# Internal in Ray 2.60 (the public UserCallback does not run at controller start); pinned ray==2.60.0.
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
 if TYPE_CHECKING:

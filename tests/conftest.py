@@ -254,19 +254,32 @@ def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600, env: dict
     return SimpleNamespace(exit_code=done.returncode, output=shown)
 
 
+def fit_on_one_thread(spec_data: dict) -> tuple[list[dict[str, float]], list[dict]]:
+    """`workers.engine.fit` on one thread, as a Ray Train worker with one CPU runs it, for a forked
+    process (`multiprocessing.get_context("fork")`): (per-epoch history, the final model's per-clip
+    predictions)."""
+    from workers.specs import load_spec
+    from workers.engine import fit
+
+    torch.set_num_threads(1)
+    states = []
+    history = fit(load_spec(spec_data), report=lambda metrics, state: states.append(state))
+    return history, states[-1]["predictions"]
+
+
+def reads_shared_sweep(item) -> bool:
+    return "shared_sweep" in getattr(item, "fixturenames", ())
+
 
 def pytest_collection_modifyitems(items):
     # Longest first: the shared sweep's readers (one xdist group), then the other Ray and server tests,
     # then the in-process ones, which fill in at the end while the other worker finishes its last long test.
-    def rank(item) -> int:
-        return 0 if "shared_sweep" in getattr(item, "fixturenames", ()) else 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)
+    items.sort(key=lambda item: 0 if reads_shared_sweep(item) else 1 if item.get_closest_marker("slow") else 2)
 
 
 def pytest_itemcollected(item):
     # Under pytest-xdist (`--dist loadgroup`, as `make test` runs): every reader of the session's shared
     # sweep goes to one worker, so the sweep runs once. Marked as each test is collected, before
     # xdist's own collection hook turns the group marks into scheduling groups.
-    if "shared_sweep" in getattr(item, "fixturenames", ()):
+    if reads_shared_sweep(item):
         item.add_marker(pytest.mark.xdist_group("shared_sweep"))

@@ -22,14 +22,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import write_hostile_checkpoint
+from conftest import fit_on_one_thread, write_hostile_checkpoint
 from orchestrator import load_spec, run_training
 from orchestrator.sweep import PARENT_TAG, run_sweep
 from orchestrator.synth import synthesize_dataset
 from orchestrator.training import TrainingResult, log_final_artifacts
 from workers.cache import ClipCache, decode_entry
 from workers.datasets import AVClipDataset, DecodeParams
-from workers.engine import fit
 from workers.train_loop import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
@@ -187,12 +186,6 @@ class CheckpointWatch:
 OUTAGE_SECONDS = 12
 
 
-def undisturbed_history(spec_data: dict) -> list[dict[str, float]]:
-    """The engine every Train worker runs, on one thread as the worker has, with no fault."""
-    torch.set_num_threads(1)
-    return fit(load_spec(spec_data), report=lambda metrics, state: None)
-
-
 def test_worker_killed_then_tracking_outage_loses_no_epoch_and_resumes_exactly(ray_local, busy_spec, mlflow_server):
     """Two faults of one long run, one after the other (one Ray Train run pays for both): a worker
     SIGKILLed mid-epoch (Ray Train restarts the worker group from the last checkpoint), then the
@@ -203,7 +196,7 @@ def test_worker_killed_then_tracking_outage_loses_no_epoch_and_resumes_exactly(r
     client = MlflowClient(mlflow_server.uri)
     # The undisturbed reference run trains meanwhile in a forked process on the other core.
     reference = multiprocessing.get_context("fork").Pool(1)
-    undisturbed = reference.apply_async(undisturbed_history, (busy_spec,))
+    undisturbed = reference.apply_async(fit_on_one_thread, (busy_spec,))
     older_workers = our_ray_processes("ray::RayTrainWorker")  # e.g. of a run still shutting down
     watch = CheckpointWatch(runs_dir)
     training = Background(lambda: run_training(spec))
@@ -258,7 +251,7 @@ def test_worker_killed_then_tracking_outage_loses_no_epoch_and_resumes_exactly(r
 
     # Resumed from the checkpoint with model, optimiser and RNG state: the same numbers as a run
     # that was never interrupted.
-    undisturbed = undisturbed.get(timeout=300)
+    undisturbed, _ = undisturbed.get(timeout=300)
     reference.join()
     assert [int(h["epoch"]) for h in undisturbed] == list(result.history.index)
     for key in ("loss_train", "loss", "acc"):

@@ -54,6 +54,7 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import fit_on_one_thread
 from orchestrator import load_spec
 from orchestrator.report import log_sweep_imbalance
 from orchestrator.sweep import trials_frame
@@ -61,7 +62,6 @@ from orchestrator.synth import synthesize_dataset
 from orchestrator.tracking import finish_run, resolve_tracking_uri
 from orchestrator.train_callbacks import MlflowEpochLogger
 from orchestrator.training import log_predictions, start_mlflow_run
-from workers.engine import fit
 
 pytestmark = pytest.mark.slow
 
@@ -92,17 +92,6 @@ CASES = {
 }
 
 
-def train_one(trial_data: dict) -> tuple[list[dict[str, float]], list[dict]]:
-    """One trial through the engine on one thread, as a Ray Train worker with one CPU runs it:
-    (per-epoch history, the final model's per-clip predictions)."""
-    import torch
-
-    torch.set_num_threads(1)
-    states = []
-    history = fit(load_spec(trial_data), report=lambda metrics, state: states.append(state))
-    return history, states[-1]["predictions"]
-
-
 def run_as_sweep(spec_data: dict, methods: list[dict], seeds: list[int]) -> tuple[str, str, str]:
     """Each (method, seed) trained in-process and logged as one child of a sweep parent run, with the
     params, tags and per-epoch metrics a sweep trial logs. Returns (tracking_uri, parent_run_id, name).
@@ -115,7 +104,7 @@ def run_as_sweep(spec_data: dict, methods: list[dict], seeds: list[int]) -> tupl
     trials = [{**spec_data, "method": method, "train": {**spec_data["train"], "seed": seed}}
               for method in methods for seed in seeds]
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        outcomes = pool.map(train_one, trials, chunksize=1)
+        outcomes = pool.map(fit_on_one_thread, trials, chunksize=1)
     for trial_data, (history, predictions) in zip(trials, outcomes):
         trial = load_spec(trial_data)
         _, run_id = start_mlflow_run(client, trial, tags={

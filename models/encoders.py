@@ -4,8 +4,14 @@ The 2D ResNets follow OGM-GE's backbone (OGM-GE_CVPR2022/models/backbone.py): a 
 ResNet with ``BasicBlock``, a 7x7/2 stem conv taking 1 input channel for spectrograms or 3 for
 RGB frames, no global pooling or fc inside the trunk. The visual 2D variant runs the trunk per
 frame and average-pools over (T, H, W), as OGM-GE_CVPR2022/models/basic_model.py
-``AVClassifier.forward`` does. The 3D variants reuse torchvision.models.video's R(2+1)D-18 / R3D-18
-building blocks with a configurable width.
+``AVClassifier.forward`` does. The 3D variants are torchvision.models.video's R(2+1)D-18 / R3D-18
+with a configurable width.
+
+The blocks below are torchvision's (torchvision/models/resnet.py ``BasicBlock``, ``_make_layer``;
+torchvision/models/video/resnet.py ``Conv2Plus1D``, ``Conv3DSimple``, ``BasicBlock``, ``_make_layer``),
+written out here with the same submodules, created and registered in the same order, so a seed gives
+the same initial weights (tests/test_models_core.py builds both and compares). Importing torchvision
+would load torch._dynamo through torchvision.ops: 1.5 s in every Train worker and Tune trial.
 
 ``width`` is the channel count of the first stage; stages have ``width * (1, 2, 4, 8)``
 channels, so ``width=64`` reproduces the standard networks and ``out_dim == 8 * width``.
@@ -18,8 +24,6 @@ from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet as tv_resnet
-from torchvision.models.video import resnet as tv_video
 
 __all__ = [
     "AUDIO_ARCHS",
@@ -65,30 +69,51 @@ def _init_conv_bn(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _ResNet2dTrunk(tv_resnet.ResNet):
-    """torchvision ResNet (BasicBlock) with configurable width and input channels, without pool/fc.
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock (groups 1, no dilation): (N, inplanes, H, W) -> (N, planes, H/s, W/s)."""
 
-    ``ResNet.__init__`` is bypassed because it hard-codes 64 stem channels and builds an fc;
-    torchvision's ``_make_layer`` (and so its block wiring and downsampling) is reused as is.
-    """
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _make_layer_2d(inplanes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    # torchvision ResNet._make_layer: the 1x1 downsample is created before the first block.
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(planes))
+    layers = [BasicBlock(inplanes, planes, stride, downsample)]
+    layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class _ResNet2dTrunk(nn.Module):
+    """torchvision ResNet (BasicBlock) with configurable width and input channels, without pool/fc
+    (``ResNet.__init__`` hard-codes 64 stem channels and builds an fc)."""
 
     def __init__(self, blocks: Sequence[int], in_channels: int, width: int) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         _check_width(width)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes = width
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64  # BasicBlock's width_per_group; torchvision only allows 64.
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        block = tv_resnet.BasicBlock
-        self.layer1 = self._make_layer(block, width, blocks[0])
-        self.layer2 = self._make_layer(block, 2 * width, blocks[1], stride=2)
-        self.layer3 = self._make_layer(block, 4 * width, blocks[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, blocks[3], stride=2)
+        self.layer1 = _make_layer_2d(width, width, blocks[0])
+        self.layer2 = _make_layer_2d(width, 2 * width, blocks[1], stride=2)
+        self.layer3 = _make_layer_2d(2 * width, 4 * width, blocks[2], stride=2)
+        self.layer4 = _make_layer_2d(4 * width, 8 * width, blocks[3], stride=2)
         self.out_dim = 8 * width
         _init_conv_bn(self)
 
@@ -150,30 +175,82 @@ def _r3d_stem(width: int) -> nn.Sequential:
     )
 
 
-class VideoResNetEncoder(tv_video.VideoResNet):
+class Conv3DSimple(nn.Conv3d):
+    """torchvision R3D's 3x3x3 convolution (``midplanes`` unused, as there)."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes: int | None = None, stride: int = 1) -> None:
+        super().__init__(in_planes, out_planes, kernel_size=(3, 3, 3), stride=stride, padding=1, bias=False)
+
+
+class Conv2Plus1D(nn.Sequential):
+    """torchvision R(2+1)D's factorised convolution: 1x3x3 spatial, BN, ReLU, then 3x1x1 temporal."""
+
+    def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv3d(in_planes, midplanes, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
+                      bias=False),
+            nn.BatchNorm3d(midplanes),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(midplanes, out_planes, kernel_size=(3, 1, 1), stride=(stride, 1, 1), padding=(1, 0, 0),
+                      bias=False),
+        )
+
+
+class VideoBasicBlock(nn.Module):
+    """torchvision.models.video.resnet.BasicBlock: (B, inplanes, T, H, W) -> (B, planes, T/s, H/s, W/s)."""
+
+    def __init__(self, inplanes: int, planes: int, conv_builder: type[nn.Module], stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        # The mid channels that give (2+1)D the parameter count of a full 3D conv (torchvision's formula).
+        midplanes = (inplanes * planes * 3 * 3 * 3) // (inplanes * 3 * 3 + 3 * planes)
+        super().__init__()
+        self.conv1 = nn.Sequential(conv_builder(inplanes, planes, midplanes, stride), nn.BatchNorm3d(planes),
+                                   nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(conv_builder(planes, planes, midplanes), nn.BatchNorm3d(planes))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(self.conv1(x))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + residual)
+
+
+def _make_layer_3d(conv_builder: type[nn.Module], inplanes: int, planes: int, blocks: int,
+                   stride: int = 1) -> nn.Sequential:
+    # torchvision VideoResNet._make_layer (both conv builders downsample by `stride` on T, H and W).
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(nn.Conv3d(inplanes, planes, kernel_size=1, stride=(stride,) * 3, bias=False),
+                                   nn.BatchNorm3d(planes))
+    layers = [VideoBasicBlock(inplanes, planes, conv_builder, stride, downsample)]
+    layers += [VideoBasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class VideoResNetEncoder(nn.Module):
     """R(2+1)D-18 or R3D-18 trunk with configurable width: (B, 3, T, H, W) -> (B, out_dim).
 
-    Built from torchvision.models.video's blocks and ``_make_layer`` (``VideoResNet.__init__``
-    is bypassed because it hard-codes 64 channels and adds an fc). Always randomly initialised.
+    torchvision.models.video's VideoResNet without its fc (its ``__init__`` hard-codes 64 channels).
+    Always randomly initialised.
     """
 
     def __init__(self, arch: str = "r2plus1d", width: int = 64) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         _check_width(width)
         if arch == "r2plus1d":
-            conv_maker: type[nn.Module] = tv_video.Conv2Plus1D
+            conv_builder: type[nn.Module] = Conv2Plus1D
             self.stem = _r2plus1d_stem(width)
         elif arch == "r3d":
-            conv_maker = tv_video.Conv3DSimple
+            conv_builder = Conv3DSimple
             self.stem = _r3d_stem(width)
         else:
             raise ValueError(f"arch must be one of {_VIDEO_ARCHS}, got {arch!r}")
-        self.inplanes = width
-        block = tv_video.BasicBlock
-        self.layer1 = self._make_layer(block, conv_maker, width, 2, stride=1)
-        self.layer2 = self._make_layer(block, conv_maker, 2 * width, 2, stride=2)
-        self.layer3 = self._make_layer(block, conv_maker, 4 * width, 2, stride=2)
-        self.layer4 = self._make_layer(block, conv_maker, 8 * width, 2, stride=2)
+        self.layer1 = _make_layer_3d(conv_builder, width, width, 2)
+        self.layer2 = _make_layer_3d(conv_builder, width, 2 * width, 2, stride=2)
+        self.layer3 = _make_layer_3d(conv_builder, 2 * width, 4 * width, 2, stride=2)
+        self.layer4 = _make_layer_3d(conv_builder, 4 * width, 8 * width, 2, stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.out_dim = 8 * width
         _init_conv_bn(self)

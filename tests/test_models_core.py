@@ -22,6 +22,7 @@ from models import (
     build_unimodal_classifier,
     build_visual_encoder,
 )
+from models.encoders import _RESNET2D_BLOCKS, _init_conv_bn, _r2plus1d_stem, _r3d_stem
 from models.fusion import ConcatFusion, FiLM, GatedFusion, SumFusion
 
 K = 5
@@ -88,6 +89,84 @@ def test_width64_matches_torchvision_architectures():
     r3d = build_visual_encoder("r3d", width=64)
     r3d.load_state_dict(_without_fc(torchvision.models.video.r3d_18(weights=None).state_dict()), strict=True)
     assert r2p1.out_dim == r3d.out_dim == frame.out_dim == 512
+
+
+class _TorchvisionTrunk2d(torchvision.models.resnet.ResNet):
+    """The 2D trunk built from torchvision's own classes (ResNet._make_layer, BasicBlock), as avtune did
+    before it wrote the blocks out: the reference for the same-seed comparison below."""
+
+    def __init__(self, blocks, in_channels, width):
+        nn.Module.__init__(self)
+        self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, width, 1, 1, 64
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block = torchvision.models.resnet.BasicBlock
+        self.layer1 = self._make_layer(block, width, blocks[0])
+        self.layer2 = self._make_layer(block, 2 * width, blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, blocks[3], stride=2)
+        _init_conv_bn(self)
+
+
+class _TorchvisionVideoTrunk(torchvision.models.video.resnet.VideoResNet):
+    def __init__(self, arch, width):
+        nn.Module.__init__(self)
+        video = torchvision.models.video.resnet
+        conv_maker = video.Conv2Plus1D if arch == "r2plus1d" else video.Conv3DSimple
+        self.stem = _r2plus1d_stem(width) if arch == "r2plus1d" else _r3d_stem(width)
+        self.inplanes = width
+        self.layer1 = self._make_layer(video.BasicBlock, conv_maker, width, 2, stride=1)
+        self.layer2 = self._make_layer(video.BasicBlock, conv_maker, 2 * width, 2, stride=2)
+        self.layer3 = self._make_layer(video.BasicBlock, conv_maker, 4 * width, 2, stride=2)
+        self.layer4 = self._make_layer(video.BasicBlock, conv_maker, 8 * width, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        _init_conv_bn(self)
+
+
+@pytest.mark.parametrize("modality,arch", [("audio", a) for a in AUDIO_ARCHS] + [("visual", a) for a in VISUAL_ARCHS])
+def test_blocks_are_torchvisions_same_seed_same_weights_same_outputs(modality, arch):
+    # avtune writes torchvision's blocks out (importing torchvision costs 1.5 s per process); built from
+    # torchvision's classes with the same seed, the nets must hold the same tensors, in the same order,
+    # and compute the same outputs: any change in module order or random-number use shows here.
+    torch.manual_seed(3)
+    ours = (build_audio_encoder if modality == "audio" else build_visual_encoder)(arch, width=8)
+    torch.manual_seed(3)
+    if arch in ("r2plus1d", "r3d"):
+        reference = _TorchvisionVideoTrunk(arch, 8)
+    else:
+        reference = _TorchvisionTrunk2d(_RESNET2D_BLOCKS[arch], 1 if modality == "audio" else 3, 8)
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert list(ours_state) == list(reference_state)
+    for name, tensor in ours_state.items():
+        assert torch.equal(tensor, reference_state[name]), name
+    x = tiny_audio() if modality == "audio" else tiny_visual()
+    ours.train(), reference.train()
+    if arch in ("r2plus1d", "r3d"):
+        expected = reference.avgpool(reference.layer4(reference.layer3(reference.layer2(reference.layer1(reference.stem(x)))))).flatten(1)
+    elif modality == "audio":
+        expected = F.adaptive_avg_pool2d(reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x)))))))), 1).flatten(1)
+    else:
+        expected = None
+    if expected is not None:
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+    else:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        fmap = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(frames))))))))
+        fmap = fmap.view(b, t, *fmap.shape[1:]).transpose(1, 2)
+        torch.testing.assert_close(ours(x), F.adaptive_avg_pool3d(fmap, 1).flatten(1), rtol=0, atol=0)
+
+
+def test_models_do_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, models, workers.train_loop; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_frame_encoder_pools_over_time_height_width():

@@ -18,7 +18,7 @@ from conftest import RAY_LINES
 
 from orchestrator import load_spec
 from orchestrator.specs import SpecError
-from orchestrator.sweep import PARENT_TAG, STAGE_TAG, TRIAL_TAG, build_param_space, run_sweep
+from orchestrator.sweep import PARENT_TAG, STAGE_TAG, build_param_space, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,8 +200,10 @@ def test_asha_stopped_trial_is_marked_killed(ray_local, synth_dataset, tmp_path)
 
 @pytest.mark.slow
 def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
+    # One trial: what resuming does to a trial (restart from its checkpoint, each epoch logged once, the
+    # same child run) is per trial, and each trial costs ~30 CPU-s of Ray start-up per driver on 2 cores.
     spec = sweep_spec(synth_dataset, tmp_path, train={"epochs": 3}, search={
-        "space": {"method.alpha": {"grid": [0.1, 0.8]}}, "max_concurrent_trials": 2})
+        "space": {"method.alpha": {"grid": [0.8]}}, "max_concurrent_trials": 1})
     spec["method"]["modulation_ends"] = 3
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -231,10 +233,9 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     resumed = subprocess.run(cli + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # Piped, as in CI or `| tee`: one plain line per finished trial, no Ray log line; those are in the log file.
-    finished = re.findall(r"^\[\d+:\d\d\] ogm_ge_concat_a0\.[18]_w0-3_s0  FINISHED\s+3/3 epochs  acc \d\.\d{3}",
+    finished = re.findall(r"^\[\d+:\d\d\] ogm_ge_concat_a0\.8_w0-3_s0  FINISHED\s+3/3 epochs  acc \d\.\d{3}",
                           resumed.stdout, flags=re.M)
-    # One line per trial the resumed sweep ran: both, unless one had finished before the driver was killed.
-    assert 1 <= len(finished) <= 2, resumed.stdout
+    assert len(finished) == 1, resumed.stdout
     shown = resumed.stdout + resumed.stderr
     assert not [line for line in RAY_LINES if line in shown], shown[-3000:]
     log_file = Path(resumed.stdout.split("Ray log:")[1].split()[0])
@@ -244,11 +245,12 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`avtune.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = children(client, parents[0].info.run_id)
-    assert Counter(k.data.tags[TRIAL_TAG] for k in kids) == Counter({k.data.tags[TRIAL_TAG]: 1 for k in kids})
-    assert len(kids) == 2
-    for kid in kids:
-        assert kid.info.status == "FINISHED"
-        assert steps(client, kid.info.run_id) == [0, 1, 2]
+    # The resumed trial continued its own child run, from its checkpoint: one run, each epoch once.
+    (kid,) = kids
+    assert kid.info.status == "FINISHED"
+    assert steps(client, kid.info.run_id) == [0, 1, 2]
+    assert all(len([m for m in client.get_metric_history(kid.info.run_id, "acc") if m.step == step]) == 1
+               for step in range(3))
 
 
 def test_trial_retries_are_validated():

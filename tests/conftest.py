@@ -63,11 +63,14 @@ def synth_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session (token auth as Ray sets it by default); shut down at the end."""
+    """One local Ray for the session, as avtune starts its own (token auth as Ray sets it by default);
+    shut down at the end."""
     import ray
 
+    from orchestrator.training import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -271,6 +274,16 @@ def reads_shared_sweep(item) -> bool:
     return "shared_sweep" in getattr(item, "fixturenames", ())
 
 
+# Fixtures that train or start a cluster once for all their readers: under pytest-xdist each worker
+# would build its own copy (a module- or session-scoped fixture lives per worker process), so their
+# readers are kept on one worker. Measured: `cli_run` (a 2-worker DDP run, ~30 s) ran on both workers.
+ONE_WORKER_FIXTURES = ("shared_sweep", "cli_run", "ray_cluster")
+
+
+def one_worker_group(item) -> str | None:
+    return next((name for name in ONE_WORKER_FIXTURES if name in getattr(item, "fixturenames", ())), None)
+
+
 def pytest_collection_modifyitems(items):
     # Longest first: the shared sweep's readers (one xdist group), then the other Ray and server tests,
     # then the in-process ones, which fill in at the end while the other worker finishes its last long test.
@@ -278,8 +291,9 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_itemcollected(item):
-    # Under pytest-xdist (`--dist loadgroup`, as `make test` runs): every reader of the session's shared
-    # sweep goes to one worker, so the sweep runs once. Marked as each test is collected, before
-    # xdist's own collection hook turns the group marks into scheduling groups.
-    if reads_shared_sweep(item):
-        item.add_marker(pytest.mark.xdist_group("shared_sweep"))
+    # Under pytest-xdist (`--dist loadgroup`, as `make test` runs): every reader of one of those fixtures
+    # goes to one worker, so it is built once. Marked as each test is collected, before xdist's own
+    # collection hook turns the group marks into scheduling groups.
+    group = one_worker_group(item)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))

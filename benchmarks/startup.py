@@ -11,7 +11,7 @@ Phases of one run (median over runs; clock: time.time() on this one machine):
   epochs       the training itself (the engine's epoch_seconds)
   finish       last report -> `run_training` returns (controller shutdown, final artifacts, MLflow)
 Also, in a fresh process: the import time of what a Train worker imports for avtune
-(`workers.train_loop`) and of the model code (`models`, which imports torchvision).
+(`workers.train_loop`) and of the model code (`models`).
 Prints a table and writes benchmarks/results/startup.json.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> None:
     ray.shutdown()
     imports = {
         "workers.train_loop": import_seconds("import workers.train_loop"),
-        "models, after torch (torchvision)": import_seconds("import models", after="import torch"),
+        "models, after torch": import_seconds("import models", after="import torch"),
     }
     print(f"{'phase':16s} {'seconds (median of ' + str(args.runs) + ')':>24s}")
     for key, value in median.items():

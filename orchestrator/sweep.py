@@ -12,6 +12,7 @@ import copy
 import itertools
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
@@ -228,16 +230,20 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
 # Ray Train's own Ctrl-C handler does, which Train cannot install off the main thread (as in Tune):
 # `TrainController.abort()`, which aborts the worker group (removing its placement group) first.
 
-_TRAIN_RUN: dict[str, Any] = {}  # this trial actor's running Train run: {"controller": its actor handle}
+_TRAIN_RUN: dict[str, Any] = {}  # this trial actor's running Train run: {"mailbox": Queue}
 _STOPPED_BY_TUNE = threading.Event()
 
 
 def abort_train_run(timeout_s: float = 60) -> None:
     """Abort this trial actor's Train run, if one is running (called from Tune's `cleanup()`)."""
-    controller = _TRAIN_RUN.get("controller")
-    if controller is None:
-        return  # no run, or its controller has not started yet
+    mailbox = _TRAIN_RUN.get("mailbox")
+    if mailbox is None:
+        return
     _STOPPED_BY_TUNE.set()
+    try:
+        controller = mailbox.get(block=False)  # absent: the controller has not started yet
+    except (queue.Empty, ray.exceptions.RayError):
+        return
     try:
         ray.get(controller.abort.remote(), timeout=timeout_s)
     except ray.exceptions.RayActorError:
@@ -249,12 +255,6 @@ def abort_train_run(timeout_s: float = 60) -> None:
 class AbortTrainOnStop:
     """Mixin for the Tune function trainable (Tune's `__mixins__` hook): abort the trial's Train
     run before Tune's own cleanup ends the trial actor."""
-
-    def train_controller_started(self, controller) -> None:
-        # Called by the run's controller (train_callbacks.ControllerHandle). The actor runs it between
-        # two of Tune's `train()` calls: at the latest after the first epoch's report, before Tune
-        # can stop the trial on a result.
-        _TRAIN_RUN["controller"] = controller
 
     def cleanup(self):
         try:
@@ -271,14 +271,14 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage, searched=config)
     logger = MlflowEpochLogger(tracking_uri, run_id)
+    mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
-    _TRAIN_RUN.clear()
-    trial_actor = ray.get_runtime_context().current_actor
+    _TRAIN_RUN["mailbox"] = mailbox
     try:
         trainer = build_trainer(spec, f"{sweep_name}-{trial_id}",
-                                [logger, TuneReportCallback(), ControllerHandle(trial_actor)])
+                                [logger, TuneReportCallback(), ControllerHandle(mailbox)])
         result = trainer.fit()
-        _TRAIN_RUN.clear()
+        _TRAIN_RUN.pop("mailbox", None)
         finish_train_run(client, run_id, logger, result)
     except BaseException as err:
         if _STOPPED_BY_TUNE.is_set():
@@ -286,7 +286,7 @@ def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id
         finish_run(client, run_id, err)
         raise
     finally:
-        _TRAIN_RUN.clear()
+        _TRAIN_RUN.pop("mailbox", None)
 
 
 class ChildRunStatus(tune.Callback):

@@ -1,4 +1,4 @@
-"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger and the controller handle sent to a Tune trial.
+"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger and the controller-handle mailbox.
 
 Ray pickles a run's callbacks into the Train controller and into every Train worker, and unpickling a
 callback imports its module. So this module imports nothing heavy at load: MLflow is imported when the
@@ -20,7 +20,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-    from ray.actor import ActorHandle
+    from ray.util.queue import Queue
 
 # Metrics reported by the loop that describe bookkeeping, not model quality, still go to MLflow;
 # only `epoch` itself is the step, not a metric of its own.
@@ -125,12 +125,10 @@ class MlflowEpochLogger(UserCallback):
 
 
 class ControllerHandle(ControllerCallback):
-    """Runs in the Train controller: sends its own actor handle to the Tune trial actor that started
-    the run (`orchestrator.sweep.AbortTrainOnStop.train_controller_started`), for `abort()`. A direct
-    actor call, not a `ray.util.queue.Queue`: that is an actor of its own, ~4 CPU-s per trial to start."""
+    """Runs in the Train controller: sends its own actor handle back to the trial, for `abort()`."""
 
-    def __init__(self, trial_actor: ActorHandle):
-        self.trial_actor = trial_actor
+    def __init__(self, mailbox: Queue):
+        self.mailbox = mailbox
 
     def after_controller_start(self, train_run_context) -> None:
-        self.trial_actor.train_controller_started.remote(ray.get_runtime_context().current_actor)
+        self.mailbox.put(ray.get_runtime_context().current_actor)

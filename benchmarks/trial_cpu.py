@@ -1,6 +1,7 @@
 """Where the CPU of a sweep trial goes: every process's CPU time, sampled from /proc while a 2-trial
 sweep (2 epochs each, one trial at a time) runs on a freshly started local Ray, grouped by what the
-process is (Ray names its actor processes `ray::<Class>`).
+process is (Ray names its actor processes `ray::<Class>`). Counted: the sweep's process, every process
+started under it, and Ray workers reparented to init meanwhile (run it where no other Ray runs).
 
     .venv/bin/python benchmarks/trial_cpu.py [--trials 2]
 
@@ -45,8 +46,8 @@ run_sweep(load_spec({
 """
 
 
-def sample(seen: dict[tuple[int, int], tuple[str, float]]) -> None:
-    """Each process's (latest non-idle title, CPU seconds so far), keyed by (pid, start time)."""
+def sample(seen: dict[tuple[int, int], tuple[str, float, int]]) -> None:
+    """Each process's (latest non-idle title, CPU seconds so far, parent pid), keyed by (pid, start time)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -58,10 +59,24 @@ def sample(seen: dict[tuple[int, int], tuple[str, float]]) -> None:
         fields = stat[stat.rindex(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / TICKS
         key = (int(entry), int(fields[19]))
-        old_title, old_cpu = seen.get(key, ("", 0.0))
+        old_title, old_cpu, _ = seen.get(key, ("", 0.0, 0))
         # A Ray worker is `ray::IDLE` until it becomes an actor; an exited process has no command line.
         keep = title if title and "IDLE" not in title else old_title or title
-        seen[key] = (keep, max(cpu, old_cpu))
+        seen[key] = (keep, max(cpu, old_cpu), int(fields[1]))
+
+
+def descendants(seen: dict[tuple[int, int], tuple[str, float, int]], root: int, root_started: int) -> set[int]:
+    """`root` and every process started under it (Ray's GCS, raylet, agents and workers), by parent pid
+    as recorded while each was alive; also Ray workers started after it whose parent was init, as a
+    worker launched through Ray's runtime-env setup (the Train controller) is reparented from the start."""
+    family = {root} | {pid for (pid, started), (title, _, parent) in seen.items()
+                       if parent == 1 and started >= root_started and "ray::" in title}
+    grew = True
+    while grew:
+        found = {pid for (pid, _), (_, _, parent) in seen.items() if parent in family}
+        grew = not found <= family
+        family |= found
+    return family
 
 
 def kind(title: str) -> str:
@@ -70,7 +85,7 @@ def kind(title: str) -> str:
     for marker in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "default_worker", "runtime_env"):
         if marker in title:
             return marker
-    return "sweep driver" if "bench_trial_cpu" in title or "-c" in title.split()[:3] else "other"
+    return "other"
 
 
 def main() -> None:
@@ -78,7 +93,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     args = parser.parse_args()
     runs_dir = tempfile.mkdtemp(prefix="avtune-trial-cpu-")
-    before: dict[tuple[int, int], tuple[str, float]] = {}
+    before: dict[tuple[int, int], tuple[str, float, int]] = {}
     sample(before)
     seen = dict(before)
     started = time.monotonic()
@@ -91,11 +106,13 @@ def main() -> None:
     wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.exit(f"the sweep failed (exit {proc.returncode}); its Ray logs are under /tmp/ray/session_latest")
+    root_started = next(started for pid, started in seen if pid == proc.pid)
+    family = descendants(seen, proc.pid, root_started)
     groups: dict[str, list[float]] = collections.defaultdict(list)
-    for key, (title, cpu) in seen.items():
-        used = cpu - before.get(key, ("", 0.0))[1]
-        if used > 0 and key[0] != os.getpid():
-            groups[kind(title)].append(used)
+    for (pid, started_at), (title, cpu, _) in seen.items():
+        used = cpu - before.get((pid, started_at), ("", 0.0, 0))[1]
+        if used > 0 and pid in family:
+            groups["sweep driver" if pid == proc.pid else kind(title)].append(used)
     rows = sorted(((name, len(v), sum(v)) for name, v in groups.items()), key=lambda r: -r[2])
     total = sum(r[2] for r in rows)
     print(f"{args.trials}-trial sweep: {wall:.1f} s wall, {total:.1f} CPU-s in all")

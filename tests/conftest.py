@@ -290,6 +290,11 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: 0 if reads_shared_sweep(item) else 1 if item.get_closest_marker("slow") else 2)
 
 
+# The first reader of one of those fixtures pays for building it (the shared sweep: 8 Ray Train runs,
+# about 190 s on a busy worker) inside its own time limit.
+SHARED_FIXTURE_TIMEOUT_S = 900
+
+
 def pytest_itemcollected(item):
     # Under pytest-xdist (`--dist loadgroup`, as `make test` runs): every reader of one of those fixtures
     # goes to one worker, so it is built once. Marked as each test is collected, before xdist's own
@@ -297,3 +302,5 @@ def pytest_itemcollected(item):
     group = one_worker_group(item)
     if group is not None:
         item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SHARED_FIXTURE_TIMEOUT_S))

@@ -1,4 +1,5 @@
-"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger and the controller-handle mailbox.
+"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger, the controller-handle mailbox and
+the release of a worker group's placement group that Ray Train leaves behind.
 
 Ray pickles a run's callbacks into the Train controller and into every Train worker, and unpickling a
 callback imports its module. So this module imports nothing heavy at load: MLflow is imported when the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import ray
 from ray.train import UserCallback
 # Internal in Ray 2.60 (the public UserCallback does not run at controller start); pinned ray==2.60.0.
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -132,3 +133,33 @@ class ControllerHandle(ControllerCallback):
 
     def after_controller_start(self, train_run_context) -> None:
         self.mailbox.put(ray.get_runtime_context().current_actor)
+
+
+class ReleaseLeftPlacementGroups(ControllerCallback, WorkerGroupCallback):
+    """Runs in the Train controller: when the run ends, removes every placement group its worker groups
+    reserved that is still there.
+
+    Ray Train 2.60 leaves one behind when a worker dies after its worker group is built but before the
+    training function is launched on it (`WorkerGroup._start_impl`: the group already counts as started,
+    so its partial state is not shut down, and `WorkerGroup.create` raises before the controller holds
+    the group, so the controller's shutdown never reaches it). The run then fails, and the reserved CPUs
+    stay taken until the job ends: every later Train run of a sweep on that Ray waits for them ("worker
+    group startup timed out", for ever; measured with tools/ray_kill_stress.py). Ray Train's own
+    PlacementGroupCleaner cannot step in: it asks the State API, which needs the dashboard the embedded
+    Ray does not start, and with two local Rays on the machine it dies on "Found multiple active Ray
+    instances".
+    """
+
+    def __init__(self):
+        self._reserved: list = []  # the placement groups of this run's worker groups, in the controller
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self._reserved.append(worker_group.get_worker_group_state().placement_group_handle.placement_group)
+
+    def after_controller_finish(self, result) -> None:
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        for group in self._reserved:
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
+        self._reserved.clear()

@@ -26,7 +26,7 @@ from orchestrator.tracking import (
     resolve_tracking_uri,
 )
 from orchestrator.synth import synthesize_dataset
-from orchestrator.train_callbacks import MlflowEpochLogger
+from orchestrator.train_callbacks import MlflowEpochLogger, ReleaseLeftPlacementGroups
 from workers.methods import get_method
 from workers.methods.base import is_run_id
 from workers.evaluation import PREDICTION_COLUMNS
@@ -221,7 +221,7 @@ def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> T
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*callbacks, ReleaseLeftPlacementGroups()],
         ),
     )
 

@@ -80,10 +80,15 @@ class Killer:
             if self.limit is not None and len(self.kills) >= self.limit:
                 return
             under_root = descendants(self.root)
-            victims = [(t, pid) for t in self.titles for pid in processes_titled(t, under_root)]
+            # The titles take turns (a Train worker, then an idle pool worker, ...), so a cheap kind
+            # cannot crowd out the others; a title with no process now yields its turn.
+            turn = self.titles[len(self.kills) % len(self.titles)]
+            victims = processes_titled(turn, under_root) or [
+                pid for t in self.titles for pid in processes_titled(t, under_root)]
             if not victims:
                 continue
-            title, pid = self.rng.choice(victims)
+            pid = self.rng.choice(victims)
+            title = next(t for t in self.titles if pid in processes_titled(t, {pid}))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,0 +1,159 @@
+"""The local Ray under killed workers (issue 25): a sweep whose Ray Train workers are SIGKILLed over
+and over while ASHA stops trials, and two `avtune sweep` commands, each with its own local Ray, started
+side by side at the same time. Real Ray, real MLflow, real clips; `tools/ray_kill_stress.py` is the
+same fault as a script, for longer runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.util.placement_group import placement_group_table
+
+from orchestrator import load_spec
+from orchestrator.sweep import run_sweep
+from orchestrator.training import build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from ray_kill_stress import Killer, check_failures, raylet_pid  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+KILLS = 20
+EPOCHS = 3
+
+
+def child_runs(client: MlflowClient, parent_run_id: str):
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def logged_steps(client: MlflowClient, run_id: str, key: str) -> Counter:
+    return Counter(m.step for m in client.get_metric_history(run_id, key))
+
+
+def cli_sweep_spec(synth_dataset: Path, folder: Path) -> Path:
+    """A one-trial sweep for `avtune sweep`, in its own runs folder."""
+    folder.mkdir()
+    spec = {
+        "name": "side_by_side",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(folder / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "normal"},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "storage": {"runs_dir": str(folder / "runs")},
+        "search": {"space": {"train.seed": {"grid": [0]}}},
+    }
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+class KillWorkerBeforeLaunch(WorkerGroupCallback):
+    """In the Train controller: kills the first worker once the group is built, before the training
+    function is launched on it (the window a SIGKILL lands in by chance under tools/ray_kill_stress.py)."""
+
+    def after_worker_group_start(self, worker_group) -> None:
+        import ray
+
+        ray.kill(worker_group.get_workers()[0].actor)
+
+
+def test_worker_killed_before_launch_leaves_no_placement_group(ray_local, synth_dataset, tmp_path):
+    # Ray Train 2.60 fails such a run and keeps its worker group's CPU reserved until the job ends
+    # (orchestrator.train_callbacks.ReleaseLeftPlacementGroups); the run's controller now releases it.
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    spec = load_spec({
+        "name": "left_group",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "train": {"epochs": 1, "batch_size": 8},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+    })
+    before = {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"}
+    with pytest.raises(Exception, match="died|RayActorError"):
+        build_trainer(spec, "left_group", [KillWorkerBeforeLaunch()]).fit()
+    left = {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"} - before
+    assert left == set()
+
+
+@pytest.mark.timeout(900)
+def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_local, synth_dataset, tmp_path):
+    # Two `avtune sweep` commands, started at the same moment, each starting its own local Ray (no
+    # RAY_ADDRESS): with the session's Ray that makes three Rays on this machine while the kills land.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    specs = [cli_sweep_spec(synth_dataset, tmp_path / name) for name in ("first", "second")]
+    commands = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)], cwd=path.parent,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for path in specs]
+
+    # In this process, on the session's Ray: four trials, two at a time, under ASHA; a learning rate of
+    # 1e-9 cannot lower the validation loss, so those trials are stopped at the first rung (their Train
+    # run aborted, its placement group released for the next trial). Once a second, a worker process of
+    # this Ray is SIGKILLed, a Ray Train worker and a Train run's PlacementGroupCleaner actor in turn,
+    # until KILLS kills (Ray Train restarts its worker group from the last checkpoint each time). Idle
+    # pool workers are not targets: a worker being leased for a trial actor still shows as ray::IDLE.
+    raylet = raylet_pid()
+    spec = load_spec({
+        "name": "stress",
+        "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
+                 "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+        "model": {"width": 8},
+        "method": {"name": "normal"},
+        "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "max_failures": 3 * KILLS},
+        "storage": {"runs_dir": str(tmp_path / "runs")},
+        "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01, 1e-9]}},
+                   "scheduler": "asha", "metric": "loss", "mode": "min", "asha_grace_epochs": 1,
+                   "asha_reduction_factor": 2, "max_concurrent_trials": 2},
+    })
+    killer = Killer(("ray::RayTrainWorker", "ray::PlacementGroupCleaner"), every_s=1.0, root=raylet, limit=KILLS)
+    try:
+        result = run_sweep(spec)
+    finally:
+        kills = killer.stop()
+        outputs = [command.communicate(timeout=400)[0] for command in commands]
+
+    assert len(kills) >= KILLS, f"only {len(kills)} kills landed: {kills}"
+    assert sum(title == "ray::RayTrainWorker" for _, title, _ in kills) >= KILLS // 2, kills
+    # The raylet that was there before the kills still runs and still serves.
+    os.kill(raylet, 0)
+    assert raylet_pid() == raylet
+    assert ray_local.get(ray_local.remote(lambda: 42).options(num_cpus=0).remote(), timeout=60) == 42
+    session_dir = Path(ray_local._private.worker.global_worker.node.get_session_dir_path())
+    assert check_failures(session_dir) == []
+
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    kids = child_runs(client, result.parent_run_id)
+    assert len(kids) == 4
+    # ASHA stopped at least one trial, and at least one reached max_t and ended by itself; each trial
+    # after a stopped one still got its Train workers (the sweep finished).
+    stopped = [k for k in kids if k.info.status == "KILLED"]
+    assert stopped and all(k.data.tags.get("avtune.stopped_by") == "scheduler" for k in stopped)
+    assert any(k.info.status == "FINISHED" for k in kids)
+    for kid in kids:
+        assert kid.info.status in ("FINISHED", "KILLED"), kid.info.run_name
+        # Each epoch that ran is in MLflow exactly once, from epoch 0 on, whatever the restarts.
+        for key in ("acc", "loss"):
+            counts = logged_steps(client, kid.info.run_id, key)
+            last = EPOCHS if kid.info.status == "FINISHED" else max(counts) + 1
+            assert counts == Counter(range(last)), (kid.info.run_name, key, counts)
+
+    for command, output, path in zip(commands, outputs, specs):
+        assert command.returncode == 0, output[-3000:]
+        side = MlflowClient(f"sqlite:///{path.parent / 'runs' / 'mlflow.db'}")
+        (parent,) = side.search_runs([side.get_experiment_by_name("side_by_side").experiment_id],
+                                     filter_string="tags.`avtune.kind` = 'sweep'")
+        assert parent.info.status == "FINISHED"
+        (kid,) = child_runs(side, parent.info.run_id)
+        assert kid.info.status == "FINISHED" and logged_steps(side, kid.info.run_id, "acc") == Counter(range(2))

@@ -11,7 +11,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
@@ -27,7 +29,7 @@ from ray_kill_stress import Killer, check_failures, raylet_pid  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-KILLS = 20
+KILLS = 24
 EPOCHS = 3
 
 
@@ -56,6 +58,17 @@ def cli_sweep_spec(synth_dataset: Path, folder: Path) -> Path:
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Bystander:
+    """Owns an object in the object store (as a trial actor owns its results); killed, Ray restarts it."""
+
+    def __init__(self):
+        self.held = ray.put(np.zeros(200_000))  # 1.6 MB: above the inline limit, so in plasma
+
+    def ready(self) -> bool:
+        return True
 
 
 class KillWorkerBeforeLaunch(WorkerGroupCallback):
@@ -97,13 +110,18 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for path in specs]
 
-    # In this process, on the session's Ray: four trials, two at a time, under ASHA; a learning rate of
-    # 1e-9 cannot lower the validation loss, so those trials are stopped at the first rung (their Train
-    # run aborted, its placement group released for the next trial). Once a second, a worker process of
-    # this Ray is SIGKILLed, a Ray Train worker and a Train run's PlacementGroupCleaner actor in turn,
-    # until KILLS kills (Ray Train restarts its worker group from the last checkpoint each time). Idle
-    # pool workers are not targets: a worker being leased for a trial actor still shows as ray::IDLE.
+    # In this process, on the session's Ray: three trials, one at a time, under ASHA; a learning rate of
+    # 1e-9 cannot lower the validation loss, so that trial is stopped at the first rung (its Train run
+    # aborted, its placement group released for the next trial). Once a second a worker process of this
+    # Ray is SIGKILLed until KILLS kills: every fourth a Ray Train worker (Ray Train restarts its worker
+    # group from the last checkpoint), the others a Bystander actor (Ray restarts it; each owns an
+    # object in the object store, freed when it dies). A Train worker restart costs ~5 CPU-s, a Bystander
+    # ~1. Idle pool workers are not targets: a worker being leased for a trial actor still shows as
+    # ray::IDLE.
     raylet = raylet_pid()
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    bystanders = [Bystander.remote() for _ in range(2)]
+    ray_local.get([b.ready.remote() for b in bystanders])
     spec = load_spec({
         "name": "stress",
         "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
@@ -112,19 +130,23 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
         "method": {"name": "normal"},
         "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "max_failures": 3 * KILLS},
         "storage": {"runs_dir": str(tmp_path / "runs")},
-        "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01, 1e-9]}},
+        "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01]}},
                    "scheduler": "asha", "metric": "loss", "mode": "min", "asha_grace_epochs": 1,
-                   "asha_reduction_factor": 2, "max_concurrent_trials": 2},
+                   "asha_reduction_factor": 2, "max_concurrent_trials": 1},
     })
-    killer = Killer(("ray::RayTrainWorker", "ray::PlacementGroupCleaner"), every_s=1.0, root=raylet, limit=KILLS)
+    killer = Killer(("ray::RayTrainWorker", "ray::Bystander", "ray::Bystander", "ray::Bystander"),
+                    every_s=1.0, root=raylet, limit=KILLS)
     try:
         result = run_sweep(spec)
     finally:
         kills = killer.stop()
+        for bystander in bystanders:
+            ray_local.kill(bystander)
         outputs = [command.communicate(timeout=400)[0] for command in commands]
 
     assert len(kills) >= KILLS, f"only {len(kills)} kills landed: {kills}"
-    assert sum(title == "ray::RayTrainWorker" for _, title, _ in kills) >= KILLS // 2, kills
+    killed = Counter(title for _, title, _ in kills)
+    assert killed["ray::RayTrainWorker"] >= 4 and killed["ray::Bystander"] >= KILLS // 2, killed
     # The raylet that was there before the kills still runs and still serves.
     os.kill(raylet, 0)
     assert raylet_pid() == raylet
@@ -135,7 +157,7 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
     client = MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     kids = child_runs(client, result.parent_run_id)
-    assert len(kids) == 4
+    assert len(kids) == 3
     # ASHA stopped at least one trial, and at least one reached max_t and ended by itself; each trial
     # after a stopped one still got its Train workers (the sweep finished).
     stopped = [k for k in kids if k.info.status == "KILLED"]

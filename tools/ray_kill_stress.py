@@ -80,15 +80,13 @@ class Killer:
             if self.limit is not None and len(self.kills) >= self.limit:
                 return
             under_root = descendants(self.root)
-            # The titles take turns (a Train worker, then an idle pool worker, ...), so a cheap kind
-            # cannot crowd out the others; a title with no process now yields its turn.
-            turn = self.titles[len(self.kills) % len(self.titles)]
-            victims = processes_titled(turn, under_root) or [
-                pid for t in self.titles for pid in processes_titled(t, under_root)]
+            # The titles take turns, so a kind that is quick to come back cannot crowd out a slow one;
+            # the kill waits until a process of this turn's kind is up.
+            title = self.titles[len(self.kills) % len(self.titles)]
+            victims = processes_titled(title, under_root)
             if not victims:
                 continue
             pid = self.rng.choice(victims)
-            title = next(t for t in self.titles if pid in processes_titled(t, {pid}))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -45,8 +45,8 @@ def merge(base: dict, extra: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def busy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """36 training clips; with `busy_spec`'s model an epoch takes ~2 s on one core, long enough to
-    land a fault inside an epoch and to keep training while a server is down."""
+    """36 training clips; with `busy_spec`'s model an epoch takes ~0.7 s on one core (1-2 s in the busy
+    suite), long enough to land a fault inside the run and to keep training while a server is down."""
     root = tmp_path_factory.mktemp("busy") / "avtune"
     synthesize_dataset(root, layout="avtune", classes=3, clips_per_class=16, clip_seconds=1.0, fps=8,
                        height=32, width=32, sample_rate_hz=16000, seed=3)
@@ -60,7 +60,7 @@ def busy_spec(busy_dataset, tmp_path) -> dict:
         "data": {"source": "dataset", "layout": "avtune", "root": str(busy_dataset),
                  "cache_dir": str(tmp_path / "cache"),
                  "decode": {"num_frames": 8, "frame_height": 64, "frame_width": 64, "clip_seconds": 1.0}},
-        "model": {"width": 64},
+        "model": {"width": 32},
         "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 2},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp_path / "runs")},

@@ -218,7 +218,7 @@ def print_configurations(client, sweep_id: str) -> None:
     """Per configuration: mean [95% interval] over seeds and the paired difference from normal."""
     from orchestrator.report import config_summary, imbalance_summary, load_sweep
     from orchestrator.report.comparisons import format_interval
-    from orchestrator.report.html import READING_INTERVALS
+    from orchestrator.report.html import READING_INTERVALS, comparison_cell
 
     sweep = load_sweep(client, sweep_id)
     summary = config_summary(imbalance_summary(sweep)[0], sweep.predictions)
@@ -233,8 +233,7 @@ def print_configurations(client, sweep_id: str) -> None:
         cells += [format_interval(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k in keys]
         for k in keys:
             d = r.get(f"d_{k}")
-            cells.append("" if d is None or d != d else
-                         f"{d:+.3f} [{r[f'd_{k}_low']:+.3f}, {r[f'd_{k}_high']:+.3f}] p={r[f'p_{k}']:.2g} {r[f'vs_normal_{k}']}")
+            cells.append("" if d is None or d != d else comparison_cell(r, k))
         table.add_row(*cells)
     console.print(table)
     console.print(READING_INTERVALS, markup=False)

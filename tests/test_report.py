@@ -7,12 +7,14 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from orchestrator.report import build_report, log_sweep_imbalance
+from orchestrator.report.stats import holm, paired_test
 
 # ---- a sweep written by hand into MLflow ------------------------------------------------------
 
@@ -40,6 +42,46 @@ HAND_TRIALS = {
 
 
 HAND_CLIPS = 100
+
+
+# Three seeds of every configuration: enough for a verdict (stats.MIN_SEEDS). Final-epoch numbers only
+# matter here; the first epoch is 0.1 below.
+def _three_seeds(method: str, extra: dict, finals: dict[str, list[float]]) -> dict:
+    return {f"{method}{'_' + extra.get('tag', '') if extra.get('tag') else ''}_s{seed}":
+            ({"method.name": method, "train.seed": str(seed), **{k: v for k, v in extra.items() if k != "tag"}},
+             {k: [v[seed] - 0.1, v[seed]] for k, v in finals.items()})
+            for seed in range(3)}
+
+
+OGM = {"method.alpha": "0.5", "method.modulation_starts": "0"}
+HAND3 = {
+    **_three_seeds("audio_only", {}, {"acc": [0.80, 0.90, 0.85]}),
+    **_three_seeds("visual_only", {}, {"acc": [0.60, 0.70, 0.65]}),
+    **_three_seeds("normal", {}, {"acc": [0.85, 0.80, 0.83], "acc_audio": [0.80, 0.85, 0.82],
+                                  "acc_visual": [0.30, 0.42, 0.36], "shapley_audio": [0.5, 0.4, 0.45],
+                                  "shapley_visual": [0.1, 0.2, 0.15]}),
+    **_three_seeds("ogm_ge", {"tag": "w01", **OGM, "method.modulation_ends": "1"},
+                   {"acc": [0.84, 0.82, 0.83], "acc_audio": [0.76, 0.78, 0.77], "acc_visual": [0.45, 0.47, 0.49],
+                    "shapley_audio": [0.4, 0.4, 0.4], "shapley_visual": [0.2, 0.2, 0.2]}),
+    **_three_seeds("ogm_ge", {"tag": "w02", **OGM, "method.modulation_ends": "2"},
+                   {"acc": [0.70, 0.72, 0.71], "acc_audio": [0.58, 0.60, 0.59], "acc_visual": [0.54, 0.60, 0.57],
+                    "shapley_audio": [0.3, 0.3, 0.3], "shapley_visual": [0.25, 0.25, 0.25]}),
+}
+
+
+def hand_outcomes(accuracy: float) -> np.ndarray:
+    """A head of accuracy x is right on clips 0 .. 100x - 1 (as log_hand_predictions writes it)."""
+    return (np.arange(HAND_CLIPS) < round(HAND_CLIPS * accuracy)).astype(float)
+
+
+def hand_test(a: dict[str, list[float]], key_a: str, b: dict[str, list[float]], key_b: str):
+    """The paired test of two HAND3 configurations' final heads, from the outcomes their predictions encode."""
+    return paired_test(np.stack([hand_outcomes(x) for x in a[key_a]]), np.stack([hand_outcomes(x) for x in b[key_b]]))
+
+
+def finals_of(name: str) -> dict[str, list[float]]:
+    return {k: [HAND3[f"{name}_s{s}"][1][k][-1] for s in range(3)] for k in HAND3[f"{name}_s0"][1]}
+
 
 
 def log_hand_predictions(client: MlflowClient, run_id: str, final: dict[str, float]) -> None:
@@ -171,35 +213,20 @@ def test_without_baselines_balance_is_the_shapley_balance(tmp_path):
     assert client.get_metric_history(ids["normal_s0"], "util_visual") == []
 
 
-def test_report_words_state_the_hand_numbers(hand_sweep, tmp_path):
+def test_report_words_with_fewer_than_three_seeds_give_no_verdict(hand_sweep, tmp_path):
+    """HAND_TRIALS has normal on 2 seeds and each OGM configuration on 1: the report states the means but no
+    verdict (stats.MIN_SEEDS), so no weak modality and none of the findings about it; every plot still applies."""
     uri, client, parent, ids = hand_sweep
-    report = build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out")
-    page = report.read_text()
-    # Normal (mean over s0, s2): audio (0.8 + 0.85) / 2 = 0.825, visual (0.3 + 0.42) / 2 = 0.36.
+    page = html.unescape(build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
     dominance = sentence(page, "dominance")
-    assert dominance.startswith("Audio is the dominant modality")
-    # ... Shapley (0.5 + 0.4) / 2, (0.1 + 0.2) / 2; baselines (0.8 + 0.9) / 2, (0.6 + 0.7) / 2.
-    assert numbers(dominance) == pytest.approx([0.825, 0.36, 0.45, 0.15, 0.85, 0.65])
-    weak = sentence(page, "weak_vs_unimodal")
-    assert "visual head reaches 0.360, below the visual_only baseline's 0.650" in weak
-    assert numbers(weak)[2] == pytest.approx(0.36 / 0.65, abs=6e-4)
-    # Paired on the seed both ran (s0) and the 100 clips: normal's visual head 0.3 against visual_only's 0.6,
-    # right on nested sets of clips, so the difference is -1 on 30 clips and 0 on 70: -0.300.
-    assert "paired difference -0.300, 95% CI" in weak and "paired bootstrap over 1 seed and 100 clips" in weak
-    ogm = sentence(page, "ogm_vs_normal")
-    # The OGM trial with the best visual head: window 0-2 (0.54); means 0.36 (normal) -> 0.54; paired on s0
-    # (normal's 0.3): +0.240; joint 0.7 vs (0.85 + 0.8) / 2.
-    assert "ogm_ge alpha=0.5 window=0-2" in ogm and "raises the visual head's accuracy" in ogm
-    assert "the best of 2 OGM configurations" in ogm and "paired difference +0.240" in ogm
-    assert numbers(ogm)[:3] == pytest.approx([0.36, 0.54, 0.24])
-    assert numbers(ogm)[-2:] == pytest.approx([0.7, 0.825])
-    tradeoff = sentence(page, "tradeoff")
-    # joint + visual: normal 0.825 + 0.36 = 1.185, w01 0.84 + 0.45 = 1.29, w02 0.7 + 0.54 = 1.24.
-    assert "ogm_ge alpha=0.5 window=0-1" in tradeoff
-    assert numbers(tradeoff)[:2] == pytest.approx([0.84, 0.45])
-    window = sentence(page, "window")
-    assert "window 0-1: joint 0.840, visual 0.450; window 0-2: joint 0.700, visual 0.540" in window
-    # Every planned plot applies to this sweep, G-Blend weights from the parent included.
+    assert dominance.startswith("Neither head is distinguishably stronger in the normal joint model")
+    assert "a verdict needs at least 3 seeds" in dominance
+    # Normal (mean over s0, s2): audio (0.8 + 0.85) / 2 = 0.825, visual (0.3 + 0.42) / 2 = 0.36; the paired
+    # difference on those seeds: 0.465; Shapley (0.5 + 0.4) / 2, (0.1 + 0.2) / 2; baselines (0.8 + 0.9) / 2, (0.6 + 0.7) / 2.
+    assert numbers(dominance) == pytest.approx([0.825, 0.36, 0.465, 0.45, 0.15, 0.85, 0.65])
+    for finding in ("weak_vs_unimodal", "ogm_vs_normal", "tradeoff", "window", "power"):
+        assert f"<li id='{finding}'>" not in page, finding
+    # The ablation plots show both heads when neither is weak. Every planned plot applies to this sweep.
     for name in ("configurations", "acc_per_modality", "gap", "utilisation", "ogm_coefficients", "ablation_alpha",
                  "ablation_window", "shapley", "gblend_weights"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000, name
@@ -207,6 +234,62 @@ def test_report_words_state_the_hand_numbers(hand_sweep, tmp_path):
     assert "G-Blend weights: audio 0.200, visual 0.500, joint 0.300" in page
     # Self-contained: images are embedded.
     assert page.count("src=\"data:image/png;base64,") == 9
+
+
+@pytest.fixture()
+def hand3_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow3.db'}"
+    client, parent, ids = write_hand_sweep(uri, "hand3", HAND3)
+    return uri, client, parent, ids
+
+
+def test_report_words_state_the_hand_numbers(hand3_sweep, tmp_path):
+    """Three seeds per configuration: the words follow the paired tests on the clips each run's predictions
+    encode (recomputed here from HAND3 with stats.paired_test, itself checked by hand in test_stats.py), with
+    Holm's adjustment within each family."""
+    uri, client, parent, ids = hand3_sweep
+    page = html.unescape(build_report("hand3", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
+    normal, w01, w02 = finals_of("normal"), finals_of("ogm_ge_w01"), finals_of("ogm_ge_w02")
+    visual_only = finals_of("visual_only")
+    # Dominance: normal's audio head minus its visual head, per seed 0.50, 0.43, 0.46; one test in its family.
+    dominance_test = hand_test(normal, "acc_audio", normal, "acc_visual")
+    assert dominance_test.p_value <= 0.05
+    dominance = sentence(page, "dominance")
+    assert dominance.startswith("Audio is the dominant modality")
+    assert numbers(dominance)[:3] == pytest.approx([0.823333, 0.36, dominance_test.difference], abs=6e-4)
+    assert f"p = {dominance_test.p_value:.2g}, Holm-adjusted p = {dominance_test.p_value:.2g}" in dominance
+    # Under-use: normal's visual head against visual_only, per seed -0.30, -0.28, -0.29 (one test in its family).
+    under_test = hand_test(normal, "acc_visual", visual_only, "acc")
+    under = sentence(page, "weak_vs_unimodal")
+    assert "visual head reaches 0.360, below the visual_only baseline's 0.650" in under
+    assert f"paired difference {under_test.difference:+.3f}" in under and "seed x clip paired t over 3 seeds and 100 clips" in under
+    # The vs-normal family: 2 OGM configurations x 3 heads, Holm over the 6 p-values.
+    family = {(name, key): hand_test(finals, key, normal, key) for name, finals in (("w01", w01), ("w02", w02))
+              for key in ("acc", "acc_audio", "acc_visual")}
+    adjusted = dict(zip(family, holm([t.p_value for t in family.values()])))
+    best = family[("w02", "acc_visual")]  # window 0-2 has the best visual head (0.57)
+    ogm = sentence(page, "ogm_vs_normal")
+    assert "ogm_ge alpha=0.5 window=0-2" in ogm and "the best of 2 OGM configurations" in ogm
+    assert f"paired difference {best.difference:+.3f}" in ogm
+    assert f"Holm-adjusted p = {adjusted[('w02', 'acc_visual')]:.2g}" in ogm
+    verb = "raises" if adjusted[("w02", "acc_visual")] <= 0.05 else "is not distinguishable from normal"
+    assert verb in ogm
+    assert numbers(ogm)[:3] == pytest.approx([0.36, 0.57, best.difference], abs=6e-4)
+    tradeoff = sentence(page, "tradeoff")
+    # joint + visual: normal 0.8267 + 0.36, w01 0.83 + 0.47 = 1.30, w02 0.71 + 0.57 = 1.28.
+    assert "ogm_ge alpha=0.5 window=0-1" in tradeoff and numbers(tradeoff)[:2] == pytest.approx([0.83, 0.47])
+    assert "window 0-1: joint 0.830, visual 0.470; window 0-2: joint 0.710, visual 0.570" in sentence(page, "window")
+    assert "What this sweep can resolve: with Holm over the 6 comparisons with normal" in sentence(page, "power")
+    # The same adjusted numbers in the configuration summary and the comparisons file on the parent run.
+    summary = pd.read_csv(tmp_path / "out" / "config_summary.csv").set_index("config")
+    row = summary.loc["ogm_ge alpha=0.5 window=0-2"]
+    assert row["p_acc_visual"] == pytest.approx(best.p_value, rel=1e-9)
+    assert row["p_holm_acc_visual"] == pytest.approx(adjusted[("w02", "acc_visual")], rel=1e-9)
+    assert row["n_paired_acc_visual"] == 3 and summary.loc["normal", "weak"] == "visual"
+    logged = pd.read_csv(client.download_artifacts(parent, "comparisons.csv", str(tmp_path)))
+    assert sorted(logged["family"].value_counts().items()) == [("dominance", 1), ("vs_normal", 6), ("weak_vs_unimodal", 1)]
+    assert logged.loc[logged["family"] == "vs_normal", "p_holm"].tolist() == pytest.approx(
+        [adjusted[(c, k)] for c in ("w01", "w02") for k in ("acc", "acc_audio", "acc_visual")], rel=1e-9)
 
 
 def test_bad_names_give_clear_errors(hand_sweep, tmp_path):
@@ -244,7 +327,8 @@ def test_report_of_a_real_sweep(shared_sweep):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {f"report/{n}" for n in pngs} | {"report/report.html", "report/imbalance_summary.csv",
-                                            "report/config_summary.csv", "report/findings.json"} <= logged
+                                            "report/config_summary.csv", "report/comparisons.csv",
+                                            "report/findings.json"} <= logged
     assert {"imbalance_summary.csv", "config_summary.csv"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
 
     finals = final_metrics(client, result.parent_run_id)
@@ -258,35 +342,16 @@ def test_report_of_a_real_sweep(shared_sweep):
         for step, value in util:
             assert value == pytest.approx(dict(history(client, normal["run_id"], f"acc_{m}"))[step] / baseline_curve[step])
 
-    # The words match the numbers logged in MLflow.
-    page = report.read_text()
+    # The words match the numbers logged in MLflow. One seed per method: means, but no verdict.
+    page = html.unescape(report.read_text())
     dominance = sentence(page, "dominance")
-    if normal["acc_audio"] == normal["acc_visual"]:
-        assert dominance.startswith("Neither modality dominates")
-        return
-    weak = "visual" if normal["acc_audio"] > normal["acc_visual"] else "audio"
-    dominant = "audio" if weak == "visual" else "visual"
-    assert dominance.startswith(f"{dominant.capitalize()} is the dominant modality")
-    assert numbers(dominance)[:2] == pytest.approx([normal[f"acc_{dominant}"], normal[f"acc_{weak}"]], abs=6e-4)
-    # Above / below rests on the paired test of the trials' logged per-clip predictions (one seed, the
-    # validation clips); the words follow its verdict, whatever the difference of the two numbers.
-    from orchestrator.report import imbalance_summary, load_sweep
-    from orchestrator.report.comparisons import compare, verdict
-
-    sweep = load_sweep(client, result.parent_run_id)
-    table = imbalance_summary(sweep)[0]
-    under_test = compare(table, sweep.predictions, "normal", f"{weak}_only", f"acc_{weak}", "acc")
-    assert under_test.n_seeds == 1 and under_test.n_clips == 3 and "bootstrap" in under_test.method
-    assert under_test.difference == pytest.approx(normal[f"acc_{weak}"] - base[weak], abs=1e-9)
-    position = {"lower": "below", "higher": "above"}.get(verdict(under_test), "not distinguishable from")
-    under = sentence(page, "weak_vs_unimodal")
-    assert f"The normal joint model's {weak} head reaches {normal[f'acc_{weak}']:.3f}, {position} the {weak}_only" in under
-    assert numbers(under)[1] == pytest.approx(base[weak], abs=6e-4)
-    recovered = sentence(page, "ogm_vs_normal")
-    assert numbers(recovered)[:2] == pytest.approx([normal[f"acc_{weak}"], ogm[f"acc_{weak}"]], abs=6e-4)
-    ogm_test = compare(table, sweep.predictions, table.loc[table["method"] == "ogm_ge", "config"].iloc[0], "normal",
-                       f"acc_{weak}")
-    assert {"higher": "raises", "lower": "lowers"}.get(verdict(ogm_test), "is not distinguishable from normal") in recovered
+    assert dominance.startswith("Neither head is distinguishably stronger in the normal joint model")
+    assert "no test, a verdict needs at least 3 seeds" in dominance
+    assert numbers(dominance)[:2] == pytest.approx([normal["acc_audio"], normal["acc_visual"]], abs=6e-4)
+    assert "<li id='weak_vs_unimodal'>" not in page
+    summary = pd.read_csv(report.parent / "config_summary.csv").set_index("config")
+    assert set(summary.loc["ogm_ge alpha=0.5 window=0-2", ["vs_normal_acc", "vs_normal_acc_visual"]]) == {"no verdict"}
+    assert summary.loc["normal", "n"] == 1 and pd.isna(summary.loc["normal", "acc_low"])
 
 
 @pytest.mark.slow
@@ -332,7 +397,9 @@ def test_ablation_captions_say_when_ogm_scores_come_from_two_kinds_of_heads(tmp_
 def test_derived_run_params_do_not_split_configurations(tmp_path):
     """OGM runs log `ogm_scores_from`, other runs do not: that must not make a context group."""
     page = hand_report_page(tmp_path, "derived", ogm_trials_logging_their_score_source())
-    assert sentence(page, "dominance").startswith("Audio is the dominant modality")
+    # One group: the dominance finding is there once, without a "[group]" prefix.
+    assert len(re.findall(r"<li id='dominance'>", page)) == 1
+    assert sentence(page, "dominance").startswith("Neither head is distinguishably stronger")
 
 
 def test_an_effect_within_noise_is_reported_as_not_distinguishable(tmp_path):
@@ -346,47 +413,56 @@ def test_an_effect_within_noise_is_reported_as_not_distinguishable(tmp_path):
         trials[f"ogm_s{seed}"] = ({**ogm, "train.seed": seed}, joint)
         trials[f"visual_only_s{seed}"] = ({"method.name": "visual_only", "train.seed": seed}, {"acc": [0.5, 0.6]})
     page = hand_report_page(tmp_path, "noise", trials)
+    # Normal's audio head is right on clips 0-79, its visual head on 0-39, on every seed: the clips alone
+    # make the dominance test (seed x clip paired t: 3 seeds, 100 clips).
+    assert sentence(page, "dominance").startswith("Audio is the dominant modality")
     verdict = sentence(page, "ogm_vs_normal")
     assert "is not distinguishable from normal on this data" in verdict and "raises" not in verdict
     assert "paired difference +0.000, 95% CI +0.000 to +0.000, p = 1" in verdict
-    # The per-configuration table: mean over 3 equal seeds has no width; both rows "not distinguishable".
+    assert "identical outcomes on every seed and clip" in verdict
+    # The per-configuration table: 3 equal seeds give no interval (not a zero-width one); "not distinguishable".
     summary = pd.read_csv(tmp_path / "noise" / "config_summary.csv")
     row = summary.set_index("config").loc["ogm_ge alpha=0.5 window=0-2"]
-    assert (row["acc_visual"], row["acc_visual_low"], row["acc_visual_high"]) == pytest.approx((0.4, 0.4, 0.4))
+    assert row["acc_visual"] == pytest.approx(0.4) and pd.isna(row["acc_visual_low"]) and pd.isna(row["acc_visual_high"])
     assert row["vs_normal_acc_visual"] == "not distinguishable" and row["p_acc_visual"] == 1.0
 
 
 def test_configuration_intervals_are_t_intervals_over_seeds(hand_sweep, tmp_path):
     """Normal's joint accuracy over seeds 0 and 2: 0.85 and 0.80 -> mean 0.825, s = 0.035355, t(0.975, 1) =
-    12.7062: half-width 12.7062 * 0.035355 / sqrt(2) = 0.31766. Logged on the parent and shown in the page."""
+    12.7062: half-width 12.7062 * 0.035355 / sqrt(2) = 0.31766, cut at 1 (an accuracy). Logged on the parent
+    and shown in the page."""
     uri, client, parent, ids = hand_sweep
     page = build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out").read_text()
     summary = pd.read_csv(tmp_path / "out" / "config_summary.csv").set_index("config")
     assert (summary.loc["normal", ["acc", "acc_low", "acc_high"]].tolist()
-            == pytest.approx([0.825, 0.825 - 0.31766, 0.825 + 0.31766], abs=1e-4))
+            == pytest.approx([0.825, 0.825 - 0.31766, 1.0], abs=1e-4))
     assert summary.loc["normal", "n"] == 2 and summary.loc["ogm_ge alpha=0.5 window=0-1", "n"] == 1
-    assert "0.825 [0.507, 1.143]" in page and "How to read" in page
+    assert "0.825 [0.507, 1.000]" in page and "How to read" in page
     metrics = client.get_run(parent).data.metrics
     assert metrics["cfg/normal/acc_mean"] == pytest.approx(0.825)
     assert metrics["cfg/normal/acc_low"] == pytest.approx(0.825 - 0.31766, abs=1e-4)
+    assert metrics["cfg/normal/acc_high"] == 1.0
     assert "config_summary.csv" in {a.path for a in client.list_artifacts(parent)}
 
 
-def test_cli_results_show_intervals_and_paired_differences(hand_sweep):
+def test_cli_results_show_intervals_and_paired_differences(hand3_sweep):
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
 
-    uri, client, parent, ids = hand_sweep
-    res = CliRunner().invoke(app, ["results", "hand", "--tracking-uri", uri], env={"COLUMNS": "250"})
+    uri, client, parent, ids = hand3_sweep
+    res = CliRunner().invoke(app, ["results", "hand3", "--tracking-uri", uri], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
     assert "normal_s0" in res.output  # the trials table
-    # The configurations table (rich may wrap cells): normal's t-interval over its 2 seeds, and the
-    # window 0-2 OGM trial's visual head +0.240 over normal on seed 0, distinguishable (see above).
-    assert "0.825 [0.507," in res.output
-    assert "+0.240 [+0.160," in res.output and "higher" in res.output and "not" in res.output
-    assert "How to read: [low, high] is a 95% t-interval" in " ".join(res.output.split())
-    assert "How to read" in res.output
+    text = " ".join(res.output.split())
+    # The configurations table (rich may wrap cells): normal's joint t-interval over its 3 seeds
+    # (0.85, 0.80, 0.83: mean 0.8267, s 0.02517, t(0.975, 2) 4.3027: half-width 0.0625) and window 0-2's
+    # visual head against normal's, with its raw and Holm-adjusted p-values.
+    assert "0.827 [0.764," in text and "0.889]" in text
+    best = hand_test(finals_of("ogm_ge_w02"), "acc_visual", finals_of("normal"), "acc_visual")
+    assert f"{best.difference:+.3f} [{best.low:+.3f}," in text and f"p={best.p_value:.2g}" in text
+    assert "Holm p=" in text and "not distinguishable" in text
+    assert "How to read: [low, high] is a 95% t-interval" in text
 
 
 def test_gblend_finding_names_its_weights_and_a_starved_head(tmp_path):
@@ -418,25 +494,42 @@ def test_leaderboard_rows_are_hand_computed_and_logged_on_the_parent(hand_sweep,
     # Best joint accuracy first: audio_only (0.8, 0.9) 0.85, ogm_ge w0-1 0.84, normal (0.85, 0.8) 0.825, ...
     assert list(board.index[:3]) == ["audio_only", "ogm_ge alpha=0.5 window=0-1", "normal"]
     normal = board.loc["normal"]
-    # n = 2: mean 0.825, sd 0.0353553, t(0.975, 1) = 12.7062 -> half-width 12.7062 * 0.0353553 / sqrt(2) = 0.317655.
+    # n = 2: mean 0.825, sd 0.0353553, t(0.975, 1) = 12.7062 -> half-width 0.317655, cut at 1 (an accuracy).
     assert normal["n"] == 2 and normal["acc"] == pytest.approx(0.825)
-    assert (normal["acc_low"], normal["acc_high"]) == pytest.approx((0.507345, 1.142655), abs=1e-5)
-    # Normal's heads: audio 0.825 > visual 0.36, so visual is weak. util_visual: seed 0 against visual_only
-    # seed 0 (0.3 / 0.6 = 0.5); seed 2 has no baseline of its seed: the mean of the others (0.42 / 0.65).
-    assert normal["weak"] == "visual"
-    assert normal["util_weak"] == pytest.approx((0.5 + 0.42 / 0.65) / 2)
+    assert (normal["acc_low"], normal["acc_high"]) == pytest.approx((0.507345, 1.0), abs=1e-5)
+    # Normal's heads (audio 0.825, visual 0.36) are on 2 seeds: no verdict on which is weak, so no weak columns.
+    assert pd.isna(normal["weak"]) and pd.isna(normal["util_weak"]) and pd.isna(normal["d_weak"])
     # Shapley balance 1 - |a - v| / (|a| + |v|): seed 0 (0.5, 0.1) -> 1/3, seed 2 (0.4, 0.2) -> 2/3.
     assert normal["shapley_balance"] == pytest.approx(0.5)
     # Mean over epochs per run (2.0, 3.0), then over runs.
     assert normal["train_seconds_per_epoch"] == pytest.approx(2.5)
     ogm = board.loc["ogm_ge alpha=0.5 window=0-1"]
-    assert ogm["util_weak"] == pytest.approx(0.45 / 0.6) and ogm["shapley_balance"] == pytest.approx(1 - 0.2 / 0.6)
-    # Paired on the one seed both ran (0) and the same 100 clips: 0.84 - 0.85.
-    assert ogm["d_acc"] == pytest.approx(-0.01)
+    assert ogm["shapley_balance"] == pytest.approx(1 - 0.2 / 0.6)
+    # Paired on the one seed both ran (0) and the same 100 clips: 0.84 - 0.85, on 1 seed: no verdict.
+    assert ogm["d_acc"] == pytest.approx(-0.01) and ogm["n_paired_acc"] == 1 and ogm["vs_normal_acc"] == "no verdict"
     assert pd.isna(board.loc["audio_only", "d_acc"]) and pd.isna(board.loc["audio_only", "acc_visual"])
     page = out.read_text()
-    assert "id='leaderboard'" in page and "0.825 ±0.318" in page
+    # The interval [0.507, 1.143] is cut at 1, so it is shown with its ends.
+    assert "id='leaderboard'" in page and "0.825 [0.507, 1.000]" in page
     logged = {a.path for a in client.list_artifacts(parent)}
     assert {"leaderboard.csv", "leaderboard_numbers.csv"} <= logged
     shown = pd.read_csv(client.download_artifacts(parent, "leaderboard.csv", str(tmp_path)))
-    assert shown.loc[shown["method"] == "normal", "acc"].item() == "0.825 ±0.318"
+    assert shown.loc[shown["method"] == "normal", "acc"].item() == "0.825 [0.507, 1.000]"
+
+
+def test_leaderboard_weak_columns_and_holm_on_three_seeds(hand3_sweep, tmp_path):
+    uri, client, parent, ids = hand3_sweep
+    build_report("hand3", tracking_uri=uri, out_dir=tmp_path / "report")
+    board = pd.read_csv(tmp_path / "report" / "leaderboard_numbers.csv").set_index("config")
+    normal = board.loc["normal"]
+    # Visual is weak (the dominance test). util_visual per seed against the same-seed visual_only:
+    # 0.30 / 0.60, 0.42 / 0.70, 0.36 / 0.65.
+    assert normal["weak"] == "visual"
+    assert normal["util_weak"] == pytest.approx((0.30 / 0.60 + 0.42 / 0.70 + 0.36 / 0.65) / 3)
+    w02 = board.loc["ogm_ge alpha=0.5 window=0-2"]
+    best = hand_test(finals_of("ogm_ge_w02"), "acc_visual", finals_of("normal"), "acc_visual")
+    assert (w02["d_weak"], w02["p_weak"]) == pytest.approx((best.difference, best.p_value), rel=1e-9)
+    assert w02["p_holm_weak"] >= w02["p_weak"] and w02["n_paired_weak"] == 3
+    shown = pd.read_csv(tmp_path / "report" / "leaderboard.csv").set_index("method")
+    assert {"p Holm", "p weak Holm"} <= set(shown.columns)
+    assert shown.loc["ogm_ge alpha=0.5 window=0-2", "weak vs normal"] == w02["vs_normal_weak"]

@@ -1,7 +1,7 @@
-"""orchestrator.report.stats: intervals, paired bootstrap, paired t, detectable difference.
+"""orchestrator.report.stats: intervals, the seed x clip paired test, Holm, detectable difference.
 
-Expected numbers are computed by hand (closed forms for Student t with df = 2) or by a slow explicit
-reference implementation of the bootstrap, never by calling the function under test twice.
+Expected numbers are computed by hand (closed forms for Student t with df = 2, two-way ANOVA of small
+matrices written out below), never by calling the function under test twice.
 """
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as sp
 
-from orchestrator.report import stats
-from orchestrator.report.stats import (Interval, PairedComparison, detectable_difference, paired_bootstrap,
-                                       paired_seed_t_interval, t_interval)
+from orchestrator.report.stats import (Interval, PairedComparison, VarianceComponents, adjust, components,
+                                       detectable_difference, holm, mean_squares, paired_test, power_of, t_interval)
 
 
 def t2_quantile(p: float) -> float:
@@ -69,10 +69,18 @@ def test_t_interval_drops_nans():
     assert iv.high == pytest.approx(2.0 + 4.302652729749462 / math.sqrt(3), rel=1e-12)
 
 
-def test_t_interval_equal_values_zero_width():
-    # 0.1 is not exact in binary: the width must still be exactly 0.
+def test_t_interval_equal_values_have_no_interval():
+    # Three equal accuracies are no evidence of zero spread: no interval rather than "0.1 +/- 0.000".
     iv = t_interval([0.1, 0.1, 0.1])
-    assert iv.mean == iv.low == iv.high == 0.1
+    assert iv.mean == 0.1 and iv.n == 3 and math.isnan(iv.low) and math.isnan(iv.high)
+    assert "3 equal values" in iv.method
+
+
+def test_t_interval_is_cut_to_bounds():
+    # [0.85, 0.80]: mean 0.825, half-width 12.7062 * 0.0353553 / sqrt(2) = 0.317655 -> [0.507, 1.143], cut at 1.
+    iv = t_interval([0.85, 0.80], bounds=(0.0, 1.0))
+    assert iv.low == pytest.approx(0.825 - 0.317655, abs=1e-6) and iv.high == 1.0
+    assert t_interval([0.85, 0.80]).high == pytest.approx(0.825 + 0.317655, abs=1e-6)
 
 
 def test_t_interval_rejects_bad_confidence():
@@ -80,181 +88,147 @@ def test_t_interval_rejects_bad_confidence():
         t_interval([1, 2, 3], confidence=1.0)
 
 
-# --- paired_bootstrap -----------------------------------------------------------------------------
+# --- paired_test: the seed x clip paired t ---------------------------------------------------------
 
-def reference_bootstrap(a, b, n_resamples, confidence, seed):
-    """Slow explicit bootstrap with the module's documented draws: all seed draws, then all clip draws."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n_seeds, n_clips = d.shape
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
-    cols = rng.integers(0, n_clips, size=(n_resamples, n_clips))
-    means = []
-    for r in range(n_resamples):
-        total = 0.0
-        for i in rows[r]:
-            for j in cols[r]:  # the same clip draw for every drawn seed
-                total += d[i, j]
-        means.append(total / (n_seeds * n_clips))
-    means = np.array(means)
-    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
-    below = (np.sum(means <= 0) + 1) / (n_resamples + 1)
-    above = (np.sum(means >= 0) + 1) / (n_resamples + 1)
-    return d.mean(), low, high, min(1.0, 2 * min(below, above))
+# d = a - b on 3 seeds x 2 clips. Grand mean 1/2; seed means 1/2, 0, 1; clip means 2/3, 1/3.
+# MS_seed = C * sum (r - m)^2 / (S - 1) = 2 * (0 + 1/4 + 1/4) / 2 = 1/2.
+# MS_clip = S * sum (c - m)^2 / (C - 1) = 3 * (1/36 + 1/36) = 1/6.
+# Residuals d - r - c + m: [1/3, -1/3], [-1/6, 1/6], [-1/6, 1/6]: SS = 1/3 over (S-1)(C-1) = 2 df: MS_resid = 1/6.
+SEED_ONLY = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+# Grand mean 2/3; seed means 1/2, 1/2, 1; clip means 1, 1/3.
+# MS_seed = 2 * (1/36 + 1/36 + 4/36) / 2 = 1/6; MS_clip = 3 * (1/9 + 1/9) = 2/3;
+# residuals [1/6, -1/6], [1/6, -1/6], [-1/3, 1/3]: SS = 4/36 + 2/9 = 1/3, MS_resid = 1/6.
+WITH_CLIPS = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
 
 
-def binary_pair(seed, shape, rate_a, rate_b):
-    g = np.random.default_rng(seed)
-    return (g.random(shape) < rate_a).astype(float), (g.random(shape) < rate_b).astype(float)
+def test_mean_squares_by_hand():
+    assert mean_squares(SEED_ONLY) == pytest.approx((1 / 2, 1 / 6, 1 / 6), rel=1e-12)
+    assert mean_squares(WITH_CLIPS) == pytest.approx((1 / 6, 2 / 3, 1 / 6), rel=1e-12)
 
 
-def test_bootstrap_identical_arrays():
-    a = binary_pair(0, (3, 20), 0.6, 0.6)[0]
-    res = paired_bootstrap(a, a.copy(), n_resamples=500)
-    assert isinstance(res, PairedComparison)
-    assert (res.difference, res.low, res.high, res.p_value) == (0.0, 0.0, 0.0, 1.0)
-    assert not res.distinguishable
+def test_paired_test_without_a_clip_term_is_the_paired_t_over_seed_means():
+    # MS_clip is not above MS_resid: SE^2 = MS_seed / (S C) = 1/12, df = 2: t = 0.5 / sqrt(1/12) = sqrt(3).
+    res = paired_test(SEED_ONLY, np.zeros((3, 2)))
+    t = math.sqrt(3)
+    assert res.difference == 0.5 and res.df == 2 and res.standard_error == pytest.approx(math.sqrt(1 / 12), rel=1e-12)
+    assert res.p_value == pytest.approx(2 * (1 - t2_cdf(t)), rel=1e-9)
+    half = 4.302652729749462 * math.sqrt(1 / 12)
+    assert (res.low, res.high) == pytest.approx((max(-1.0, 0.5 - half), min(1.0, 0.5 + half)), rel=1e-9)
+    # The same as a paired t on the seeds' mean differences (0.5, 0, 1).
+    t_over_seeds = sp.ttest_1samp([0.5, 0.0, 1.0], 0.0)
+    assert res.p_value == pytest.approx(t_over_seeds.pvalue, rel=1e-9)
+    assert (res.n_seeds, res.n_clips) == (3, 2) and res.method == "seed x clip paired t over 3 seeds and 2 clips"
 
 
-def test_bootstrap_all_right_vs_all_wrong():
-    n = 1000
-    res = paired_bootstrap(np.ones((3, 50)), np.zeros((3, 50)), n_resamples=n)
-    assert res.difference == res.low == res.high == 1.0
-    # No resample is <= 0: p = 2 * (0 + 1) / (n + 1).
-    assert res.p_value == min(1.0, 2 / (n + 1))
-    assert res.distinguishable
-    assert (res.n_seeds, res.n_clips, res.confidence) == (3, 50, 0.95)
-    assert res.method == "paired bootstrap over 3 seeds and 50 clips (1000 resamples)"
+def test_paired_test_adds_the_clip_term_when_clips_disagree_beyond_the_residual():
+    # MS_clip 2/3 > MS_resid 1/6: SE^2 = (1/6 + 2/3 - 1/6) / 6 = 1/9, df = S - 1 = 2: t = (2/3) / (1/3) = 2.
+    res = paired_test(WITH_CLIPS, np.zeros((3, 2)))
+    assert res.standard_error == pytest.approx(1 / 3, rel=1e-12) and res.df == 2
+    assert res.p_value == pytest.approx(2 * (1 - t2_cdf(2.0)), rel=1e-9)
+    # Variance components: seed max(0, (1/6 - 1/6) / 2) = 0, clip (2/3 - 1/6) / 3 = 1/6, residual 1/6.
+    assert components(WITH_CLIPS) == VarianceComponents(0.0, pytest.approx(1 / 6), pytest.approx(1 / 6))
 
 
-@pytest.mark.parametrize("confidence,seed", [(0.95, 0), (0.8, 7)])
-def test_bootstrap_matches_reference_loop(confidence, seed):
-    a, b = binary_pair(3, (3, 7), 0.7, 0.5)
-    diff, low, high, p = reference_bootstrap(a, b, 300, confidence, seed)
-    res = paired_bootstrap(a, b, n_resamples=300, confidence=confidence, seed=seed)
-    # 0/1 data: every resampled mean is an exact integer / 21, so equality is exact.
-    assert (res.difference, res.low, res.high, res.p_value) == (diff, low, high, p)
-
-
-def test_bootstrap_chunked_matches_reference(monkeypatch):
-    # Blocks of 2 resamples: the clip draws come in pieces and must still equal one (R, C) draw.
-    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 15)
-    a, b = binary_pair(4, (2, 7), 0.6, 0.4)
-    diff, low, high, p = reference_bootstrap(a, b, 101, 0.95, 5)
-    res = paired_bootstrap(a, b, n_resamples=101, seed=5)
-    assert (res.difference, res.low, res.high, res.p_value) == (diff, low, high, p)
-
-
-def test_bootstrap_real_valued_outcomes_match_reference():
-    g = np.random.default_rng(8)
-    a, b = g.normal(0.2, 1.0, (4, 6)), g.normal(0.0, 1.0, (4, 6))
-    diff, low, high, p = reference_bootstrap(a, b, 200, 0.9, 1)
-    res = paired_bootstrap(a, b, n_resamples=200, confidence=0.9, seed=1)
-    assert res.difference == pytest.approx(diff, rel=1e-12)
-    assert res.low == pytest.approx(low, rel=1e-9) and res.high == pytest.approx(high, rel=1e-9)
-    assert res.p_value == pytest.approx(p, rel=1e-12)
-
-
-def test_bootstrap_deterministic_for_seed():
-    a, b = binary_pair(5, (3, 40), 0.6, 0.5)
-    assert paired_bootstrap(a, b, n_resamples=400, seed=3) == paired_bootstrap(a, b, n_resamples=400, seed=3)
-
-
-def test_bootstrap_one_dimensional_is_one_seed():
-    a, b = binary_pair(6, (25,), 0.7, 0.4)
-    res = paired_bootstrap(a, b, n_resamples=300, seed=2)
-    assert (res.n_seeds, res.n_clips) == (1, 25)
-    assert res == paired_bootstrap(a[None, :], b[None, :], n_resamples=300, seed=2)
-    assert res.method == "paired bootstrap over 1 seed and 25 clips (300 resamples)"
-
-
-def test_bootstrap_real_difference_is_distinguishable():
-    # Paired: the same uniform draw decides both, so a is right wherever b is (80% vs 50%).
-    u = np.random.default_rng(1).random((3, 100))
-    res = paired_bootstrap((u < 0.8).astype(float), (u < 0.5).astype(float))
-    assert res.difference == pytest.approx(0.30333333333333334, abs=1e-12)
-    assert res.distinguishable and res.low > 0.2
-    assert res.p_value == 2 / 10001
-
-
-def test_bootstrap_same_rate_is_not_distinguishable():
-    # Two independent draws at 60% on 3 x 30 clips (fixed data; outcome checked once by running).
-    a, b = binary_pair(0, (3, 30), 0.6, 0.6)
-    res = paired_bootstrap(a, b)
-    assert res.difference == pytest.approx(1 / 90, abs=1e-12)
-    assert res.low < 0 < res.high
-    assert not res.distinguishable
-    assert res.p_value > 0.5
-
-
-def test_bootstrap_rejects_shape_mismatch():
-    with pytest.raises(ValueError, match=r"a and b.*a \(3, 5\).*b \(3, 4\)"):
-        paired_bootstrap(np.zeros((3, 5)), np.zeros((3, 4)))
-
-
-def test_bootstrap_rejects_nan():
-    b = np.zeros((2, 3))
-    b[1, 2] = np.nan
-    with pytest.raises(ValueError, match=r"^b \(shape \(2, 3\)\).*a and b"):
-        paired_bootstrap(np.zeros((2, 3)), b)
-
-
-def test_bootstrap_rejects_3d_and_empty():
-    with pytest.raises(ValueError, match=r"a must be 1-D or 2-D.*\(1, 2, 3\)"):
-        paired_bootstrap(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
-    with pytest.raises(ValueError, match=r"a and b"):
-        paired_bootstrap(np.zeros((0, 3)), np.zeros((0, 3)))
-
-
-# --- paired_seed_t_interval -----------------------------------------------------------------------
-
-def test_paired_seed_t_interval_hand_computed():
-    res = paired_seed_t_interval([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
+def test_one_value_per_seed_is_the_paired_t():
+    res = paired_test([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
     # diffs [0.1, 0.2, 0.1]: mean 2/15, s = sqrt(1/300) = 0.057735, t = (2/15) / (s / sqrt(3)) = 4.
     mean, s = 2 / 15, math.sqrt(1 / 300)
     half = 4.302652729749462 * s / math.sqrt(3)
-    assert half == pytest.approx(0.1434217, abs=1e-6)
     assert res.difference == pytest.approx(mean, rel=1e-12)
-    assert res.low == pytest.approx(mean - half, rel=1e-9)
-    assert res.high == pytest.approx(mean + half, rel=1e-9)
-    assert res.p_value == pytest.approx(2 * (1 - t2_cdf(4.0)), rel=1e-9)
-    assert res.p_value == pytest.approx(0.0571910, abs=1e-6)
+    assert (res.low, res.high) == pytest.approx((mean - half, mean + half), rel=1e-9)
+    assert res.p_value == pytest.approx(2 * (1 - t2_cdf(4.0)), rel=1e-9) == pytest.approx(0.0571910, abs=1e-6)
     assert not res.distinguishable
-    assert (res.n_seeds, res.n_clips, res.method) == (3, 0, "paired t over 3 seeds")
+    assert (res.n_seeds, res.n_clips, res.method) == (3, 1, "paired t over 3 seeds")
 
 
-def test_paired_seed_t_interval_degenerate_cases():
-    zero = paired_seed_t_interval([0.5, 0.6], [0.5, 0.6])
-    assert (zero.difference, zero.low, zero.high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
-    one = paired_seed_t_interval([0.5], [0.4])
-    assert one.difference == pytest.approx(0.1)
-    assert math.isnan(one.low) and math.isnan(one.p_value) and not one.distinguishable
-    # A pair with a missing side is dropped.
-    assert paired_seed_t_interval([0.5, math.nan, 0.6], [0.4, 0.3, 0.6]).n_seeds == 2
+def test_no_verdict_from_fewer_than_three_seeds():
+    res = paired_test(np.ones((2, 50)), np.zeros((2, 50)))
+    assert res.difference == 1.0 and math.isnan(res.p_value) and math.isnan(res.low)
+    assert not res.testable and not res.distinguishable and "needs at least 3 seeds" in res.method
 
 
-def test_paired_seed_t_interval_rejects_length_mismatch():
-    with pytest.raises(ValueError, match=r"a and b.*a \(3,\).*b \(2,\)"):
-        paired_seed_t_interval([1, 2, 3], [1, 2])
+def test_a_constant_difference_gives_no_p_of_zero():
+    # Every seed one clip apart, every clip the same: no spread to measure noise by, so no test (not p = 0).
+    res = paired_test([0.51, 0.61, 0.71], [0.5, 0.6, 0.7])
+    assert not res.testable and math.isnan(res.p_value) and "no spread" in res.method
+    res = paired_test(np.ones((3, 40)), np.zeros((3, 40)))
+    assert not res.testable and res.difference == 1.0
+    # Identical outcomes: no difference on this data, p = 1 (a verdict: not distinguishable).
+    same = paired_test(np.eye(3), np.eye(3))
+    assert (same.difference, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0) and not same.distinguishable
+
+
+def test_intervals_stay_within_minus_one_and_one():
+    a = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    res = paired_test(a, np.zeros((3, 3)))
+    assert -1.0 <= res.low and res.high <= 1.0
+
+
+def test_paired_test_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"a and b.*a \(3, 5\).*b \(3, 4\)"):
+        paired_test(np.zeros((3, 5)), np.zeros((3, 4)))
+    b = np.zeros((3, 3))
+    b[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"^b \(shape \(3, 3\)\).*a and b"):
+        paired_test(np.zeros((3, 3)), b)
+    with pytest.raises(ValueError, match=r"a must be 1-D.*\(1, 2, 3\)"):
+        paired_test(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
+
+
+# --- holm -----------------------------------------------------------------------------------------
+
+def test_holm_by_hand():
+    # m = 3 tested: sorted 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, raised to 0.06 to stay monotone).
+    adjusted = holm([0.01, 0.04, math.nan, 0.03])
+    assert adjusted[[0, 1, 3]] == pytest.approx([0.03, 0.06, 0.06], rel=1e-12) and math.isnan(adjusted[2])
+    assert holm([0.5, 0.9]).tolist() == [1.0, 1.0]
+    assert holm([]).size == 0
+
+
+def test_adjust_sets_the_verdict_from_the_adjusted_p():
+    # Raw p 0.03 and 0.04: each alone "distinguishable" at 5%; Holm over the two: 0.06 and 0.06, neither.
+    first = PairedComparison(0.1, 0.01, 0.2, 0.03, 3, 10, 0.95, "t")
+    second = PairedComparison(0.1, 0.01, 0.2, 0.04, 3, 10, 0.95, "t")
+    assert first.distinguishable and second.distinguishable
+    a, b, none = adjust([first, second, None])
+    assert none is None and (a.p_adjusted, b.p_adjusted) == pytest.approx((0.06, 0.06))
+    assert not a.distinguishable and not b.distinguishable and a.p_value == 0.03
 
 
 # --- detectable_difference ------------------------------------------------------------------------
 
-def test_detectable_difference_hand_computed():
-    expected = (1.959963984540054 + 0.8416212335729143) * math.sqrt(0.2 / 300)
-    assert detectable_difference(100, 3, 0.2) == pytest.approx(expected, rel=1e-12)
-    assert detectable_difference(100, 3, 0.2) == pytest.approx(0.072336, abs=1e-6)
+def test_power_and_detectable_difference_by_hand():
+    # Seeds only (one value per seed): SE^2 = sigma2_seed / S. With many seeds the t test is the z test:
+    # detectable = (z_0.975 + z_0.8) * sqrt(0.01 / 2000).
+    big = detectable_difference(VarianceComponents(0.01, 0.0, 0.0), 2000, 1)
+    assert big == pytest.approx((1.959963984540054 + 0.8416212335729143) * math.sqrt(0.01 / 2000), rel=2e-3)
+    # 3 seeds: the noncentral t with df 2 at the detectable difference has power 0.8 exactly.
+    parts = VarianceComponents(0.004, 0.0, 0.3)
+    d = detectable_difference(parts, 3, 100, alpha=0.05)
+    se = math.sqrt((0.3 + 100 * 0.004) / 300)  # E MS_seed / (S C)
+    critical = t2_quantile(0.975)
+    assert sp.nct.sf(critical, 2, d / se) + sp.nct.cdf(-critical, 2, d / se) == pytest.approx(0.8, abs=1e-6)
+    assert power_of(d, parts, 3, 100, 0.05) == pytest.approx(0.8, abs=1e-6)
+    # A stricter level (Holm's first step over 36 tests) or fewer seeds need a larger difference.
+    assert detectable_difference(parts, 5, 100, alpha=0.05 / 36) > detectable_difference(parts, 5, 100, alpha=0.05)
+    assert detectable_difference(parts, 3, 100) > detectable_difference(parts, 10, 100)
 
 
-@pytest.mark.parametrize("args", [(0, 3, 0.2), (100, 0, 0.2), (100, 3, 0.0), (100, 3, 1.5), (100, 3, math.nan),
-                                  (100.5, 3, 0.2), (True, 3, 0.2)])
-def test_detectable_difference_rejects_bad_arguments(args):
+def test_detectable_difference_edges():
+    parts = VarianceComponents(0.01, 0.0, 0.3)
+    assert math.isnan(detectable_difference(parts, 2, 100))  # no verdict from 2 seeds
+    assert math.isinf(detectable_difference(VarianceComponents(0.5, 0.0, 0.3), 3, 100, alpha=0.05 / 36))
+    assert math.isnan(detectable_difference(VarianceComponents(0.0, 0.0, 0.0), 3, 100))
+
+
+@pytest.mark.parametrize("args", [(0, 3), (3, 0), (3.5, 10), (True, 10)])
+def test_detectable_difference_rejects_bad_counts(args):
     with pytest.raises(ValueError):
-        detectable_difference(*args)
+        detectable_difference(VarianceComponents(0.01, 0.0, 0.3), *args)
 
 
 def test_detectable_difference_rejects_bad_levels():
     with pytest.raises(ValueError):
-        detectable_difference(100, 3, 0.2, confidence=0.0)
+        detectable_difference(VarianceComponents(0.01, 0.0, 0.3), 3, 10, alpha=0.0)
     with pytest.raises(ValueError):
-        detectable_difference(100, 3, 0.2, power=1.0)
+        detectable_difference(VarianceComponents(0.01, 0.0, 0.3), 3, 10, power=1.0)

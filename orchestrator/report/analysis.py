@@ -18,8 +18,10 @@ Definitions (also written into the report):
   less-used modality (1 = neither modality is under-used). Without uni-modal baselines in the
   sweep it falls back to the Shapley balance ``1 - |phi_a - phi_v| / (|phi_a| + |phi_v|)``
   of the final two-player Shapley values of joint accuracy (1 = both contribute equally).
-* **Dominant modality**: the one whose head is more accurate in the normal joint model (mean
-  over its seeds; all joint trials when the sweep has no normal run). The other one is "weak".
+* **Dominant modality**: the one whose head is more accurate in the normal joint model by a paired
+  test of its audio head against its visual head on the same seeds and clips (Holm-adjusted over the
+  report's groups; ``comparisons.weak_modality``). The other one is "weak"; when the test does not
+  distinguish them, neither is, and the findings about the weak modality are not made.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
 from orchestrator.tracking import log_summary_once
-from orchestrator.report.comparisons import compare, config_summary, describe, load_predictions, power, verdict
+from orchestrator.report.comparisons import (config_summary, describe, load_predictions, power, report_tests, test_for,
+                                             tests_table, verdict, weak_modality)
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -48,6 +51,8 @@ HISTORY_KEYS = ("acc", "acc_audio", "acc_visual", "gap_av", "k_audio", "k_visual
                 "train_seconds")
 SUMMARY_FILE = "imbalance_summary.csv"
 CONFIG_SUMMARY_FILE = "config_summary.csv"
+# Every test the report states, raw and Holm-adjusted p-values side by side (comparisons.report_tests).
+TESTS_FILE = "comparisons.csv"
 REPORT_DIR = "report"
 BALANCE_UTIL = "min(util_audio, util_visual): utilisation of the less-used modality"
 BALANCE_SHAPLEY = "1 - |shapley_audio - shapley_visual| / (|shapley_audio| + |shapley_visual|)"
@@ -312,7 +317,8 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
 
 
 def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None,
-                        summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None) -> pd.DataFrame:
+                        summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None,
+                        tests: pd.DataFrame | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
@@ -350,8 +356,10 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
                 parent_metrics[f"{label}/{col}"] = value
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
+    if tests is None:
+        tests = report_tests(table, sweep.predictions)
     if summary is None:
-        summary = config_summary(table, sweep.predictions)
+        summary = config_summary(table, sweep.predictions, tests)
     # Per-configuration means with 95% intervals over seeds on the parent, so the MLflow UI's metric
     # view compares configurations, not single seeds (`cfg/<config>/acc_mean`, `..._low`, `..._high`).
     for _, row in summary.iterrows():
@@ -364,8 +372,9 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
         summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)
-        client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
-        client.log_artifact(parent_run_id, str(Path(tmp) / CONFIG_SUMMARY_FILE))
+        tests_table(tests).to_csv(Path(tmp) / TESTS_FILE, index=False)
+        for name in (SUMMARY_FILE, CONFIG_SUMMARY_FILE, TESTS_FILE):
+            client.log_artifact(parent_run_id, str(Path(tmp) / name))
     from orchestrator.report.leaderboard import leaderboard, log_leaderboard
 
     log_leaderboard(client, parent_run_id, board if board is not None else leaderboard(sweep, table, summary))
@@ -387,10 +396,11 @@ def _f(value: float | None) -> str:
 def _comparison_numbers(test) -> dict[str, Any]:
     """A paired comparison's numbers for findings.json (None when there was nothing to pair)."""
     if test is None:
-        return {"difference": None, "ci_low": None, "ci_high": None, "p_value": None, "distinguishable": False,
-                "test": None}
+        return {"difference": None, "ci_low": None, "ci_high": None, "p_value": None, "p_holm": None,
+                "distinguishable": False, "n_seeds": None, "test": None}
     return {"difference": test.difference, "ci_low": number(test.low), "ci_high": number(test.high),
-            "p_value": number(test.p_value), "distinguishable": test.distinguishable, "test": test.method}
+            "p_value": number(test.p_value), "p_holm": number(test.p_adjusted),
+            "distinguishable": test.testable and test.distinguishable, "n_seeds": test.n_seeds, "test": test.method}
 
 
 def config_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -406,57 +416,83 @@ def config_means(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([first, out], axis=1).reset_index()
 
 
-def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | None = None) -> list[dict[str, Any]]:
+def _weighted(rows: pd.DataFrame, key: str) -> float:
+    return float((rows[key] * rows["n"]).sum() / rows["n"].sum())
+
+
+def _power_text(prefix: str, resolution: dict) -> str:
+    heads = {"acc": "joint", "acc_audio": "audio head", "acc_visual": "visual head"}
+    parts = []
+    for metric, h in resolution["heads"].items():
+        more = "; ".join(f"{s} seeds: {_detectable(d)}" for s, d in h["detectable_with_seeds"].items())
+        parts.append(f"{heads[metric]} accuracy {_detectable(h['detectable'])} with {h['n_seeds']} seeds and "
+                     f"{h['n_clips']} clips (seed-to-seed sd of a difference {h['sd_seed']:.3f})"
+                     + (f" ({more})" if more else ""))
+    return (f"{prefix}What this sweep can resolve: with Holm over the {resolution['family_size']} comparisons with "
+            f"normal, a single real difference is detected with 80% power when it is at least: " + "; ".join(parts)
+            + ". Smaller real effects often read as not distinguishable.")
+
+
+def _detectable(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return "more than any accuracy difference (1.0)" if math.isinf(value) else f"{value:.3f}"
+
+
+def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | None = None,
+             tests: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """The comparisons the report states, per group of trials sharing their non-method settings.
 
     Each finding: ``{"id", "group", "text", **numbers}``; numbers are means over seeds. A claim that one
-    configuration is above or below another rests on a paired comparison on the same seeds and
-    validation clips (`predictions`: run_id -> per-clip predictions; without them, a paired t over
-    seeds); when its 95% interval covers 0 the finding says "not distinguishable on this data".
+    configuration is above or below another, or that one modality dominates, rests on a paired test on the
+    same seeds and validation clips (`predictions`: run_id -> per-clip predictions; without them, a paired
+    t over seeds), Holm-adjusted within its family (`comparisons.report_tests`, passed as `tests` when the
+    caller has it); otherwise the finding says "not distinguishable" (or "no verdict" with too few seeds).
     """
     predictions = predictions or {}
+    tests = report_tests(table, predictions) if tests is None else tests
     out: list[dict[str, Any]] = []
     means = config_means(table)
     for group, configs in means.groupby("group", sort=False):
         prefix = f"[{group}] " if group else ""
         joint = configs[~configs["method"].map(is_unimodal).astype(bool) & configs["acc_audio"].notna()
                          & configs["acc_visual"].notna()]
-        if joint.empty:
-            continue
         normal = joint[joint["method"] == "normal"]
-        reference = normal if not normal.empty else joint
-        ref_name = "the normal joint model" if not normal.empty else "the joint trials"
-        normal_acc = float((normal["acc"] * normal["n"]).sum() / normal["n"].sum()) if not normal.empty else None
-        acc_a = float((reference["acc_audio"] * reference["n"]).sum() / reference["n"].sum())
-        acc_v = float((reference["acc_visual"] * reference["n"]).sum() / reference["n"].sum())
-        n_ref = int(reference["n"].sum())
-        seeds = f" (mean over {n_ref} trials)" if n_ref > 1 else ""
-        baselines = {m: configs[configs["method"] == baseline_method(m)] for m in MODALITIES}
-        base_acc = {m: (float((b["acc"] * b["n"]).sum() / b["n"].sum()) if not b.empty else None) for m, b in baselines.items()}
-        if acc_a == acc_v:
-            out.append({"id": "dominance", "group": group, "dominant": None, "acc_audio": acc_a, "acc_visual": acc_v,
-                        "text": f"{prefix}Neither modality dominates: in {ref_name} both heads reach {_f(acc_a)}{seeds}."})
+        if joint.empty or normal.empty:
             continue
-        dominant = "audio" if acc_a > acc_v else "visual"
-        weak = "visual" if dominant == "audio" else "audio"
-        accs = {"audio": acc_a, "visual": acc_v}
-        shap = {m: float((reference[f"shapley_{m}"] * reference["n"]).sum() / reference["n"].sum())
-                if reference[f"shapley_{m}"].notna().all() else None for m in MODALITIES}
-        text = (f"{prefix}{dominant.capitalize()} is the dominant modality: in {ref_name} its head reaches "
-                f"{_f(accs[dominant])} against {_f(accs[weak])} for {weak}{seeds}")
+        normal_config = normal["config"].iloc[0]
+        normal_acc = _weighted(normal, "acc")
+        accs = {m: _weighted(normal, f"acc_{m}") for m in MODALITIES}
+        n_ref = int(normal["n"].sum())
+        seeds = f" (mean over {n_ref} seeds)" if n_ref > 1 else ""
+        baselines = {m: configs[configs["method"] == baseline_method(m)] for m in MODALITIES}
+        base_acc = {m: (_weighted(b, "acc") if not b.empty else None) for m, b in baselines.items()}
+        shap = {m: _weighted(normal, f"shapley_{m}") if normal[f"shapley_{m}"].notna().all() else None
+                for m in MODALITIES}
+        dominance = test_for(tests, "dominance", group, normal_config, "acc_audio")
+        weak = weak_modality(tests, group)
+        detail = f"; paired audio - visual {describe(dominance)}" if dominance is not None else ""
         if shap["audio"] is not None and shap["visual"] is not None:
-            text += f"; Shapley values of joint accuracy: audio {_f(shap['audio'])}, visual {_f(shap['visual'])}"
+            detail += f"; Shapley values of joint accuracy: audio {_f(shap['audio'])}, visual {_f(shap['visual'])}"
         if base_acc["audio"] is not None and base_acc["visual"] is not None:
-            text += (f"; trained alone, audio reaches {_f(base_acc['audio'])} ({baseline_method('audio')}) and visual "
-                     f"{_f(base_acc['visual'])} ({baseline_method('visual')})")
-        out.append({"id": "dominance", "group": group, "dominant": dominant, "weak": weak, "acc_audio": acc_a,
-                    "acc_visual": acc_v, "shapley_audio": shap["audio"], "shapley_visual": shap["visual"],
-                    "text": text + "."})
+            detail += (f"; trained alone, audio reaches {_f(base_acc['audio'])} ({baseline_method('audio')}) and "
+                       f"visual {_f(base_acc['visual'])} ({baseline_method('visual')})")
+        numbers = {"acc_audio": accs["audio"], "acc_visual": accs["visual"], "shapley_audio": shap["audio"],
+                   "shapley_visual": shap["visual"], **_comparison_numbers(dominance)}
+        if weak is None:
+            out.append({"id": "dominance", "group": group, "dominant": None, "weak": None, **numbers,
+                        "text": f"{prefix}Neither head is distinguishably stronger in the normal joint model: audio "
+                                f"{_f(accs['audio'])}, visual {_f(accs['visual'])}{seeds}{detail}."})
+        else:
+            dominant = "visual" if weak == "audio" else "audio"
+            out.append({"id": "dominance", "group": group, "dominant": dominant, "weak": weak, **numbers,
+                        "text": f"{prefix}{dominant.capitalize()} is the dominant modality: in the normal joint "
+                                f"model its head reaches {_f(accs[dominant])} against {_f(accs[weak])} for {weak}"
+                                f"{seeds}{detail}."})
 
-        if not normal.empty and base_acc[weak] is not None:
+        if weak is not None and base_acc[weak] is not None:
             util = accs[weak] / base_acc[weak] if base_acc[weak] > 0 else None
-            test = compare(table, predictions, normal["config"].iloc[0], baselines[weak]["config"].iloc[0],
-                           f"acc_{weak}", "acc")
+            test = test_for(tests, "weak_vs_unimodal", group, normal_config, f"acc_{weak}")
             position = {"lower": "below", "higher": "above"}.get(verdict(test), "not distinguishable from")
             tail = (f": the joint model under-uses the {weak} modality" if position == "below"
                     else f": no under-use of the {weak} modality shows in this sweep")
@@ -469,14 +505,14 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
                                 f"{stats}){tail}."})
 
         ogm = ogm_rows(joint)
-        if not normal.empty and not ogm.empty:
+        if weak is not None and not ogm.empty:
             best = ogm.sort_values([f"acc_{weak}", "acc"], ascending=False, kind="stable").iloc[0]
             delta = float(best[f"acc_{weak}"]) - accs[weak]
-            test = compare(table, predictions, best["config"], normal["config"].iloc[0], f"acc_{weak}")
+            test = test_for(tests, "vs_normal", group, best["config"], f"acc_{weak}")
             change = {"higher": "raises", "lower": "lowers"}.get(verdict(test), "is not distinguishable from normal on "
                                                                   f"this data in")
-            chosen = f", the best of {len(ogm)} OGM configurations (the test does not correct for that choice)" \
-                if len(ogm) > 1 else ""
+            chosen = (f", the best of {len(ogm)} OGM configurations (Holm's adjustment covers that choice)"
+                      if len(ogm) > 1 else "")
             text = (f"{prefix}The best OGM/OGM-GE trial for the {weak} modality, {best['config']}{chosen}, {change} the "
                     f"{weak} head's accuracy: from {_f(accs[weak])} (normal) to {_f(float(best[f'acc_{weak}']))}"
                     + (f" (paired difference {describe(test)})" if test is not None else f" ({delta:+.3f})")
@@ -486,22 +522,18 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
                         "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, **_comparison_numbers(test),
                         "text": text})
 
-        if not normal.empty:
-            resolution = power(table, predictions, normal["config"].iloc[0])
-            if resolution is not None:
-                out.append({"id": "power", "group": group, **resolution,
-                            "text": f"{prefix}What this sweep can resolve: {resolution['n_clips']} validation clips x "
-                                    f"{resolution['n_seeds']} seeds; configurations disagree with normal on "
-                                    f"{resolution['discordant_rate']:.3f} of clip outcomes, so a paired difference of "
-                                    f"{resolution['detectable']:.3f} in a head's accuracy is detected with 80% power at "
-                                    "the 5% level (smaller real effects often read as not distinguishable)."})
+        resolution = power(tests, group)
+        if resolution is not None:
+            out.append({"id": "power", "group": group, **resolution, "text": _power_text(prefix, resolution)})
 
+        if weak is None:
+            continue
         # Trade-off: the configuration with the highest joint + weak-head accuracy (equal weights).
         score = joint["acc"] + joint[f"acc_{weak}"]
         best = joint.loc[score.idxmax()]
-        text = (f"{prefix}Best trade-off (highest joint + {weak}-head accuracy): {best['config']}, joint "
-                f"{_f(float(best['acc']))}, {weak} head {_f(float(best[f'acc_{weak}']))}")
-        if not normal.empty and best["method"] != "normal":
+        text = (f"{prefix}Best trade-off (highest joint + {weak}-head accuracy, means over seeds, not a test): "
+                f"{best['config']}, joint {_f(float(best['acc']))}, {weak} head {_f(float(best[f'acc_{weak}']))}")
+        if best["method"] != "normal":
             text += f" (normal: joint {_f(normal_acc)}, {weak} head {_f(accs[weak])})"
         out.append({"id": "tradeoff", "group": group, "weak": weak, "config": best["config"], "acc": float(best["acc"]),
                     "weak_acc": float(best[f"acc_{weak}"]), "text": text + "."})
@@ -520,7 +552,7 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
         if windows:
             out.append({"id": "window", "group": group, "weak": weak, "by_alpha": windows,
                         "text": f"{prefix}Modulation window against the trade-off between joint and {weak}-head "
-                                "accuracy: " + " | ".join(w["text"] for w in windows) + "."})
+                                "accuracy (means over seeds): " + " | ".join(w["text"] for w in windows) + "."})
         elif not ogm.empty:
             out.append({"id": "window", "group": group, "weak": weak, "by_alpha": [],
                         "text": f"{prefix}Only one modulation window per alpha was run; search "

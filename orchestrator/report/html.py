@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, gblend_finding, SweepData, config_means, findings, gblend_weights,
+from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, TESTS_FILE, gblend_finding, SweepData, config_means, findings, gblend_weights,
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
-from orchestrator.report.comparisons import config_summary, format_interval
+from orchestrator.report.comparisons import (config_summary, format_interval, format_p, report_tests, tests_table,
+                                             weak_modality)
 from orchestrator.report.leaderboard import LEADERBOARD_FILE, LEADERBOARD_NUMBERS_FILE, display_rows, leaderboard
 from orchestrator.tracking import redact_uri
 from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
@@ -62,11 +63,13 @@ li{margin:.4em 0}code{background:#f4f4f4;padding:0 3px}.meta{color:#666;font-siz
 
 
 READING_INTERVALS = (
-    "How to read: [low, high] is a 95% t-interval of the mean over seeds (n seeds; none with one seed). "
-    "'vs normal' is the paired difference from the normal joint model of the same group on the same seeds "
-    "and validation clips, with its 95% interval and p-value from a paired bootstrap that resamples seeds "
-    "and clips (a paired t over seeds when per-clip predictions are missing). An interval that covers 0 is "
-    "'not distinguishable' from normal on this data, whatever the sign of the mean difference.")
+    "How to read: [low, high] is a 95% t-interval of the mean over seeds, cut to [0, 1] (n seeds; none with one "
+    "seed or when all seeds agree). 'vs normal' is the paired difference from the normal joint model of the same "
+    "group on the same seeds and validation clips, with its 95% interval, its p-value and its Holm-adjusted p-value "
+    "over all of the report's comparisons with normal. The test treats each trained model (seed) as one "
+    "observation and the clips as a second source of noise (a paired t over seeds when per-clip predictions are "
+    "missing); it needs at least 3 common seeds ('no verdict' otherwise). The verdict comes from the adjusted "
+    "p-value: 'not distinguishable' from normal on this data unless it is at most 0.05.")
 
 
 READING_LEADERBOARD = (
@@ -75,9 +78,18 @@ READING_LEADERBOARD = (
     "'weak util' is the weak modality's head accuracy over its uni-modal baseline's (1 = as good as trained "
     "alone); 'balance' is the Shapley balance 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|) (1 = both modalities add "
     "the same); 's/epoch' is training seconds per epoch on this machine; 'acc - normal' is the paired difference "
-    "from the normal joint model on the same seeds and validation clips with its 95% interval and p-value "
-    "(paired bootstrap), 'not distinguishable' when the interval covers 0; 'weak head - normal' is the same for "
-    "the weak modality's head (the modality normal's heads use less).")
+    "from the normal joint model on the same seeds and validation clips ('on k seeds' when fewer than the row's) "
+    "with its 95% interval, p-value and Holm-adjusted p-value over the report's comparisons with normal; the "
+    "verdict comes from the adjusted one ('no verdict' under 3 seeds); 'weak head - normal' is the same for the "
+    "weak modality's head (the one a paired test finds weaker in the normal model; empty when neither is).")
+
+
+def comparison_cell(r: pd.Series, key: str) -> str:
+    """"+0.052 [+0.021, +0.083] p=0.002 Holm p=0.04: higher" (the page's and the CLI's configurations table)."""
+    d, low, high = r[f"d_{key}"], r[f"d_{key}_low"], r[f"d_{key}_high"]
+    interval = "" if pd.isna(low) else f" [{low:+.3f}, {high:+.3f}] p={format_p(r[f'p_{key}'])} " \
+                                       f"Holm p={format_p(r[f'p_holm_{key}'])}"
+    return f"{d:+.3f}{interval}: {r[f'vs_normal_{key}']}"
 
 
 def _interval_table(summary: pd.DataFrame) -> str:
@@ -87,8 +99,7 @@ def _interval_table(summary: pd.DataFrame) -> str:
         for key in ("acc", "acc_audio", "acc_visual"):
             row[key] = format_interval(r[key], r[f"{key}_low"], r[f"{key}_high"])
             if f"d_{key}" in r and not pd.isna(r.get(f"d_{key}")):
-                row[f"{key} vs normal"] = (f"{r[f'd_{key}']:+.3f} [{r[f'd_{key}_low']:+.3f}, {r[f'd_{key}_high']:+.3f}] "
-                                           f"p={r[f'p_{key}']:.2g}: {r[f'vs_normal_{key}']}")
+                row[f"{key} vs normal"] = comparison_cell(r, key)
             else:
                 row[f"{key} vs normal"] = ""
         rows.append(row)
@@ -122,7 +133,9 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
                  "matching uni-modal baseline (same seed when the sweep has it, else mean over seeds), per epoch and final.</li>"
                  f"<li><b>balance</b> = {html.escape(definition)}.</li>"
                  "<li><b>Shapley values</b>: two-player Shapley values of joint accuracy, a modality masked by zero input.</li>"
-                 "<li><b>dominant modality</b>: the one whose head is more accurate in the normal joint model.</li></ul>")
+                 "<li><b>dominant modality</b>: the one whose head is more accurate in the normal joint model by a paired "
+                 "test of its audio head against its visual head (Holm-adjusted over the report's groups); when the "
+                 "test does not distinguish them, neither is weak.</li></ul>")
     parts.append("<h2>Trials</h2>" + _html_table(table, TABLE_COLUMNS))
     means = config_means(table)
     if (means["n"] > 1).any():
@@ -169,11 +182,13 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     sweep = load_sweep(client, sweep_run_id)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
-    summary = config_summary(table, sweep.predictions)
+    tests = report_tests(table, sweep.predictions)
+    summary = config_summary(table, sweep.predictions, tests)
     board = leaderboard(sweep, table, summary)
     if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board)
-    items = findings(table, sweep.predictions)
+        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board, tests)
+    items = findings(table, sweep.predictions, tests)
+    weak = weak_modality(tests)
     if (blend := gblend_finding(sweep, table)) is not None:
         items.append(blend)
 
@@ -189,9 +204,9 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch"),
         (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch (1 = as good as alone)"),
         (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha (computed every epoch, applied only inside the modulation window)"),
-        (lambda p: plot_ablation(table, "alpha", p), "ablation_alpha.png",
+        (lambda p: plot_ablation(table, "alpha", p, weak), "ablation_alpha.png",
          "final joint and weak-modality accuracy vs alpha (dashed: normal)" + scores_note),
-        (lambda p: plot_ablation(table, "window", p), "ablation_window.png",
+        (lambda p: plot_ablation(table, "window", p, weak), "ablation_window.png",
          "final joint and weak-modality accuracy vs modulation window (dashed: normal)" + scores_note),
         (lambda p: plot_shapley(table, p), "shapley.png", "final Shapley values of joint accuracy per trial"),
         (lambda p: plot_gblend(weights, p), "gblend_weights.png",
@@ -205,6 +220,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
             figures.append((path, caption))
     table.to_csv(out / SUMMARY_FILE, index=False)
     summary.to_csv(out / CONFIG_SUMMARY_FILE, index=False)
+    tests_table(tests).to_csv(out / TESTS_FILE, index=False)
     _write_atomic(out / "findings.json", json.dumps(
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
@@ -213,7 +229,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     display_rows(board).to_csv(out / LEADERBOARD_FILE, index=False)
     _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board))
     if log_to_mlflow:
-        for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / LEADERBOARD_FILE,
+        for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / TESTS_FILE, out / LEADERBOARD_FILE,
                      out / LEADERBOARD_NUMBERS_FILE, out / "findings.json", *(p for p, _ in figures)]:
             client.log_artifact(sweep_run_id, str(path), artifact_path=REPORT_DIR)
     return report.resolve()

@@ -4,8 +4,10 @@ Per row, over the seeds of that configuration (t-intervals, `orchestrator.report
 joint / audio-head / visual-head validation accuracy (mean and 95% interval), the utilisation of the
 weak modality (its head's accuracy over its uni-modal baseline's; see `analysis`), the Shapley balance
 ``1 - |phi_a - phi_v| / (|phi_a| + |phi_v|)``, the training seconds per epoch, and the paired difference of
-joint accuracy from the normal configuration of the same group (same seeds, same validation clips: a
-paired bootstrap, `comparisons.config_summary`) with its interval, p-value and verdict.
+joint accuracy (and of the weak head) from the normal configuration of the same group (same seeds, same
+validation clips: `comparisons.report_tests`) with its interval, raw and Holm-adjusted p-value, the seeds
+it paired on, and the verdict (from the adjusted p-value). The weak modality is
+`comparisons.weak_modality`'s: none when the normal model's heads are not distinguishable.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from orchestrator.report.analysis import MODALITIES, SweepData, is_unimodal, shapley_balance
-from orchestrator.report.comparisons import CONFIDENCE
+from orchestrator.report.analysis import MODALITIES, SweepData, shapley_balance
+from orchestrator.report.comparisons import CONFIDENCE, format_p
 from orchestrator.report.stats import t_interval
 
 # On the parent run: the table as shown (MLflow's artifact view renders a CSV as a table) and its numbers.
@@ -24,22 +26,8 @@ LEADERBOARD_NUMBERS_FILE = "leaderboard_numbers.csv"
 COLUMNS = ["group", "config", "method", "n", "acc", "acc_low", "acc_high", "acc_audio", "acc_audio_low",
            "acc_audio_high", "acc_visual", "acc_visual_low", "acc_visual_high", "weak", "util_weak",
            "util_weak_low", "util_weak_high", "shapley_balance", "train_seconds_per_epoch", "d_acc", "d_acc_low",
-           "d_acc_high", "p_acc", "vs_normal_acc", "d_weak", "d_weak_low", "d_weak_high", "p_weak", "vs_normal_weak"]
-
-
-def weak_modality(table: pd.DataFrame) -> str | None:
-    """The modality whose head is less accurate in the normal joint model (mean over its seeds; all joint
-    trials when there is no normal run); None when neither is weaker."""
-    joint = table[~table["method"].map(is_unimodal).astype(bool) & table["acc_audio"].notna()
-                  & table["acc_visual"].notna()]
-    reference = joint[joint["method"] == "normal"]
-    reference = reference if not reference.empty else joint
-    if reference.empty:
-        return None
-    audio, visual = reference["acc_audio"].astype(float).mean(), reference["acc_visual"].astype(float).mean()
-    if audio == visual:
-        return None
-    return "visual" if audio > visual else "audio"
+           "d_acc_high", "p_acc", "p_holm_acc", "n_paired_acc", "vs_normal_acc", "d_weak", "d_weak_low", "d_weak_high",
+           "p_weak", "p_holm_weak", "n_paired_weak", "vs_normal_weak"]
 
 
 def train_seconds(sweep: SweepData, run_id: str) -> float | None:
@@ -62,14 +50,16 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
 def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration of the sweep (columns `COLUMNS`), joint accuracy first, per group.
 
-    `table`: `analysis.imbalance_summary(sweep)`; `summary`: `comparisons.config_summary` of it."""
+    `table`: `analysis.imbalance_summary(sweep)`; `summary`: `comparisons.config_summary` of it (its
+    intervals, weak modality and Holm-adjusted comparisons with normal)."""
     rows = []
     done = table[table["acc"].notna()]
     for group, trials in done.groupby("group", sort=False, dropna=False):
-        weak = weak_modality(trials)
         for config, runs in trials.groupby("config", sort=False):
-            row: dict = {"group": group, "config": config, "method": runs["method"].iloc[0], "n": len(runs), "weak": weak}
             paired = summary[(summary["config"] == config) & (summary["group"] == group)] if not summary.empty else summary
+            weak = paired["weak"].iloc[0] if not paired.empty and "weak" in paired else None
+            weak = weak if isinstance(weak, str) else None
+            row: dict = {"group": group, "config": config, "method": runs["method"].iloc[0], "n": len(runs), "weak": weak}
             # The accuracies' intervals are the configuration summary's (comparisons.config_intervals).
             for key in ("acc", "acc_audio", "acc_visual"):
                 for column in (key, f"{key}_low", f"{key}_high"):
@@ -82,33 +72,44 @@ def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) ->
             row["shapley_balance"] = float(np.mean(balances)) if balances else np.nan
             seconds = [s for s in (train_seconds(sweep, r) for r in runs["run_id"]) if s is not None]
             row["train_seconds_per_epoch"] = float(np.mean(seconds)) if seconds else np.nan
-            if not paired.empty and "d_acc" in paired and not pd.isna(paired["d_acc"].iloc[0]):
-                for key in ("d_acc", "d_acc_low", "d_acc_high", "p_acc", "vs_normal_acc"):
-                    row[key] = paired[key].iloc[0]
-            # The weak modality's head against normal's: what a balancing method is for.
-            if weak is not None and not paired.empty and f"d_acc_{weak}" in paired \
-                    and not pd.isna(paired[f"d_acc_{weak}"].iloc[0]):
-                row.update({"d_weak": paired[f"d_acc_{weak}"].iloc[0], "d_weak_low": paired[f"d_acc_{weak}_low"].iloc[0],
-                            "d_weak_high": paired[f"d_acc_{weak}_high"].iloc[0], "p_weak": paired[f"p_acc_{weak}"].iloc[0],
-                            "vs_normal_weak": paired[f"vs_normal_acc_{weak}"].iloc[0]})
+            for target, metric in (("acc", "acc"), ("weak", f"acc_{weak}" if weak else None)):
+                if metric is None or paired.empty or f"d_{metric}" not in paired or pd.isna(paired[f"d_{metric}"].iloc[0]):
+                    continue
+                for part in ("d_{}", "d_{}_low", "d_{}_high", "p_{}", "p_holm_{}", "n_paired_{}", "vs_normal_{}"):
+                    row[part.format(target)] = paired[part.format(metric)].iloc[0]
             rows.append(row)
     board = pd.DataFrame(rows, columns=COLUMNS)
     return board.sort_values(["group", "acc"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
 
 def _pm(mean: float, low: float, high: float) -> str:
-    """"0.889 ±0.015": a t-interval is symmetric about the mean; the mean alone with one seed."""
+    """"0.889 ±0.015" (a t-interval is symmetric about the mean); "0.990 [0.950, 1.000]" when cut at 0 or 1;
+    the mean alone without an interval (one seed, or no spread)."""
     if mean is None or pd.isna(mean):
         return ""
-    return f"{mean:.3f}" if pd.isna(low) or pd.isna(high) else f"{mean:.3f} ±{(high - low) / 2:.3f}"
+    if pd.isna(low) or pd.isna(high):
+        return f"{mean:.3f}"
+    if abs((high - mean) - (mean - low)) > 1e-9:
+        return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{mean:.3f} ±{(high - low) / 2:.3f}"
+
+
+def _difference(r: pd.Series, target: str) -> str:
+    d = r.get(f"d_{target}")
+    if d is None or pd.isna(d):
+        return ""
+    paired = r.get(f"n_paired_{target}")
+    on = f" on {int(paired)} seeds" if paired is not None and not pd.isna(paired) and int(paired) != int(r["n"]) else ""
+    if pd.isna(r[f"d_{target}_low"]):
+        return f"{d:+.3f}{on}"
+    return f"{d:+.3f} [{r[f'd_{target}_low']:+.3f}, {r[f'd_{target}_high']:+.3f}]{on}"
 
 
 def display_rows(board: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard as text cells, as the report page, the CLI and the MLflow table show it."""
     out = []
     for _, r in board.iterrows():
-        d = r.get("d_acc")
-        paired = d is not None and not pd.isna(d)
+        paired = not pd.isna(r.get("d_acc"))
         weak_paired = not pd.isna(r.get("d_weak"))
         out.append({
             **({"group": r["group"]} if board["group"].astype(bool).any() else {}),
@@ -120,12 +121,13 @@ def display_rows(board: pd.DataFrame) -> pd.DataFrame:
                                                                                    r["util_weak_high"]),
             "balance": "" if pd.isna(r["shapley_balance"]) else f"{r['shapley_balance']:.3f}",
             "s/epoch": "" if pd.isna(r["train_seconds_per_epoch"]) else f"{r['train_seconds_per_epoch']:.2f}",
-            "acc - normal [95% CI]": f"{d:+.3f} [{r['d_acc_low']:+.3f}, {r['d_acc_high']:+.3f}]" if paired else "",
-            "p": f"{r['p_acc']:.2g}" if paired else "",
+            "acc - normal [95% CI]": _difference(r, "acc"),
+            "p": format_p(r["p_acc"]) if paired else "",
+            "p Holm": format_p(r["p_holm_acc"]) if paired else "",
             "vs normal": r["vs_normal_acc"] if paired else "",
-            "weak head - normal [95% CI]": (f"{r['d_weak']:+.3f} [{r['d_weak_low']:+.3f}, {r['d_weak_high']:+.3f}]"
-                                            if weak_paired else ""),
-            "p weak": f"{r['p_weak']:.2g}" if weak_paired else "",
+            "weak head - normal [95% CI]": _difference(r, "weak"),
+            "p weak": format_p(r["p_weak"]) if weak_paired else "",
+            "p weak Holm": format_p(r["p_holm_weak"]) if weak_paired else "",
             "weak vs normal": r["vs_normal_weak"] if weak_paired else "",
         })
     return pd.DataFrame(out)
@@ -143,4 +145,4 @@ def log_leaderboard(client, parent_run_id: str, board: pd.DataFrame) -> None:
         client.log_artifact(parent_run_id, str(Path(tmp) / LEADERBOARD_NUMBERS_FILE))
 
 
-__all__ = ["COLUMNS", "LEADERBOARD_FILE", "LEADERBOARD_NUMBERS_FILE", "log_leaderboard", "MODALITIES", "display_rows", "leaderboard", "weak_modality"]
+__all__ = ["COLUMNS", "LEADERBOARD_FILE", "LEADERBOARD_NUMBERS_FILE", "log_leaderboard", "MODALITIES", "display_rows", "leaderboard"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.report.analysis import (MODALITIES, SweepData, _is_joint, baseline_method, config_means, findings,
+from orchestrator.report.analysis import (MODALITIES, SweepData, _is_joint, baseline_method, config_means,
                                           ogm_rows)
 
 
@@ -154,29 +154,25 @@ def plot_ogm_coefficients(sweep: SweepData, path: Path) -> Path | None:
     return path
 
 
-def _weak(table: pd.DataFrame) -> str | None:
-    for item in findings(table):
-        if item["id"] == "dominance" and item.get("weak"):
-            return item["weak"]
-    return None
-
-
-def plot_ablation(table: pd.DataFrame, by: str, path: Path) -> Path | None:
+def plot_ablation(table: pd.DataFrame, by: str, path: Path, weak: str | None) -> Path | None:
     """Final joint accuracy and weak-modality accuracy of OGM/OGM-GE vs `by` ("alpha" or "window"),
-    one line per value of the other field, normal as horizontal lines (OGM-GE paper, Fig. 5 / Table 4 shapes)."""
-    weak = _weak(table)
+    one line per value of the other field, normal as horizontal lines (OGM-GE paper, Fig. 5 / Table 4 shapes).
+    `weak`: `comparisons.weak_modality`; both heads when it is None (neither is distinguishably weaker)."""
     means = config_means(table)
     ogm = ogm_rows(means)
-    if weak is None or ogm.empty or ogm[by].nunique() < 1:
+    if ogm.empty or ogm[by].nunique() < 1:
         return None
     other = "window" if by == "alpha" else "alpha"
     normal = means[means["method"] == "normal"]
-    fig = _figure(10, 4.2)
-    axes = fig.subplots(1, 2, sharey=True)
+    heads = [weak] if weak else list(MODALITIES)
+    fig = _figure(5 * (1 + len(heads)), 4.2)
+    axes = fig.subplots(1, 1 + len(heads), sharey=True)
+    panels = [(axes[0], "acc", "joint accuracy")] + [
+        (ax, f"acc_{h}", f"{h} head accuracy" + (" (weak)" if weak else "")) for ax, h in zip(axes[1:], heads)]
     if by == "window":
         order = sorted(ogm["window"].unique(), key=lambda w: tuple(int(x) for x in w.split("-")))
         position = {w: i for i, w in enumerate(order)}
-    for ax, key, title in ((axes[0], "acc", "joint accuracy"), (axes[1], f"acc_{weak}", f"{weak} head accuracy (weak)")):
+    for ax, key, title in panels:
         lines = list(ogm.groupby(["method", other], sort=True))
         for colour, ((method, value), same) in zip(_colours(len(lines)), lines):
             same = same.copy()
@@ -192,7 +188,7 @@ def plot_ablation(table: pd.DataFrame, by: str, path: Path) -> Path | None:
             ax.set_xticks(range(len(order)), order)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final validation accuracy (mean over seeds)")
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.suptitle(f"OGM/OGM-GE ablation over {by}")
     fig.savefig(path, dpi=90)
     return path

@@ -112,10 +112,10 @@ USER_SCRIPT = """
     data = {
         "name": "api",
         "data": {"source": "generated", "root": str(tmp / "data"), "cache_dir": str(tmp / "cache"),
-                 "synth": {"classes": 2, "clips_per_class": 32, "clip_seconds": 0.5, "fps": 4, "height": 32, "width": 32},
+                 "synth": {"classes": 2, "clips_per_class": 8, "clip_seconds": 0.5, "fps": 4, "height": 32, "width": 32},
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 1, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "train": {"epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp / "runs")},
     }
@@ -135,7 +135,7 @@ def test_script_without_main_guard_generates_and_trains(tmp_path: Path, ray_addr
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert out.stdout.count("script started") == 1, out.stdout[-4000:]
     found = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert len(list((tmp_path / "data").rglob("*.mp4"))) == 64 and (tmp_path / "data" / "card.json").is_file()
+    assert len(list((tmp_path / "data").rglob("*.mp4"))) == 16 and (tmp_path / "data" / "card.json").is_file()
     run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(found["run_id"])
     assert run.info.status == "FINISHED" and found["epochs"] == 1
     assert run.data.metrics["acc"] == pytest.approx(found["acc"])

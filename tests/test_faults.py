@@ -201,12 +201,14 @@ def test_worker_killed_then_tracking_outage_loses_no_epoch_and_resumes_exactly(r
     watch = CheckpointWatch(runs_dir)
     training = Background(lambda: run_training(spec))
 
-    def two_epochs_logged():
+    def an_epoch_logged():
         run_id = find_run_id(client, "faults")
-        return run_id if run_id and len(logged_steps(client, run_id)) >= 2 else None
+        return run_id if run_id and len(logged_steps(client, run_id)) >= 1 else None
 
     try:
-        run_id = wait_for(two_epochs_logged, 240, "epochs 0 and 1 in MLflow")
+        # Killed once epoch 0 is in MLflow (its checkpoint registered): on a busy machine a few more epochs
+        # may pass before the kill lands, and at least two must be left for the outage.
+        run_id = wait_for(an_epoch_logged, 240, "epoch 0 in MLflow")
         (victim,) = wait_for(lambda: our_ray_processes("ray::RayTrainWorker") - older_workers, 30,
                              "the Ray Train worker", 0.1)
         os.kill(victim, signal.SIGKILL)
@@ -272,7 +274,7 @@ def test_sweep_with_a_failing_trial_completes_and_counts_it(ray_local, synth_dat
                  "on_bad_media": "error",
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "storage": {"runs_dir": str(tmp_path / "runs")},
         # A broken clip fails the same way every time: no Tune re-run of the trial either.
         "search": {"space": {"data.root": {"grid": [str(synth_dataset), str(bad_root)]}}, "max_concurrent_trials": 2,
@@ -289,7 +291,7 @@ def test_sweep_with_a_failing_trial_completes_and_counts_it(ray_local, synth_dat
     assert set(by_root) == {str(synth_dataset), str(bad_root)}
     good, bad = by_root[str(synth_dataset)], by_root[str(bad_root)]
     assert good.info.status == "FINISHED"
-    assert logged_steps(client, good.info.run_id) == Counter(range(2))
+    assert logged_steps(client, good.info.run_id) == Counter(range(1))
     assert bad.info.status == "FAILED"
     assert broken_clip.name in bad.data.tags["error"]
     assert [r.error is not None for r in result.result_grid].count(True) == 1

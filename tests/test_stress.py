@@ -26,20 +26,17 @@ from orchestrator.training import build_trainer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from ray_kill_stress import Killer, check_failures, raylet_pid  # noqa: E402
+from test_faults import logged_steps  # noqa: E402
+from test_sweep import children  # noqa: E402
+
+
+def child_runs(client: MlflowClient, parent_run_id: str):
+    return children(client, parent_run_id, stage=None)
 
 pytestmark = pytest.mark.slow
 
 KILLS = 20
 EPOCHS = 3
-
-
-def child_runs(client: MlflowClient, parent_run_id: str):
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-
-
-def logged_steps(client: MlflowClient, run_id: str, key: str) -> Counter:
-    return Counter(m.step for m in client.get_metric_history(run_id, key))
 
 
 def cli_sweep_spec(synth_dataset: Path, folder: Path) -> Path:

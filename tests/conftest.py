@@ -90,17 +90,25 @@ def ray_address(ray_local) -> str:
 _PORT_RANGE = (20000, 32000)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now, on any address, outside the ephemeral range."""
+    """A TCP port nothing listens on now, on any address, outside the ephemeral range, and never one this
+    process handed out before: several are chosen before anything binds them (a `ray start` got the same
+    port for its GCS and its dashboard once, and refused to start)."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 

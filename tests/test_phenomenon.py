@@ -23,7 +23,8 @@ OGM-GE's official main.py), so the damping coefficient scales the update directl
 visual-only 0.423, normal's visual head 0.272, OGM-GE's 0.344: OGM-GE's visual head +0.072 (95% CI +0.019
 to +0.124, p = 0.017), under-use -0.151 (p = 0.004), and OGM-GE's joint accuracy is *lower* than normal's
 (-0.142, p = 0.0007): with alpha 4 it trades joint accuracy for the weak head. On seeds 0-4 the visual
-gain has p = 0.045, on 0-2 the seed-level test gives no verdict after Holm: six seeds are what the claim needs.
+gain has p = 0.045; on seeds 0-2 (per seed +0.164 / +0.070 / +0.148, measured 2026-11-30) a paired t over
+the seeds is 4.4 on 2 df, p = 0.048, not distinguishable after Holm: six seeds are what the claim needs.
 
 Not tested any more: the visual-dominant set (chords buried in noise, `audio_noise_std` 0.45). Under the
 seed-level test its phenomenon does not hold on 6 seeds: the normal model's audio head swings from 0.14 to

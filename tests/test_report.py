@@ -533,3 +533,26 @@ def test_leaderboard_weak_columns_and_holm_on_three_seeds(hand3_sweep, tmp_path)
     shown = pd.read_csv(tmp_path / "report" / "leaderboard.csv").set_index("method")
     assert {"p Holm", "p weak Holm"} <= set(shown.columns)
     assert shown.loc["ogm_ge alpha=0.5 window=0-2", "weak vs normal"] == w02["vs_normal_weak"]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("duplicate", r"lists clip 'clip001' 2 times"),
+    ("blank", r"has a blank pred_visual for clip 'clip002'"),
+])
+def test_duplicated_or_blank_predictions_are_refused_naming_the_run_and_file(tmp_path, damage, message):
+    """A clip listed twice would count twice in a paired test, a blank prediction would be scored as wrong:
+    the report refuses both, naming the run and its predictions.csv."""
+    from orchestrator.report.comparisons import load_predictions
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = client.create_run(client.create_experiment("bad")).info.run_id
+    rows = [{"split": "val", "model": "final", "clip_id": f"clip{c:03d}", "label": 0, "pred": 0, "pred_audio": 0,
+             "pred_visual": 0} for c in range(4)]
+    if damage == "duplicate":
+        rows.append(dict(rows[1]))
+    else:
+        rows[2]["pred_visual"] = None
+    pd.DataFrame(rows).to_csv(tmp_path / "predictions.csv", index=False)
+    client.log_artifact(run_id, str(tmp_path / "predictions.csv"))
+    with pytest.raises(ValueError, match=rf"run {run_id}: predictions\.csv {message}"):
+        load_predictions(client, run_id)

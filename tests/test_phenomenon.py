@@ -136,7 +136,7 @@ def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(tmp_path, ca
     # Each claim is the report's own verdict: a paired test on the same seeds and validation clips (each
     # trial's logged predictions.csv), Holm-adjusted within its family.
     from orchestrator.report import imbalance_summary, load_sweep
-    from orchestrator.report.comparisons import report_tests, test_for, weak_modality
+    from orchestrator.report.comparisons import report_tests, find_test, weak_modality
 
     sweep = load_sweep(client, parent_run_id)
     table = imbalance_summary(sweep)[0]
@@ -145,12 +145,12 @@ def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(tmp_path, ca
     # 1. The dominant modality's head is above the weak one's in the joint model.
     assert weak_modality(tests, "") == weak, (tests.drop(columns="result").to_string(), shown)
     # 2. Under-use of the weak modality: the joint model's weak head ends below the weak modality alone.
-    under = test_for(tests, "weak_vs_unimodal", "", "normal", f"acc_{weak}")
+    under = find_test(tests, "weak_vs_unimodal", "", "normal", f"acc_{weak}")
     assert under.n_seeds == n and under.n_clips == 128 and "seed x clip paired t" in under.method
     assert under.difference == pytest.approx(normal_weak - weak_alone, abs=1e-9)
     assert under.distinguishable and under.difference < 0, (under, shown)
     # 3. OGM-GE recovers part of it.
-    recovered = test_for(tests, "vs_normal", "", ogm_config, f"acc_{weak}")
+    recovered = find_test(tests, "vs_normal", "", ogm_config, f"acc_{weak}")
     assert recovered.difference == pytest.approx(ogm_weak - normal_weak, abs=1e-9)
     assert recovered.distinguishable and recovered.difference > 0, (recovered, shown)
 

@@ -40,8 +40,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
 from orchestrator.tracking import log_summary_once
-from orchestrator.report.comparisons import (config_summary, describe, load_predictions, power, report_tests, test_for,
-                                             tests_table, verdict, weak_modality)
+from orchestrator.report.comparisons import (baseline_method, config_summary, describe, load_predictions, power,
+                                             report_tests, find_test, tests_table, verdict, weak_modality)
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -59,11 +59,6 @@ BALANCE_SHAPLEY = "1 - |shapley_audio - shapley_visual| / (|shapley_audio| + |sh
 
 
 # ---- which methods are which: the method registry says -------------------------------------
-
-
-def baseline_method(modality: str) -> str:
-    """The uni-modal baseline method of `modality` ("audio" -> "audio_only")."""
-    return unimodal_methods()[modality]
 
 
 def is_unimodal(method: str) -> bool:
@@ -469,7 +464,7 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
         base_acc = {m: (_weighted(b, "acc") if not b.empty else None) for m, b in baselines.items()}
         shap = {m: _weighted(normal, f"shapley_{m}") if normal[f"shapley_{m}"].notna().all() else None
                 for m in MODALITIES}
-        dominance = test_for(tests, "dominance", group, normal_config, "acc_audio")
+        dominance = find_test(tests, "dominance", group, normal_config, "acc_audio")
         weak = weak_modality(tests, group)
         detail = f"; paired audio - visual {describe(dominance)}" if dominance is not None else ""
         if shap["audio"] is not None and shap["visual"] is not None:
@@ -492,7 +487,7 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
 
         if weak is not None and base_acc[weak] is not None:
             util = accs[weak] / base_acc[weak] if base_acc[weak] > 0 else None
-            test = test_for(tests, "weak_vs_unimodal", group, normal_config, f"acc_{weak}")
+            test = find_test(tests, "weak_vs_unimodal", group, normal_config, f"acc_{weak}")
             position = {"lower": "below", "higher": "above"}.get(verdict(test), "not distinguishable from")
             tail = (f": the joint model under-uses the {weak} modality" if position == "below"
                     else f": no under-use of the {weak} modality shows in this sweep")
@@ -508,7 +503,7 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
         if weak is not None and not ogm.empty:
             best = ogm.sort_values([f"acc_{weak}", "acc"], ascending=False, kind="stable").iloc[0]
             delta = float(best[f"acc_{weak}"]) - accs[weak]
-            test = test_for(tests, "vs_normal", group, best["config"], f"acc_{weak}")
+            test = find_test(tests, "vs_normal", group, best["config"], f"acc_{weak}")
             change = {"higher": "raises", "lower": "lowers"}.get(verdict(test), "is not distinguishable from normal on "
                                                                   f"this data in")
             chosen = (f", the best of {len(ogm)} OGM configurations (Holm's adjustment covers that choice)"

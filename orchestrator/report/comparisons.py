@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.report.stats import (MIN_SEEDS, PairedComparison, adjust, components_from, detectable_difference,
                                        paired_test, t_interval)
+from workers.methods import unimodal_methods
 
 PREDICTIONS_FILE = "predictions.csv"
 CONFIDENCE = 0.95
@@ -127,7 +128,7 @@ def _aligned(outcomes: list[tuple[pd.Index, np.ndarray]]) -> np.ndarray:
     if all(i is index or i.equals(index) for i, _ in outcomes):
         return np.stack([v for _, v in outcomes])
     common = sorted(set.intersection(*(set(i) for i, _ in outcomes)))
-    return np.stack([pd.Series(v, index=i).loc[common].to_numpy() for i, v in outcomes]).reshape(len(outcomes), len(common))
+    return np.stack([pd.Series(v, index=i).loc[common].to_numpy() for i, v in outcomes])
 
 
 def compare(outcomes: Outcomes, config_a: str, config_b: str, metric_a: str,
@@ -196,9 +197,8 @@ def _groups(table: pd.DataFrame):
 
 
 def baseline_method(modality: str) -> str:
-    from orchestrator.report.analysis import baseline_method as name
-
-    return name(modality)
+    """The uni-modal baseline method of `modality` ("audio" -> "audio_only")."""
+    return unimodal_methods()[modality]
 
 
 def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None]) -> pd.DataFrame:
@@ -206,8 +206,9 @@ def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None
     :class:`PairedComparison`), Holm-adjusted within its family (module docstring). ``verdict`` comes from
     the adjusted p-value."""
     outcomes = Outcomes(table, predictions)
+    groups = list(_groups(table))
     dominance, versus = [], []
-    for group, trials, normal in _groups(table):
+    for group, trials, normal in groups:
         if normal is None:
             continue
         result = compare(outcomes, normal, normal, "acc_audio", "acc_visual")
@@ -222,7 +223,7 @@ def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None
     rows = _family(dominance) + _family(versus)
     weak = {r["group"]: weak_from(r) for r in rows if r["family"] == "dominance"}
     under = []
-    for group, trials, normal in _groups(table):
+    for group, trials, normal in groups:
         if normal is None or weak.get(group) is None:
             continue
         baseline = trials.loc[trials["method"] == baseline_method(weak[group]), "config"].unique()
@@ -259,7 +260,8 @@ def weak_modality(tests: pd.DataFrame, group: str | None = None) -> str | None:
     return weak_from(rows.iloc[0]) if not rows.empty else None
 
 
-def test_for(tests: pd.DataFrame, family: str, group: str, config: str, metric: str) -> PairedComparison | None:
+def find_test(tests: pd.DataFrame, family: str, group: str, config: str, metric: str) -> PairedComparison | None:
+    """The report test of `family` for (`group`, `config`, `metric`); None when the report has none."""
     rows = tests[(tests["family"] == family) & (tests["group"] == group) & (tests["config"] == config)
                  & (tests["metric"] == metric)]
     return rows["result"].iloc[0] if not rows.empty else None

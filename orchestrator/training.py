@@ -51,11 +51,16 @@ class TrainingResult:
 # only, unless the user set it; a cluster (`--address`) keeps Ray's default.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
+# Set by start_local_ray for its own processes (the raylet and every Ray worker inherit it): this Ray has
+# no dashboard, so no State API (see ClipTrainer).
+EMBEDDED_RAY_ENV = "AVTUNE_EMBEDDED_RAY"
+
 
 def start_local_ray(**init_kwargs: Any) -> None:
     """The embedded single-node Ray (no dashboard), with `LOCAL_RAY_ENV` as defaults."""
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ[EMBEDDED_RAY_ENV] = "1"
     ray.init(include_dashboard=False, **init_kwargs)
 
 
@@ -204,11 +209,38 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
 FAST_POLL_INTERVAL_S = "0.2"
 
 
-def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> TorchTrainer:
+class ClipTrainer(TorchTrainer):
+    """Ray's TorchTrainer less two helper actors that avtune's runs cannot use; each costs a process per
+    Train run (~1.7 CPU-s on 2 cores: its start and imports; measured with benchmarks/trial_cpu.py).
+
+    - `DatasetsCallback` starts a `DatasetManager` actor for every run, with or without Ray Datasets.
+      avtune's workers read clips with PyAV through a torch DataLoader and pass no `datasets`.
+    - `PlacementGroupCleanerCallback` starts a detached `PlacementGroupCleaner` that asks the State API
+      once a second whether the controller still lives. The State API needs the dashboard, which the
+      embedded Ray does not start: there it can never see the controller die (and would poll until Ray
+      shuts down if the controller's own stop did not reach it). Dropped on the embedded Ray only; there
+      `ReleaseLeftPlacementGroups` and the trial's `abort()` release the worker group's CPUs. A cluster
+      (with its dashboard) keeps it.
+
+    `_create_default_callbacks` is Ray Train 2.60's own (private) assembly point of these callbacks;
+    tests/test_training.py checks it still yields them, so an upgrade that moves them fails a test.
+    """
+
+    def _create_default_callbacks(self) -> list:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        unused = [] if self.datasets else [DatasetsCallback]
+        if os.environ.get(EMBEDDED_RAY_ENV) == "1":
+            unused.append(PlacementGroupCleanerCallback)
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, tuple(unused))]
+
+
+def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> ClipTrainer:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", FAST_POLL_INTERVAL_S)
     storage = (Path(spec.storage.runs_dir) / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    return TorchTrainer(
+    return ClipTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import free_port
 from orchestrator import load_spec
 from orchestrator.jobs import job_client, submit_spec
+from orchestrator.training import EMBEDDED_RAY_ENV
 
 # `cluster`: starts its own Ray head + worker node and an MLflow server (`make test-cluster` runs only
 # these). Runs in `make test` too: each node gets its own dashboard-agent port (both nodes share
@@ -49,6 +50,7 @@ def ray_cluster(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop(EMBEDDED_RAY_ENV, None)  # a cluster has its dashboard: Ray Train keeps its PlacementGroupCleaner
     gcs_port, dash_port = free_port(), free_port()
     ray = str(VENV_BIN / "ray")
     temp_dir = Path("/tmp") / f"avtray{secrets.token_hex(3)}"  # short: socket paths have a length limit

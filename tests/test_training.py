@@ -209,3 +209,27 @@ def test_cma_start_point_is_checked_and_resolved_before_anything_is_logged(base_
     assert get_method("cma").run_params(spec) == {"cma_init_from": f"run:{avid}"}
     by_path = resolve(str(Path(avid_checkpoint).parent))  # a folder holding an avtune checkpoint.pt
     assert get_method("cma").run_params(by_path) == {"cma_init_from": f"checkpoint:{Path(avid_checkpoint).parent}"}
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_trainer_drops_the_helper_actors_a_run_cannot_use(base_spec, monkeypatch, embedded):
+    """No DatasetManager (avtune passes no Ray Datasets); no PlacementGroupCleaner on the embedded Ray,
+    whose missing dashboard leaves it blind. Checked against Ray Train's own list, so a Ray upgrade that
+    moves these callbacks fails here instead of silently starting the actors again."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.training import EMBEDDED_RAY_ENV, build_trainer
+
+    if embedded:
+        monkeypatch.setenv(EMBEDDED_RAY_ENV, "1")
+    else:
+        monkeypatch.delenv(EMBEDDED_RAY_ENV, raising=False)
+    trainer = build_trainer(load_spec(base_spec), "callbacks", [])
+    kinds = {type(c) for c in trainer._create_default_callbacks()}
+    ray_kinds = {type(c) for c in TorchTrainer._create_default_callbacks(trainer)}
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= ray_kinds
+    assert DatasetsCallback not in kinds
+    assert (PlacementGroupCleanerCallback in kinds) is not embedded
+    assert kinds == ray_kinds - {DatasetsCallback} - ({PlacementGroupCleanerCallback} if embedded else set())

@@ -12,7 +12,8 @@ from .av_classifier import (
 )
 from .encoders import AUDIO_ARCHS, VISUAL_ARCHS, build_audio_encoder, build_visual_encoder
 from .fusion import FUSION_NAMES, ConcatFusion, FiLM, GatedFusion, SumFusion, build_fusion
-from .gblend import BLEND_KEYS, GBlendClassifier, blended_loss, build_gblend_classifier, estimate_blend_weights
+from .gblend import (BLEND_KEYS, BlendEstimate, GBlendClassifier, blended_loss, build_gblend_classifier,
+                     choose_estimation_window, estimate_blend_weights, estimate_from_histories)
 from .ogm_ge import (
     OGMCoefficients,
     in_modulation_window,

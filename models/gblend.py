@@ -9,7 +9,8 @@ each head's overfitting-to-generalization behaviour measured on held-out data (S
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from .av_classifier import ogm_ge_weight_init
 from .encoders import build_audio_encoder, build_visual_encoder
 from .outputs import AVOutput
 
-__all__ = ["BLEND_KEYS", "GBlendClassifier", "blended_loss", "build_gblend_classifier", "estimate_blend_weights"]
+__all__ = ["BLEND_KEYS", "BlendEstimate", "GBlendClassifier", "blended_loss", "build_gblend_classifier",
+           "choose_estimation_window", "estimate_blend_weights", "estimate_from_histories"]
 
 BLEND_KEYS: tuple[str, ...] = ("audio", "visual", "joint")
 
@@ -143,3 +145,56 @@ def estimate_blend_weights(
     if total <= 0:
         return {key: 1.0 / len(raw) for key in raw}
     return {key: value / total for key, value in raw.items()}
+
+
+def choose_estimation_window(val_losses: Mapping[str, Sequence[float]], latest_start_epochs: int,
+                             window_epochs: int) -> int | None:
+    """The epoch N at which to measure, or None: the latest N <= ``latest_start_epochs`` at which every
+    head's validation loss still falls over the next ``window_epochs`` epochs (L^V(N) > L^V(N + n)).
+
+    The paper fixes N in advance (Sec. 3.3) and assumes every head generalises over the window; a head
+    whose validation loss has stopped falling by N would get dG <= 0 and no weight (on a joint head:
+    a joint classifier that is never trained). Earlier windows of the same length are what the stage's
+    own runs measured anyway. ``val_losses[head][e]`` is the loss after epoch e + 1.
+    """
+    if latest_start_epochs < 1 or window_epochs < 1:
+        raise ValueError(f"N and n must be >= 1, got N={latest_start_epochs}, n={window_epochs}")
+    for head, losses in val_losses.items():
+        if len(losses) < latest_start_epochs + window_epochs:
+            raise ValueError(f"head {head!r}: {len(losses)} epochs measured, N + n = "
+                             f"{latest_start_epochs + window_epochs} needed")
+    for start in range(latest_start_epochs, 0, -1):
+        if all(losses[start - 1] > losses[start + window_epochs - 1] for losses in val_losses.values()):
+            return start
+    return None
+
+
+@dataclass
+class BlendEstimate:
+    """What the offline estimation decided: the weights, the window they were measured on (None: no
+    window in which every head generalised, and the weights are the uniform fallback), and the heads
+    whose validation loss did not fall over the requested window, with those losses."""
+
+    weights: dict[str, float]
+    start_epochs: int | None
+    window_epochs: int
+    source: str  # "estimated" or "uniform_fallback"
+    stalled: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def estimate_from_histories(histories: Mapping[str, Sequence[tuple[float, float]]], latest_start_epochs: int,
+                            window_epochs: int, eps: float = 1e-8) -> BlendEstimate:
+    """G-Blend weights from each head's per-epoch ``(train_loss, val_loss)``, measured on the window
+    `choose_estimation_window` picks; uniform weights (1/3 each) when there is none, marked
+    ``uniform_fallback`` so the caller says so. ``histories[head][e]`` is after epoch e + 1."""
+    val = {head: [pair[1] for pair in rows] for head, rows in histories.items()}
+    start = choose_estimation_window(val, latest_start_epochs, window_epochs)
+    last = latest_start_epochs - 1
+    stalled = {head: (losses[last], losses[last + window_epochs]) for head, losses in val.items()
+               if not losses[last] > losses[last + window_epochs]}
+    if start is None:
+        return BlendEstimate({head: 1.0 / len(histories) for head in histories}, None, window_epochs,
+                             "uniform_fallback", stalled)
+    at_n = {head: tuple(rows[start - 1]) for head, rows in histories.items()}
+    at_n_plus = {head: tuple(rows[start + window_epochs - 1]) for head, rows in histories.items()}
+    return BlendEstimate(estimate_blend_weights(at_n, at_n_plus, eps), start, window_epochs, "estimated", stalled)

@@ -90,6 +90,7 @@ class Board:
         self.expected_epochs = 0
         self.expected_trials = 0
         self.stage = ""
+        self.notes: list[str] = []  # warnings the researcher must see (G-Blend's fallback), shown under the table
         self.started = time.monotonic()
         self._lock = threading.Lock()
 
@@ -101,6 +102,12 @@ class Board:
             self.expected_trials += trials
             self.expected_epochs += trials * epochs
             self.stage = stage
+
+    def announce(self, text: str) -> None:
+        with self._lock:
+            self.notes.append(text)
+        if self.on_line:
+            self.on_line("warning: " + text)
 
     def trial_started(self, key: str, label: str, epochs: int) -> None:
         with self._lock:
@@ -194,7 +201,8 @@ class LiveView:
             cells = [f"{t.metrics[k]:.3f}" if k in t.metrics else "" for k, _ in SHOWN_METRICS]
             table.add_row(t.label, f"[{colours.get(t.status, 'white')}]{t.status}[/]", f"{t.epoch}/{t.epochs}", *cells,
                           clock(t.elapsed()), Text(t.error[:120], style="red"))
-        return Group(table, Text(self.board.overall(), style="bold"))
+        notes = [Text("warning: " + note, style="bold yellow") for note in list(self.board.notes)]
+        return Group(table, *notes, Text(self.board.overall(), style="bold"))
 
     def __enter__(self) -> "LiveView":
         self.live.__enter__()

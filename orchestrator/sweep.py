@@ -96,7 +96,8 @@ def tune_domain(dim: SearchDimension):
 
 
 def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | None,
-                    starts: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+                    starts: dict[str, dict[str, str]] | None = None,
+                    gblend_source: str = "estimation_stage") -> list[dict[str, Any]]:
     """The `compare` shorthand: one method section per compared method, each crossed with the grid over
     the `method.*` fields its section has (e.g. every searched alpha and window for OGM variants; a
     normal run has no alpha). A compared method of the spec's own section starts from its fields.
@@ -117,7 +118,7 @@ def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | Non
         for values in itertools.product(*(method_dims[k].grid for k in keys)):
             entry = {**start, **dict(zip(keys, values)), "name": name}
             if gblend_weights is not None and cls.needs_estimation(cls.Section.model_validate(entry)):
-                entry.update(weights=gblend_weights, weights_source="estimation_stage")
+                entry.update(weights=gblend_weights, weights_source=gblend_source)
             if starts and name in starts and cls.start_stage(cls.Section.model_validate(entry)) is not None:
                 entry.update(starts[name])
             methods.append(entry)
@@ -127,11 +128,14 @@ def compare_methods(spec: ExperimentSpec, gblend_weights: dict[str, float] | Non
 
 
 def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | None = None,
-                      starts: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                      starts: dict[str, dict[str, str]] | None = None,
+                      gblend_source: str = "estimation_stage") -> dict[str, Any]:
+    """Tune's param space; `gblend_source` says where `gblend_weights` came from: "estimation_stage", or
+    "estimation_fallback" (uniform, the stage found no window in which every head generalised)."""
     search = spec.search
     space: dict[str, Any] = {}
     if search.compare:
-        space["method"] = tune.grid_search(compare_methods(spec, gblend_weights, starts))
+        space["method"] = tune.grid_search(compare_methods(spec, gblend_weights, starts, gblend_source))
         for path, dim in search.space.items():
             if not path.startswith("method."):
                 space[path] = tune_domain(dim)
@@ -140,7 +144,7 @@ def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | N
             space[path] = tune_domain(dim)
         if gblend_weights is not None:
             space["method.weights"] = gblend_weights
-            space["method.weights_source"] = "estimation_stage"
+            space["method.weights_source"] = gblend_source
         if starts and spec.method.name in starts:
             space.update({f"method.{k}": v for k, v in starts[spec.method.name].items()})
     if search.seeds:
@@ -492,12 +496,19 @@ def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", 
     return frame
 
 
+# How the stage picks its measuring window (README "Implementation notes", G-Blend).
+GBLEND_WINDOW_RULE = ("the latest N <= estimate_epochs at which every head's validation loss still falls over the "
+                      "next estimate_window_epochs epochs; none: uniform weights (uniform_fallback), announced")
+
+
 def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run_id: str, tracking_uri: str,
-                          name: str, max_concurrent: int | None) -> dict[str, float]:
+                          name: str, max_concurrent: int | None) -> tuple[dict[str, float], str]:
     """G-Blend offline stage (Wang et al., Sec. 3.3): train the audio-only, visual-only and naive
-    joint models for N+n epochs as parallel Tune trials, read each head's train/val loss at epochs
-    N and N+n from MLflow, and estimate the blend weights with the models' estimator."""
-    from models import estimate_blend_weights
+    joint models for N+n epochs as parallel Tune trials, read each head's train/val loss per epoch from
+    MLflow, and estimate the blend weights with the models' estimator on the window
+    `models.choose_estimation_window` picks. Returns the weights and their source for the main trials
+    ("estimation_stage", or "estimation_fallback" when no window lets every head generalise)."""
+    from models import estimate_from_histories
 
     n_epochs, window = estimation_epochs(spec)
     # L^T_N: each model's loss on the training split at the end of epoch N (Sec. 3.2), not the running
@@ -512,25 +523,61 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     if errors:
         raise RuntimeError(f"G-Blend estimation trials failed: {errors[0]}")
     runs = trials_frame(client, parent_run_id, stage="gblend-estimate")
-    at_n, at_n_plus = {}, {}
+    histories = {}
     for head, method_name in GBLEND_HEADS.items():
         run_id = runs.loc[runs["method"] == method_name, "run_id"].iloc[0]
         hist = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in ("loss_train_eval", "loss")}
-        first, second = n_epochs - 1, n_epochs + window - 1
-        at_n[head] = (hist["loss_train_eval"][first], hist["loss"][first])
-        at_n_plus[head] = (hist["loss_train_eval"][second], hist["loss"][second])
-    weights = estimate_blend_weights(at_n, at_n_plus)
+        histories[head] = [(hist["loss_train_eval"][e], hist["loss"][e]) for e in range(n_epochs + window)]
+    estimate = estimate_from_histories(histories, n_epochs, window)
+    weights = estimate.weights
     ts = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[Metric(f"gblend_w_{h}", float(w), ts, 0) for h, w in weights.items()])
+    # Metrics and a tag, not params: a stage re-run after a crash may measure another window.
+    window_metrics = {"gblend_window_epochs": window}
+    if estimate.start_epochs is not None:
+        window_metrics["gblend_window_start_epochs"] = estimate.start_epochs
+    client.log_batch(parent_run_id, metrics=[Metric(key, float(v), ts, 0) for key, v in
+                                             [*((f"gblend_w_{h}", w) for h, w in weights.items()), *window_metrics.items()]])
+    client.set_tag(parent_run_id, "avtune.gblend_weights", estimate.source)
     # What the weights came from, per head, so an odd blend can be traced to its losses.
-    table = {head: {"train_loss_N": at_n[head][0], "val_loss_N": at_n[head][1],
-                    "train_loss_N+n": at_n_plus[head][0], "val_loss_N+n": at_n_plus[head][1],
-                    "delta_G": at_n[head][1] - at_n_plus[head][1],
-                    "delta_O": (at_n_plus[head][1] - at_n_plus[head][0]) - (at_n[head][1] - at_n[head][0]),
-                    "weight": weights[head]} for head in GBLEND_HEADS}
-    client.log_dict(parent_run_id, {"N": n_epochs, "n": window, "train_loss": "loss_train_eval", "heads": table},
-                    "gblend_estimate.json")
-    return weights
+    start = estimate.start_epochs or n_epochs
+    table = {head: {"train_loss_N": rows[start - 1][0], "val_loss_N": rows[start - 1][1],
+                    "train_loss_N+n": rows[start + window - 1][0], "val_loss_N+n": rows[start + window - 1][1],
+                    "delta_G": rows[start - 1][1] - rows[start + window - 1][1],
+                    "delta_O": (rows[start + window - 1][1] - rows[start + window - 1][0]) - (rows[start - 1][1] - rows[start - 1][0]),
+                    "weight": weights[head]} for head, rows in histories.items()}
+    client.log_dict(parent_run_id, {"N": estimate.start_epochs, "N_requested": n_epochs, "n": window,
+                                    "source": estimate.source, "rule": GBLEND_WINDOW_RULE, "train_loss": "loss_train_eval",
+                                    "heads": table, "losses_by_epoch": histories}, "gblend_estimate.json")
+    if estimate.source == "uniform_fallback":
+        announce(client, parent_run_id, gblend_fallback_message(estimate, n_epochs))
+        return weights, "estimation_fallback"
+    if estimate.start_epochs != n_epochs:
+        announce(client, parent_run_id, (
+            f"G-Blend: measured on epochs {estimate.start_epochs} -> {estimate.start_epochs + window}, not "
+            f"{n_epochs} -> {n_epochs + window}: there the validation loss of "
+            + ", ".join(f"{h} ({a:.4f} -> {b:.4f})" for h, (a, b) in estimate.stalled.items()) + " no longer fell"))
+    return weights, "estimation_stage"
+
+
+def gblend_fallback_message(estimate, n_epochs: int) -> str:
+    window = estimate.window_epochs
+    stalled = ", ".join(f"{h} {a:.4f} -> {b:.4f}" for h, (a, b) in estimate.stalled.items())
+    return (f"G-Blend: no window of {window} epoch(s) starting at epoch 1..{n_epochs} in which every head's "
+            f"validation loss fell (epochs {n_epochs} -> {n_epochs + window}: {stalled}); the main trials use "
+            "uniform weights, 1/3 each (gblend_weights_source = uniform_fallback). An estimate needs heads that "
+            "still generalise over the window: a lower learning rate, or more validation clips to measure it.")
+
+
+def announce(client: MlflowClient, parent_run_id: str, message: str) -> None:
+    """A warning the researcher must see before the main trials train: the console board, Python's
+    warnings log and the sweep's parent run (tag `avtune.warning`)."""
+    import warnings
+
+    board = current_board()
+    if board is not None:
+        board.announce(message)
+    warnings.warn(message, stacklevel=2)
+    client.set_tag(parent_run_id, "avtune.warning", message)
 
 
 def swept_sections(spec: ExperimentSpec) -> list[Any]:
@@ -642,15 +689,15 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         connect_ray(address)
         weights = state.get("gblend_weights")
         if weights is None and needs_gblend_estimation(spec):
-            weights = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)
-            state["gblend_weights"] = weights
+            weights, source = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)
+            state.update(gblend_weights=weights, gblend_weights_source=source)
             write_state(state_file, state)
         starts = state.get("start_points")
         if starts is None:
             starts = state["start_points"] = run_start_stages(spec, client, parent_run_id, tracking_uri, name,
                                                               max_concurrent)
             write_state(state_file, state)
-        param_space = build_param_space(spec, weights, starts)
+        param_space = build_param_space(spec, weights, starts, state.get("gblend_weights_source", "estimation_stage"))
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
             trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)

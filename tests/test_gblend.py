@@ -154,6 +154,7 @@ def _gblend_spec(**method):
     ({"weights": {"audio": 1, "visual": 1, "joint": 2}}, "given"),
     ({"weights": {"audio": 1, "visual": 1, "joint": 2}, "weights_source": "estimation_stage"}, "estimated"),
     ({"mode": "online"}, "uniform+online"),
+    ({"weights": {"audio": 1, "visual": 1, "joint": 1}, "weights_source": "estimation_fallback"}, "uniform_fallback"),
 ])
 def test_every_gblend_run_logs_where_its_weights_came_from(method, source):
     from workers.methods import get_method
@@ -206,3 +207,67 @@ def test_estimation_stage_uses_the_compared_gblend_sections_epochs():
         "method.estimate_epochs": {"grid": [1, 2]}}}})
     with pytest.raises(SpecError, match="different estimation epochs"):
         estimation_epochs(two)
+
+
+# ---- the estimation window: every head must still generalise over it --------------------------
+
+# (train_loss, val_loss) after epochs 1..4, per head.
+HISTORIES = {
+    "audio": [(0.9, 1.0), (0.6, 0.8), (0.4, 0.7), (0.3, 0.75)],   # val stops falling after epoch 3
+    "visual": [(1.1, 1.2), (1.0, 1.1), (0.85, 1.0), (0.8, 0.9)],
+    "joint": [(1.0, 1.1), (0.7, 0.9), (0.5, 0.85), (0.4, 0.86)],  # val stops falling after epoch 3
+}
+
+
+def test_window_is_the_latest_where_every_heads_validation_loss_falls():
+    from models import choose_estimation_window, estimate_from_histories
+
+    val = {h: [v for _, v in rows] for h, rows in HISTORIES.items()}
+    assert choose_estimation_window(val, 3, 1) == 2  # 3 -> 4: audio 0.70 -> 0.75, joint 0.85 -> 0.86
+    assert choose_estimation_window(val, 2, 2) == 2  # 2 -> 4: audio 0.80 -> 0.75, joint 0.90 -> 0.86 fall
+    assert choose_estimation_window({**val, "joint": [1.1, 0.9, 0.92, 0.95]}, 2, 2) == 1  # 2 -> 4 rises; 1 -> 3 falls
+    estimate = estimate_from_histories(HISTORIES, 3, 1)
+    assert (estimate.start_epochs, estimate.window_epochs, estimate.source) == (2, 1, "estimated")
+    assert estimate.stalled == {"audio": (0.7, 0.75), "joint": (0.85, 0.86)}
+    # By hand at N = 2, N + n = 3: w ~ dG / dO^2.
+    # audio:  dG = 0.80 - 0.70 = 0.10, dO = (0.70 - 0.40) - (0.80 - 0.60) = 0.10  -> 10
+    # visual: dG = 1.10 - 1.00 = 0.10, dO = (1.00 - 0.85) - (1.10 - 1.00) = 0.05 -> 40
+    # joint:  dG = 0.90 - 0.85 = 0.05, dO = (0.85 - 0.50) - (0.90 - 0.70) = 0.15 -> 0.05 / 0.0225 = 2.2222
+    total = 10 + 40 + 0.05 / 0.0225
+    assert estimate.weights == pytest.approx({"audio": 10 / total, "visual": 40 / total, "joint": 0.05 / 0.0225 / total})
+    assert all(w > 0 for w in estimate.weights.values())
+
+
+def test_no_window_where_every_head_generalises_falls_back_to_uniform_and_says_which():
+    from models import estimate_from_histories
+    from orchestrator.sweep import gblend_fallback_message
+
+    rising_joint = {**HISTORIES, "joint": [(1.0, 1.0), (0.8, 1.1), (0.6, 1.2), (0.5, 1.3)]}
+    estimate = estimate_from_histories(rising_joint, 3, 1)
+    assert estimate.source == "uniform_fallback" and estimate.start_epochs is None
+    assert estimate.weights == pytest.approx({"audio": 1 / 3, "visual": 1 / 3, "joint": 1 / 3})
+    assert estimate.stalled == {"audio": (0.7, 0.75), "joint": (1.2, 1.3)}
+    message = gblend_fallback_message(estimate, 3)
+    assert "audio 0.7000 -> 0.7500" in message and "joint 1.2000 -> 1.3000" in message
+    assert "uniform" in message and "visual" not in message
+
+
+def test_window_needs_the_measured_epochs():
+    from models import choose_estimation_window
+
+    with pytest.raises(ValueError, match="head 'audio': 2 epochs measured, N \\+ n = 3 needed"):
+        choose_estimation_window({"audio": [1.0, 0.9]}, 2, 1)
+    with pytest.raises(ValueError, match="N and n must be >= 1"):
+        choose_estimation_window({"audio": [1.0, 0.9]}, 0, 1)
+
+
+def test_sweep_marks_fallback_weights_in_the_trial_spec():
+    from orchestrator.specs import load_spec
+    from orchestrator.sweep import build_param_space
+
+    spec = load_spec({"method": {"name": "ogm_ge", "modulation_ends": 3}, "train": {"epochs": 3},
+                      "search": {"compare": ["normal", "gblend"]}})
+    uniform = {"audio": 1 / 3, "visual": 1 / 3, "joint": 1 / 3}
+    (gblend,) = [m for m in build_param_space(spec, uniform, None, "estimation_fallback")["method"]["grid_search"]
+                 if m["name"] == "gblend"]
+    assert gblend["weights_source"] == "estimation_fallback"

@@ -480,6 +480,12 @@ def test_gblend_finding_names_its_weights_and_a_starved_head(tmp_path):
                                       Metric("gblend_w_joint", 0.0, 1, 0)])
     starved = sentence(html.unescape(build_report("starved", tracking_uri=uri, out_dir=tmp_path / "s").read_text()), "gblend")
     assert "The audio and joint heads get weight 0 and no gradient" in starved
+    assert "uniform fallback" not in starved
+    fallback_trials = {name: ({**params, **({"gblend_weights_source": "uniform_fallback"} if "gblend_weights_source" in params else {})},
+                              metrics) for name, (params, metrics) in trials.items()}
+    (tmp_path / "fb").mkdir()
+    fallback = sentence(hand_report_page(tmp_path / "fb", "fallback", fallback_trials), "gblend")
+    assert "(uniform_fallback)" in fallback and "trained with the uniform fallback, not estimated weights" in fallback
 
 
 def test_leaderboard_rows_are_hand_computed_and_logged_on_the_parent(hand_sweep, tmp_path):

@@ -141,26 +141,31 @@ def test_gblend_stage_weights_are_on_parent_and_used_by_main_trial(shared_sweep)
     for run in estimation:  # N + n = 2 epochs, read at epochs N and N + n
         assert run.info.status == "FINISHED" and steps(client, run.info.run_id, "loss") == [0, 1]
     # L^T is each model's loss on the training split at the end of epochs N and N + n (Sec. 3.2), logged
-    # by the stage's runs as loss_train_eval; the weights follow from those losses and no others.
-    from models import estimate_blend_weights
+    # by the stage's runs as loss_train_eval; the weights follow from those losses and no others, on the
+    # window the stage's rule picks (or uniform, announced, when no window lets every head generalise).
+    from models import estimate_from_histories
 
     heads = {"audio_only": "audio", "visual_only": "visual", "normal": "joint"}
-    at = {0: {}, 1: {}}
+    histories = {}
     for run in estimation:
         history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in ("loss_train_eval", "loss")}
-        for step in at:
-            at[step][heads[run.data.params["method.name"]]] = (history["loss_train_eval"][step], history["loss"][step])
-    assert estimate_blend_weights(at[0], at[1]) == pytest.approx(weights)
+        histories[heads[run.data.params["method.name"]]] = [(history["loss_train_eval"][e], history["loss"][e]) for e in (0, 1)]
+    estimate = estimate_from_histories(histories, 1, 1)
+    assert estimate.weights == pytest.approx(weights)
+    assert parent.data.tags["avtune.gblend_weights"] == estimate.source
+    assert ("avtune.warning" in parent.data.tags) == (estimate.source == "uniform_fallback")
     import json
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         logged = json.loads(Path(client.download_artifacts(result.parent_run_id, "gblend_estimate.json", tmp)).read_text())
-    assert (logged["N"], logged["n"], logged["train_loss"]) == (1, 1, "loss_train_eval")
+    assert (logged["N"], logged["N_requested"], logged["n"], logged["train_loss"]) == (estimate.start_epochs, 1, 1, "loss_train_eval")
+    assert logged["losses_by_epoch"] == {h: [list(p) for p in rows] for h, rows in histories.items()}
     for head, row in logged["heads"].items():
-        assert (row["train_loss_N"], row["val_loss_N"]) == pytest.approx(at[0][head])
-        assert row["delta_G"] == pytest.approx(at[0][head][1] - at[1][head][1]) and row["weight"] == pytest.approx(weights[head])
+        assert (row["train_loss_N"], row["val_loss_N"]) == pytest.approx(histories[head][0])
+        assert row["delta_G"] == pytest.approx(histories[head][0][1] - histories[head][1][1]) and row["weight"] == pytest.approx(weights[head])
     (main,) = [k for k in children(client, result.parent_run_id) if k.data.params["method.name"] == "gblend"]
+    assert main.data.params["gblend_weights_source"] == estimate.source  # "estimated" or "uniform_fallback"
     for head, w in weights.items():
         assert float(main.data.params[f"method.weights.{head}"]) == pytest.approx(w)
         assert main.data.metrics[f"gblend_w_{head}"] == pytest.approx(w)
@@ -231,22 +236,42 @@ def test_trial_retries_are_validated():
 
 
 @pytest.mark.slow
-def test_cma_sweep_trains_the_avid_stage_first_and_starts_from_it(ray_local, synth_dataset, tmp_path):
+def test_cma_sweep_trains_the_avid_stage_first_and_a_failing_trial_is_counted(ray_local, synth_dataset, tmp_path):
     """AVID-CMA's two stages as one sweep: with `cma` and no start point, the AVID stage runs first as a
-    trial of its own, and the CMA trial starts from its final checkpoint (model, memory banks, Z)."""
+    trial of its own, and the CMA trials start from its final checkpoint (model, memory banks, Z). One of
+    the two CMA trials reads a dataset with a broken clip: it fails (FAILED, the clip named), the sweep
+    goes on, finishes and counts it. One sweep for both: each Tune run costs ~15 CPU-s of Ray's own."""
+    import shutil
+
     import torch
 
+    bad_root = tmp_path / "bad"
+    shutil.copytree(synth_dataset, bad_root)
+    broken_clip = sorted((bad_root / "clips").rglob("*.mp4"))[0]
+    broken_clip.write_bytes(os.urandom(2048))  # junk where an mp4 was: PyAV cannot open it
     cma = {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16, "avid_stage_epochs": 2}
-    spec = sweep_spec(synth_dataset, tmp_path, train={"epochs": 1}, search={"compare": ["cma"], "space": {}})
+    # A broken clip fails the same way every time: no Train restart, no Tune re-run of the trial either.
+    spec = sweep_spec(synth_dataset, tmp_path, data={"on_bad_media": "error"}, train={"epochs": 1, "max_failures": 0},
+                      search={"compare": ["cma"], "space": {"data.root": {"grid": [str(synth_dataset), str(bad_root)]}},
+                              "max_concurrent_trials": 2, "trial_max_failures": 0})
     spec["method"] = cma
-    result = run_sweep(load_spec(spec))
+    result = run_sweep(load_spec(spec))  # returns: Tune reports the errored trial, it does not raise
     client = MlflowClient(result.tracking_uri)
     (stage,) = children(client, result.parent_run_id, stage="avid-stage")
     assert stage.data.params["method.name"] == "avid" and stage.data.params["method.config"] == "Cross-N64"
+    assert stage.data.params["data.root"] == str(synth_dataset)
     assert stage.info.status == "FINISHED" and steps(client, stage.info.run_id) == [0, 1]  # avid_stage_epochs
-    (main,) = children(client, result.parent_run_id)
+    by_root = {k.data.params["data.root"]: k for k in children(client, result.parent_run_id)}
+    assert set(by_root) == {str(synth_dataset), str(bad_root)}
+    main, bad = by_root[str(synth_dataset)], by_root[str(bad_root)]
     assert main.info.status == "FINISHED" and main.data.params["method.name"] == "cma"
     assert main.data.params["cma_init_from"] == f"avid-stage:{stage.info.run_id}"
     start = torch.load(main.data.params["method.init_from"], map_location="cpu", weights_only=True)
     assert start["method_name"] == "avid" and start["epoch"] == 1
     assert steps(client, main.info.run_id) == [0]
+    assert bad.info.status == "FAILED" and broken_clip.name in bad.data.tags["error"]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 2 and parent.data.metrics["trials_failed"] == 1
+    assert [r.error is not None for r in result.result_grid].count(True) == 1
+    assert parent.data.tags["avtune.best_run_id"] == main.info.run_id

@@ -583,7 +583,7 @@ def ogm_scores_note(sweep: SweepData) -> str:
 
 def gblend_weights_source(sweep: SweepData) -> str:
     """How the sweep's G-Blend trials got their weights (run param `gblend_weights_source`:
-    estimated / given / uniform, "+online" when re-estimated during training); "" without any."""
+    estimated / given / uniform / uniform_fallback, "+online" when re-estimated during training); "" without any."""
     return ", ".join(sorted({p["gblend_weights_source"] for p in sweep.params.values() if "gblend_weights_source" in p}))
 
 
@@ -598,6 +598,9 @@ def gblend_finding(sweep: SweepData, table: pd.DataFrame) -> dict[str, Any] | No
     text = (f"G-Blend trained with loss weights audio {weights['audio']:.3f}, visual {weights['visual']:.3f}, joint "
             f"{weights['joint']:.3f} ({source or 'source not logged'}); its joint accuracy is "
             f"{float(rows['acc'].astype(float).mean()):.3f} (mean over {len(rows)} trials).")
+    if "uniform_fallback" in source:
+        text += (" No estimation window let every head's validation loss fall, so it trained with the uniform "
+                 "fallback, not estimated weights (the parent run's avtune.warning and gblend_estimate.json say why).")
     starved = [h for h, w in weights.items() if w == 0]
     if starved:
         text += (f" The {' and '.join(starved)} head{'s get' if len(starved) > 1 else ' gets'} weight 0 and no "

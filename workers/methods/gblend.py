@@ -37,8 +37,9 @@ class GBlendSection(MethodSection):
     weights: Literal["estimate", "uniform"] | GBlendWeights = Field("estimate", description=(
         "estimate: offline, by the estimation stage `avtune sweep` runs first (a single training refuses "
         "it); uniform: 1/3 each; or {audio, visual, joint}; online mode starts from these and re-estimates"))
-    weights_source: Literal["spec", "estimation_stage"] = Field("spec", description=(
-        "where explicit weights came from: written in the spec, or filled in by a sweep's estimation stage"))
+    weights_source: Literal["spec", "estimation_stage", "estimation_fallback"] = Field("spec", description=(
+        "where explicit weights came from: written in the spec, filled in by a sweep's estimation stage, or "
+        "the stage's uniform fallback when no window let every head generalise (announced)"))
     estimate_epochs: int = Field(2, ge=1, description="N: epochs before the first measurement")
     estimate_window_epochs: int = Field(2, ge=1, description="n: epochs between the two measurements")
 
@@ -56,7 +57,7 @@ class GBlend(Method):
     def run_params(cls, spec) -> dict[str, str]:
         m = spec.method
         if isinstance(m.weights, GBlendWeights):
-            source = "estimated" if m.weights_source == "estimation_stage" else "given"
+            source = {"estimation_stage": "estimated", "estimation_fallback": "uniform_fallback"}.get(m.weights_source, "given")
         else:
             source = "uniform"  # "uniform", or online "estimate": uniform until the first online estimate
         if m.mode == "online":

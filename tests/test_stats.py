@@ -232,3 +232,23 @@ def test_detectable_difference_rejects_bad_levels():
         detectable_difference(VarianceComponents(0.01, 0.0, 0.3), 3, 10, alpha=0.0)
     with pytest.raises(ValueError):
         detectable_difference(VarianceComponents(0.01, 0.0, 0.3), 3, 10, power=1.0)
+
+
+def test_pooled_components_pool_one_design_only():
+    """Linear-probe rows (one value per seed) are not pooled with per-clip comparisons: their mean squares
+    are of seed means, and at "1 clip" they turned the detectable difference into nonsense."""
+    import pandas as pd
+
+    from orchestrator.report.comparisons import pooled_components
+    from orchestrator.report.stats import components_from
+
+    def row(config, ms, clips):
+        return {"family": "vs_normal", "group": "", "metric": "acc_visual", "config": config, "n_seeds": 5,
+                "n_clips": clips, "ms_seed": ms[0], "ms_clip": ms[1], "ms_residual": ms[2]}
+
+    tests = pd.DataFrame([row("a", (0.30, 0.20, 0.10), 96), row("b", (0.10, 0.40, 0.20), 96),
+                          row("probe", (0.003, 0.0, 0.0), 1)])
+    parts, n_seeds, n_clips = pooled_components(tests, "", "acc_visual")
+    assert (n_seeds, n_clips) == (5, 96)
+    expected = components_from((0.20, 0.30, 0.15), 5, 96)
+    assert (parts.seed, parts.clip, parts.residual) == pytest.approx((expected.seed, expected.clip, expected.residual))

@@ -304,11 +304,15 @@ def format_p(p: float) -> str:
 def pooled_components(tests: pd.DataFrame, group: str, metric: str) -> tuple[VarianceComponents, int, int] | None:
     """The variance components of the group's comparisons with normal on `metric`: their mean squares
     averaged over those comparisons (averaging each one's components, cut at 0, would overstate them),
-    with their (smallest) number of seeds and clips; None without a tested comparison."""
+    with their (smallest) number of seeds and clips; None without a tested comparison. Only comparisons
+    of one design are pooled: those with the most clips. A configuration without per-clip predictions
+    (AVID's and CMA's linear probes: one value per seed) has mean squares of seed means, on another scale;
+    pooled with per-clip ones at "1 clip", it made the detectable difference nonsense."""
     rows = tests[(tests["family"] == "vs_normal") & (tests["group"] == group) & (tests["metric"] == metric)
                  & tests["ms_seed"].notna() & (tests["n_seeds"] >= MIN_SEEDS)]
     if rows.empty:
         return None
+    rows = rows[rows["n_clips"] == rows["n_clips"].max()]
     n_seeds, n_clips = int(rows["n_seeds"].min()), int(rows["n_clips"].min())
     ms = tuple(float(rows[k].mean()) for k in ("ms_seed", "ms_clip", "ms_residual"))
     return components_from(ms, n_seeds, n_clips), n_seeds, n_clips

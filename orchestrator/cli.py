@@ -215,13 +215,18 @@ def results(
 
 
 def print_configurations(client, sweep_id: str) -> None:
-    """Per configuration: mean [95% interval] over seeds and the paired difference from normal."""
+    """Per configuration: mean [95% interval] over seeds, the paired difference from normal and the share of
+    the headroom recovered; then the references (uni-modal ensemble, ceiling) against normal."""
     from orchestrator.report import config_summary, imbalance_summary, load_sweep
-    from orchestrator.report.comparisons import format_interval
-    from orchestrator.report.html import READING_INTERVALS, comparison_cell
+    from orchestrator.report.comparisons import format_interval, report_tests
+    from orchestrator.report.html import READING_INTERVALS, READING_REFERENCES, comparison_cell
+    from orchestrator.report.references import reference_summary
 
     sweep = load_sweep(client, sweep_id)
-    summary = config_summary(imbalance_summary(sweep)[0], sweep.predictions)
+    trials = imbalance_summary(sweep)[0]
+    references = sweep.references()
+    tests = report_tests(trials, sweep.predictions, references)
+    summary = config_summary(trials, sweep.predictions, tests, references)
     if summary.empty:
         return
     table = Table(title="configurations: mean [95% interval] over seeds; paired difference from normal")
@@ -237,6 +242,56 @@ def print_configurations(client, sweep_id: str) -> None:
         table.add_row(*cells)
     console.print(table)
     console.print(READING_INTERVALS, markup=False)
+    refs = reference_summary(trials, references)
+    if refs.empty:
+        return
+    print_references(refs, tests)
+    print_headroom(summary)
+    console.print(READING_REFERENCES, markup=False)
+
+
+def print_headroom(summary) -> None:
+    """Per joint configuration, its share of the headroom above normal recovered against each reference; a
+    table of its own: beside the comparisons with normal, the rows would wrap at 150 columns."""
+    from orchestrator.report.comparisons import format_interval
+    from orchestrator.report.references import KINDS, format_ratio
+
+    joint = summary[summary[[f"headroom_{k}_status" for k in KINDS]].notna().any(axis=1)]
+    if joint.empty:
+        return
+    table = Table(title="headroom recovered: (acc - normal) / (reference - normal) [95% Fieller interval over seeds]")
+    for c in ("config", "acc", *(f"vs {k}" for k in KINDS)):
+        table.add_column(c, justify="left" if c == "config" else "right")
+    for _, r in joint.iterrows():
+        table.add_row(str(r["config"]), format_interval(r["acc"], r["acc_low"], r["acc_high"]),
+                      *(format_ratio(r[f"headroom_{k}"], r[f"headroom_{k}_low"], r[f"headroom_{k}_high"],
+                                     r[f"headroom_{k}_status"]) for k in KINDS))
+    console.print(table)
+
+
+def print_references(refs, tests) -> None:
+    """One line per group: normal, the ensemble and the ceiling (joint accuracy) and each one's paired
+    difference from normal with its Holm-adjusted verdict."""
+    import pandas as pd
+
+    from orchestrator.report.comparisons import find_test, format_interval
+    from orchestrator.report.html import test_cell
+    from orchestrator.report.references import CEILING
+
+    for _, r in refs.iterrows():
+        where = f"[{r['group']}] " if r["group"] else ""
+        line = f"references {where}(joint accuracy): normal {format_interval(r['normal'], r['normal_low'], r['normal_high'])}"
+        if r["ensemble_config"] is not None:
+            test = find_test(tests, "headroom", r["group"], r["ensemble_config"], "acc")
+            line += (f"; ensemble (audio_only + visual_only) {format_interval(r['ensemble'], r['ensemble_low'], r['ensemble_high'])}"
+                     f", ensemble - normal {test_cell(test)}")
+        else:
+            line += f"; no ensemble ({r['ensemble_missing']})"
+        if not pd.isna(r["ceiling"]):
+            line += f"; ceiling {r['ceiling']:.3f}, ceiling - normal {test_cell(find_test(tests, 'headroom', r['group'], CEILING, 'acc'))}"
+        else:
+            line += "; no ceiling on the parent run (real data)"
+        console.print(line, markup=False)
 
 
 @app.command()

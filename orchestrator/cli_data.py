@@ -143,6 +143,10 @@ def synth(
     visual_informative: float = typer.Option(0.6, help="share of clips whose video carries their class signature"),
     audio_noise_std: float = typer.Option(0.03, help="white-noise std on the waveform (full scale 1): how hard audio is to recognise"),
     visual_noise_std: float = typer.Option(12.0, help="pixel-noise std (0-255): how hard video is to recognise"),
+    audio_uninformative: str = typer.Option(
+        "other_class", help="a non-informative clip's audio: other_class (another class's chord) or no_signature (noise)"),
+    visual_uninformative: str = typer.Option(
+        "other_class", help="a non-informative clip's video: other_class (another class's object) or no_signature"),
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Generate H.264/AAC clips with per-class audio and visual signatures and a known imbalance."""
@@ -158,7 +162,8 @@ def synth(
                 clip_seconds=clip_seconds, fps=fps, height=height, width=width,
                 sample_rate_hz=sample_rate_hz, audio_informative=audio_informative,
                 visual_informative=visual_informative, audio_noise_std=audio_noise_std,
-                visual_noise_std=visual_noise_std, seed=seed,
+                visual_noise_std=visual_noise_std, audio_uninformative=audio_uninformative,
+                visual_uninformative=visual_uninformative, seed=seed,
             )
     except ValueError as err:
         _fail(str(err))

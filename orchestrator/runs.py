@@ -27,6 +27,14 @@ MAIN_STAGE = "main"
 SWEEP_KIND_TAG = "avtune.kind"
 METHOD_TAG = "avtune.method"
 
+# Artifacts of a run with a classifier: per clip, each head's prediction (predictions.csv) and the joint
+# head's whole softmax (probabilities.npz: clip_id, split, model and a float16 clips x classes `probs`).
+PREDICTIONS_FILE = "predictions.csv"
+PROBABILITIES_FILE = "probabilities.npz"
+# On a sweep's parent when its clips are generated: the card's best achievable validation accuracy of a
+# perfect recogniser of what the clips carry (orchestrator/synth.py), per prediction.
+CEILING_METRICS = {"acc": "ceiling_acc", "acc_audio": "ceiling_acc_audio", "acc_visual": "ceiling_acc_visual"}
+
 # Params (flattened spec fields) that tables show or match trials on.
 METHOD_PARAM = "method.name"
 SEED_PARAM = "train.seed"

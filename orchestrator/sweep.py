@@ -30,6 +30,7 @@ from ray.util.queue import Queue
 
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
+from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
@@ -47,6 +48,7 @@ from workers.methods import get_method, unimodal_methods
 
 # The tags are orchestrator.runs' (avtune's one MLflow vocabulary); importable from here as before.
 from orchestrator.runs import (
+    CEILING_METRICS,
     CONFIG_TAG,
     MAIN_STAGE,
     PARENT_TAG,
@@ -644,6 +646,31 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
+def card_ceiling(card_path: Path) -> dict[str, float]:
+    """The parent's ceiling metrics (`runs.CEILING_METRICS`) from a generator's card: its validation split's
+    best achievable accuracy, joint (audio_visual), audio and visual; {} when the card has none."""
+    try:
+        best = json.loads(card_path.read_text())["best_achievable_accuracy"]["val"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    source = {"acc": "audio_visual", "acc_audio": "audio", "acc_visual": "visual"}
+    return {name: float(best[source[metric]]) for metric, name in CEILING_METRICS.items()
+            if isinstance(best, dict) and isinstance(best.get(source[metric]), (int, float))}
+
+
+def log_ceiling(client: MlflowClient, parent_run_id: str, spec: ExperimentSpec) -> dict[str, float]:
+    """On a sweep over generated clips, the report's ceiling reference: the card's best achievable validation
+    accuracies as parent metrics (``ceiling_acc``, ``ceiling_acc_audio``, ``ceiling_acc_visual``; the card
+    itself is on the parent already, as on every run `start_mlflow_run` opens). A real dataset has no
+    ceiling: its report measures against the uni-modal ensemble only."""
+    root = Path(spec.data.root) if spec.data.root else None
+    if root is None or not (spec.data.source == "generated" or made_by_generator(root)):
+        return {}
+    ceiling = card_ceiling(root / CARD_FILE)
+    log_summary_once(client, parent_run_id, ceiling)
+    return ceiling
+
+
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
               resume: bool | str = False) -> SweepResult:
     """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow.
@@ -686,6 +713,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     name = f"{spec.name}-{parent_run_id[:8]}"
 
     try:
+        log_ceiling(client, parent_run_id, spec)  # before training: the data's limits do not depend on it
         connect_ray(address)
         weights = state.get("gblend_weights")
         if weights is None and needs_gblend_estimation(spec):

@@ -7,7 +7,9 @@ via ``libx264``, AAC or PCM audio), so the whole decode path is exercised.
 
 Imbalance: with ``audio_informative = p``, exactly ``round(p * n)`` clips of every split (n clips;
 halves round up) carry their own class's audio signature and the others carry the signature of
-another class drawn uniformly; the same holds for video, drawn independently. The informative
+another class drawn uniformly (``audio_uninformative="other_class"``: the modalities conflict) or no
+signature at all (``"no_signature"``: only that modality's noise, a silent-but-noisy track or an empty
+scene, so the other modality can complement it); the same holds for video, drawn independently. The informative
 clips are allocated to classes proportionally to class size (largest remainder, ties broken by
 the seeded RNG). A classifier that recognises the signature perfectly can therefore reach at most
 the "best achievable" accuracies the card reports, which are computed from the realised signatures.
@@ -60,7 +62,7 @@ from workers.layouts import (
     derive_validation,
     round_half_up,
 )
-from workers.specs import DIFFICULTY_DEFAULTS, drop_default_difficulty
+from workers.specs import CONTENT_DEFAULTS, DIFFICULTY_DEFAULTS, UNINFORMATIVE_CONTENT, drop_added_defaults
 
 __all__ = [
     "synthesize_dataset",
@@ -81,6 +83,8 @@ MANIFEST_FILE = "manifest.csv"
 SIGNATURES_FILE = "signatures.csv"
 CLASSES_FILE = "classes.txt"
 CARD_VERSION = 1
+# The signature index of a modality that carries none (audio_uninformative="no_signature").
+NO_SIGNATURE = -1
 
 SHAPES = ("square", "disc", "diamond")
 # Class pitches are spread log-uniformly between these (the upper bound also stays below
@@ -126,10 +130,14 @@ def class_signatures(classes: int, sample_rate_hz: int) -> list[dict[str, Any]]:
 
 
 def _render_video(
-    signature: dict[str, Any], rng: np.random.Generator, num_frames: int, height: int, width: int,
+    signature: dict[str, Any] | None, rng: np.random.Generator, num_frames: int, height: int, width: int,
     noise_std: float = _NOISE_STD_PIXEL,
 ) -> np.ndarray:
-    """uint8 ``(num_frames, height, width, 3)``: a moving object over a noisy grey background."""
+    """uint8 ``(num_frames, height, width, 3)``: a moving object over a noisy grey background (no
+    object when `signature` is None: an empty scene)."""
+    if signature is None:
+        noise = rng.normal(0.0, noise_std, size=(num_frames, height, width, 3)).astype(np.float32)
+        return np.clip(_BACKGROUND + noise, 0, 255).astype(np.uint8)
     side = min(height, width)
     radius = 0.14 * side * rng.uniform(0.85, 1.15)
     travel = 0.3 * side  # distance covered over the whole clip
@@ -159,10 +167,13 @@ def _render_video(
 
 
 def _render_audio(
-    signature: dict[str, Any], rng: np.random.Generator, num_samples: int, sample_rate_hz: int,
+    signature: dict[str, Any] | None, rng: np.random.Generator, num_samples: int, sample_rate_hz: int,
     noise_std: float = _NOISE_STD_AUDIO,
 ) -> np.ndarray:
-    """float32 ``(num_samples,)`` in [-1, 1]: the class chord, amplitude-modulated, plus noise."""
+    """float32 ``(num_samples,)`` in [-1, 1]: the class chord, amplitude-modulated, plus noise (the noise
+    alone when `signature` is None: a silent-but-noisy track)."""
+    if signature is None:
+        return np.clip(rng.normal(0.0, noise_std, size=num_samples), -1.0, 1.0).astype(np.float32)
     t = np.arange(num_samples, dtype=np.float64) / sample_rate_hz
     detune = 1.0 + rng.uniform(-0.02, 0.02)
     low, high = (f * detune for f in signature["tone_hz"])
@@ -363,9 +374,11 @@ def _allocate(total: int, sizes: list[int], rng: np.random.Generator) -> list[in
 
 
 def _assign_signatures(
-    clips: list[_Clip], classes: int, fraction: float, attribute: str, rng: np.random.Generator
+    clips: list[_Clip], classes: int, fraction: float, attribute: str, rng: np.random.Generator,
+    uninformative: str = "other_class",
 ) -> None:
-    """Exactly ``round_half_up(fraction * n)`` clips per split carry their own class's signature."""
+    """Exactly ``round_half_up(fraction * n)`` clips per split carry their own class's signature; the
+    others another class's (``"other_class"``) or none (``"no_signature"``: ``NO_SIGNATURE``)."""
     for split in SPLITS:
         members = [clip for clip in clips if clip.split == split]
         if not members:
@@ -378,9 +391,20 @@ def _assign_signatures(
             for position, clip in enumerate(group):
                 if position in informative:
                     setattr(clip, attribute, clip.label)
+                elif uninformative == "no_signature":
+                    setattr(clip, attribute, NO_SIGNATURE)
                 else:
                     other = int(rng.integers(0, classes - 1))
                     setattr(clip, attribute, other if other < clip.label else other + 1)
+
+
+def _signature(signatures: list[dict[str, Any]], index: int) -> dict[str, Any] | None:
+    return None if index == NO_SIGNATURE else signatures[index]
+
+
+def _signature_name(class_names: list[str], index: int) -> str:
+    """A signature as signatures.csv names it: its class, or "none"."""
+    return "none" if index == NO_SIGNATURE else class_names[index]
 
 
 def _place_files(clip: _Clip, layout: str, label_name: str) -> None:
@@ -409,8 +433,8 @@ class _RenderJob:
     root: str
     seed: int
     index: int
-    audio_signature: dict[str, Any]
-    visual_signature: dict[str, Any]
+    audio_signature: dict[str, Any] | None
+    visual_signature: dict[str, Any] | None
     video_rel: str
     audio_rel: str
     video_has_audio: bool
@@ -482,6 +506,18 @@ def claim_output_folder(root: Path) -> None:
     (root / GENERATOR_MARKER).write_text("made by avtune's clip generator (orchestrator/synth.py)\n")
 
 
+def _expected_best(p: float, k: int, uninformative: str) -> float:
+    """Best achievable accuracy of one modality with informative share `p` over `k` balanced classes."""
+    if k <= 1:
+        return 1.0
+    if uninformative == "no_signature":
+        # The signature names the class on the informative share; a clip without one is a guess (1/K).
+        return p + (1 - p) / k
+    # Recognising the signature and predicting the class it names is optimal when p >= 1/K;
+    # below that any other class is the better guess, (1 - p) / (K - 1).
+    return max(p, (1 - p) / (k - 1))
+
+
 def _card(
     clips: list[_Clip], class_names: list[str], signatures: list[dict[str, Any]], params: dict[str, Any]
 ) -> dict[str, Any]:
@@ -511,9 +547,7 @@ def _card(
         }
     k = len(class_names)
     expected = {
-        # Recognising the signature and predicting the class it names is optimal when p >= 1/K;
-        # below that any other class is the better guess, (1 - p) / (K - 1).
-        modality: max(p, (1 - p) / (k - 1)) if k > 1 else 1.0
+        modality: _expected_best(p, k, params.get(f"{modality}_uninformative", CONTENT_DEFAULTS[f"{modality}_uninformative"]))
         for modality, p in (("audio", params["audio_informative"]), ("visual", params["visual_informative"]))
     }
     layout = params["layout"]
@@ -633,6 +667,8 @@ def synthesize_dataset(
     num_workers: int | None = None,
     audio_noise_std: float = _NOISE_STD_AUDIO,
     visual_noise_std: float = _NOISE_STD_PIXEL,
+    audio_uninformative: str = CONTENT_DEFAULTS["audio_uninformative"],
+    visual_uninformative: str = CONTENT_DEFAULTS["visual_uninformative"],
 ) -> dict[str, Any]:
     """Generate a dataset of encoded clips under ``out_dir``; return the card (also ``card.json``).
 
@@ -651,14 +687,18 @@ def synthesize_dataset(
             (see the module docstring): std of the white noise added to the waveform (full
             scale 1) and of the pixel noise (0-255). The defaults reproduce the original clips
             byte for byte; the card's ``params`` lists them only when they differ.
+        audio_uninformative, visual_uninformative: what a non-informative clip's modality carries,
+            ``"other_class"`` (another class's signature: conflict) or ``"no_signature"`` (noise only:
+            the modalities complement each other). Listed in the card only when not ``"other_class"``.
     """
     params = _validate(
         layout=layout, classes=classes, clips_per_class=clips_per_class, clip_seconds=clip_seconds,
         fps=fps, height=height, width=width, sample_rate_hz=sample_rate_hz,
         audio_informative=audio_informative, visual_informative=visual_informative, seed=seed,
         split_fractions=split_fractions, audio_noise_std=audio_noise_std, visual_noise_std=visual_noise_std,
+        audio_uninformative=audio_uninformative, visual_uninformative=visual_uninformative,
     )
-    params = drop_default_difficulty(params)
+    params = drop_added_defaults(params)
     started = time.perf_counter()
     root = Path(out_dir)
     claim_output_folder(root)
@@ -673,8 +713,8 @@ def synthesize_dataset(
             clips.append(_Clip(index, c, _clip_id(layout, seed, index, class_names[c], i)))
     rng = np.random.default_rng(seed)
     _assign_splits(clips, classes, layout, params["split_fractions"], rng)
-    _assign_signatures(clips, classes, audio_informative, "audio_signature", rng)
-    _assign_signatures(clips, classes, visual_informative, "visual_signature", rng)
+    _assign_signatures(clips, classes, audio_informative, "audio_signature", rng, audio_uninformative)
+    _assign_signatures(clips, classes, visual_informative, "visual_signature", rng, visual_uninformative)
     for clip in clips:
         _place_files(clip, layout, class_names[clip.label])
 
@@ -682,7 +722,8 @@ def synthesize_dataset(
     num_samples = round_half_up(clip_seconds * sample_rate_hz)
     jobs = [
         _RenderJob(
-            str(root), seed, clip.index, signatures[clip.audio_signature], signatures[clip.visual_signature],
+            str(root), seed, clip.index, _signature(signatures, clip.audio_signature),
+            _signature(signatures, clip.visual_signature),
             clip.video_rel, clip.audio_rel, clip.video_has_audio, num_frames, num_samples, float(fps),
             height, width, sample_rate_hz, float(audio_noise_std), float(visual_noise_std),
         )
@@ -714,7 +755,7 @@ def synthesize_dataset(
         _csv_text(
             [
                 [c.clip_id, c.video_rel, c.split, class_names[c.label],
-                 class_names[c.audio_signature], class_names[c.visual_signature],
+                 _signature_name(class_names, c.audio_signature), _signature_name(class_names, c.visual_signature),
                  int(c.audio_signature == c.label), int(c.visual_signature == c.label)]
                 for c in clips
             ],
@@ -756,6 +797,9 @@ def _validate(**params: Any) -> dict[str, Any]:
     for field in ("audio_informative", "visual_informative"):
         if not 0.0 <= params[field] <= 1.0:
             fail(field, "must be in [0, 1]")
+    for field in CONTENT_DEFAULTS:
+        if params[field] not in UNINFORMATIVE_CONTENT:
+            fail(field, f"must be one of {UNINFORMATIVE_CONTENT}")
     for field in DIFFICULTY_DEFAULTS:
         value = params[field]
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pandas as pd
 import ray
 import torch
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE
 from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
 from orchestrator.tracking import (
     finish_run,
@@ -31,8 +33,6 @@ from workers.methods import get_method
 from workers.methods.base import is_run_id
 from workers.evaluation import PREDICTION_COLUMNS
 from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
-
-PREDICTIONS_FILE = "predictions.csv"
 
 
 @dataclass
@@ -273,6 +273,7 @@ def log_final_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: str) 
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path="checkpoints")
     log_predictions(client, run_id, state.get("predictions") or [])
+    log_probabilities(client, run_id, state.get("probabilities"))
     return state
 
 
@@ -284,6 +285,19 @@ def log_predictions(client: MlflowClient, run_id: str, rows: list[dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         pd.DataFrame(rows, columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
         client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
+
+
+def log_probabilities(client: MlflowClient, run_id: str, packed: dict[str, Any] | None) -> None:
+    """The joint head's softmax per clip (`workers.evaluation.pack_probabilities`) as `probabilities.npz`
+    (numpy.savez_compressed: clip_id, split, model as in predictions.csv, float16 probs clips x classes),
+    what the report's uni-modal ensemble averages; nothing for a method without a classifier."""
+    if not packed:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez_compressed(Path(tmp) / PROBABILITIES_FILE, clip_id=np.array(packed["clip_id"], dtype=str),
+                            split=np.array(packed["split"], dtype=str), model=np.array(packed["model"], dtype=str),
+                            probs=packed["probs"].numpy().astype(np.float16))
+        client.log_artifact(run_id, str(Path(tmp) / PROBABILITIES_FILE))
 
 
 def finish_train_run(client: MlflowClient, run_id: str, logger: MlflowEpochLogger, result) -> dict[str, Any]:

@@ -265,17 +265,17 @@ def on_a_terminal(command: list[str], cwd: Path, timeout: float = 600, env: dict
     return SimpleNamespace(exit_code=done.returncode, output=shown)
 
 
-def fit_on_one_thread(spec_data: dict) -> tuple[list[dict[str, float]], list[dict]]:
+def fit_on_one_thread(spec_data: dict) -> tuple[list[dict[str, float]], dict]:
     """`workers.engine.fit` on one thread, as a Ray Train worker with one CPU runs it, for a forked
-    process (`multiprocessing.get_context("fork")`): (per-epoch history, the final model's per-clip
-    predictions)."""
+    process (`multiprocessing.get_context("fork")`): (per-epoch history, the last epoch's checkpoint state:
+    its per-clip "predictions" and packed "probabilities", what a Train run logs as artifacts)."""
     from workers.specs import load_spec
     from workers.engine import fit
 
     torch.set_num_threads(1)
     states = []
     history = fit(load_spec(spec_data), report=lambda metrics, state: states.append(state))
-    return history, states[-1]["predictions"]
+    return history, {key: states[-1][key] for key in ("predictions", "probabilities")}
 
 
 def reads_shared_sweep(item) -> bool:

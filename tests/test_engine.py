@@ -73,6 +73,25 @@ def results(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
 
 
+def check_probabilities(packed, rows: list[dict], self_supervised: bool) -> None:
+    """The joint softmax of every prediction row, packed out of the rows into one float16 (rows, classes)
+    tensor in row order: each row's probabilities sum to 1 and give its true class the p_true of its row."""
+    if self_supervised:
+        assert packed is None
+        return
+    assert all("probs" not in r for r in rows)
+    assert packed["clip_id"] == [r["clip_id"] for r in rows] and packed["split"] == [r["split"] for r in rows]
+    assert packed["model"] == [r["model"] for r in rows]
+    probs = packed["probs"]
+    assert probs.dtype == torch.float16 and probs.shape == (len(rows), 3)
+    probs = probs.float()
+    # float16 keeps 11 significant bits: each entry within 2^-11 of its float32 value.
+    assert torch.allclose(probs.sum(1), torch.ones(len(rows)), atol=2e-3)
+    labels = torch.tensor([r["label"] for r in rows])
+    p_true = torch.tensor([r["p_true"] for r in rows], dtype=torch.float32)
+    assert torch.allclose(probs[torch.arange(len(rows)), labels], p_true, atol=1e-3)
+
+
 def test_every_registered_method_has_engine_settings():
     assert set(method_names()) == set(METHOD_SETTINGS)
 
@@ -117,10 +136,11 @@ def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tm
             if cls.modality is None:
                 audio = sum(r["pred_audio"] == r["label"] for r in part) / len(part)
                 assert audio == pytest.approx(final[key.replace("acc", "acc_audio")])
+    check_probabilities(straight.state(2)["probabilities"], rows, cls.self_supervised)
 
     state = straight.state(0)
     assert state["epoch"] == 0 and state["history"] == straight.metrics[:1]
-    assert state["predictions"] == []  # only the last epoch carries them
+    assert state["predictions"] == [] and state["probabilities"] is None  # only the last epoch carries them
     assert state["num_classes"] == 3 and len(state["class_names"]) == 3
     resumed = Recorder()
     fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start), report=resumed, load_state=lambda: state)

@@ -436,3 +436,46 @@ def test_features_reject_bad_input():
         log_mel(torch.zeros(2, 100), 16000)
     with pytest.raises(ValueError, match="sample_rate_hz"):
         spectrogram_ogm(torch.zeros(1000), 0)
+
+
+def test_uninformative_no_signature_leaves_the_modality_empty_and_the_card_exact(tmp_path):
+    """audio_uninformative / visual_uninformative = "no_signature": a clip that is not informative in a
+    modality carries nothing there (a noise-only track, an empty scene), so the modalities complement each
+    other: the card's best achievable accuracies are recomputed here by hand from signatures.csv, and the
+    media are checked: no object pixels in an empty scene, no chord energy in a noise-only track."""
+    classes, per_class = 3, 12
+    card = synthesize_dataset(tmp_path, classes=classes, clips_per_class=per_class, clip_seconds=0.5, fps=8,
+                              height=32, width=32, audio_informative=0.5, visual_informative=0.5,
+                              audio_uninformative="no_signature", visual_uninformative="no_signature", seed=3)
+    assert card["params"]["audio_uninformative"] == card["params"]["visual_uninformative"] == "no_signature"
+    rows = _rows(tmp_path / "signatures.csv")
+    for r in rows:
+        for modality in ("audio", "visual"):
+            informative = int(r[f"{modality}_informative"])
+            assert r[f"{modality}_signature"] == (r["label"] if informative else "none")
+    for split in ("train", "val", "test"):
+        members = [r for r in rows if r["split"] == split]
+        for key, fields in (("audio", ("audio_signature",)), ("visual", ("visual_signature",)),
+                            ("audio_visual", ("audio_signature", "visual_signature"))):
+            table: dict[tuple, Counter] = {}
+            for r in members:
+                table.setdefault(tuple(r[f] for f in fields), Counter())[r["label"]] += 1
+            best = sum(max(c.values()) for c in table.values()) / len(members)
+            assert card["best_achievable_accuracy"][split][key] == pytest.approx(best), (split, key)
+    # Complementary: both together do better than either alone (a clip needs only one signature).
+    train = card["best_achievable_accuracy"]["train"]
+    assert train["audio_visual"] > max(train["audio"], train["visual"]) + 0.15
+    # Expected, by hand: p + (1 - p) / K = 0.5 + 0.5 / 3.
+    assert card["best_achievable_accuracy_expected"]["audio"] == pytest.approx(0.5 + 0.5 / 3)
+    decode = {**DECODE, "clip_seconds": 0.5}
+    for r in rows:
+        path = tmp_path / r["path"]
+        frames, wave = decode_clip(path, path, **decode)
+        pixels = frames.reshape(-1, 3).float()
+        object_pixels = int(((pixels - 110).abs().max(1).values > 60).sum())
+        assert (object_pixels > 20) == bool(int(r["visual_informative"])), (r["clip_id"], object_pixels)
+        # The chord (peaks 0.25-0.4, std above 0.08) over noise of std 0.03: a noise-only track is far quieter.
+        loud = float(wave.std()) > 0.06
+        assert loud == bool(int(r["audio_informative"])), (r["clip_id"], float(wave.std()))
+    with pytest.raises(ValueError, match="visual_uninformative"):
+        synthesize_dataset(tmp_path / "bad", classes=2, clips_per_class=3, visual_uninformative="nothing")

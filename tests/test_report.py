@@ -353,6 +353,26 @@ def test_report_of_a_real_sweep(shared_sweep):
     assert set(summary.loc["ogm_ge alpha=0.5 window=0-2", ["vs_normal_acc", "vs_normal_acc_visual"]]) == {"no verdict"}
     assert summary.loc["normal", "n"] == 1 and pd.isna(summary.loc["normal", "acc_low"])
 
+    # References: the clips are generated, so the sweep logged the card's ceiling on its parent before training;
+    # every classifier logged its joint softmax, and the report fused the two baselines' into the ensemble.
+    import json
+
+    from orchestrator.report import load_sweep
+    from orchestrator.report.references import load_probabilities
+
+    parent = client.get_run(result.parent_run_id).data.metrics
+    card = json.loads(Path(client.download_artifacts(result.parent_run_id, "card.json", str(tmp / "card"))).read_text())
+    best = card["best_achievable_accuracy"]["val"]
+    assert (parent["ceiling_acc"], parent["ceiling_acc_audio"], parent["ceiling_acc_visual"]) == \
+        (best["audio_visual"], best["audio"], best["visual"])
+    for method in ("normal", "ogm_ge", "audio_only", "visual_only"):
+        clips, probs = load_probabilities(client, finals[method]["run_id"])
+        assert probs.dtype == np.float16 and probs.shape == (card["informative_realised"]["val"]["clips"], 3), method
+        np.testing.assert_allclose(probs.astype(float).sum(axis=1), 1.0, atol=3e-3)
+    ensemble = load_sweep(client, result.parent_run_id).references().ensembles[""]
+    assert parent["ensemble_acc_mean"] == pytest.approx(list(ensemble.accuracy().values())[0])
+    assert "id='references'" in page and "ceiling (best achievable on these validation clips)" in sentence(page, "headroom")
+
 
 @pytest.mark.slow
 def test_cli_report_prints_the_path(shared_sweep):
@@ -562,3 +582,291 @@ def test_duplicated_or_blank_predictions_are_refused_naming_the_run_and_file(tmp
     client.log_artifact(run_id, str(tmp_path / "predictions.csv"))
     with pytest.raises(ValueError, match=rf"run {run_id}: predictions\.csv {message}"):
         load_predictions(client, run_id)
+
+
+# ---- references: the uni-modal ensemble, the ceiling and the headroom recovered ------------------------
+
+
+def unimodal_probabilities(accuracy: float, confidence: np.ndarray) -> np.ndarray:
+    """(HAND_CLIPS, 3) softmax of a uni-modal run whose predictions.csv (log_hand_predictions) is right on
+    clips 0 .. 100 x - 1 and otherwise says label + 1: its predicted class gets `confidence[clip]` (> 1/3,
+    so it is the argmax), the other two classes half of the rest each."""
+    probs = np.repeat(((1.0 - confidence) / 2.0)[:, None], 3, axis=1)
+    for clip in range(HAND_CLIPS):
+        label = clip % 3
+        probs[clip, label if clip < round(HAND_CLIPS * accuracy) else (label + 1) % 3] = confidence[clip]
+    return probs
+
+
+def log_hand_probabilities(client: MlflowClient, run_id: str, probs: np.ndarray) -> None:
+    """probabilities.npz as training.log_probabilities writes it: the final model's validation rows, and
+    test rows of the selected model (uniform here: the report must not read them)."""
+    import tempfile
+
+    clips = [f"clip{c:03d}" for c in range(HAND_CLIPS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez_compressed(f"{tmp}/probabilities.npz", clip_id=np.array(clips * 2),
+                            split=np.array(["val"] * HAND_CLIPS + ["test"] * HAND_CLIPS),
+                            model=np.array(["final"] * HAND_CLIPS + ["selected"] * HAND_CLIPS),
+                            probs=np.vstack([probs, np.full_like(probs, 1 / 3)]).astype(np.float16))
+        client.log_artifact(run_id, f"{tmp}/probabilities.npz")
+
+
+def write_sweep_with_probabilities(uri: str, experiment: str, trials: dict, confidence: dict[str, np.ndarray],
+                                   ceiling: float | None = None) -> tuple[MlflowClient, str, dict[str, str]]:
+    """A hand sweep whose uni-modal runs also log probabilities.npz (confidence per method: per clip), and
+    whose parent logs `ceiling_acc` as sweep.log_ceiling does for generated clips."""
+    client, parent, ids = write_hand_sweep(uri, experiment, trials)
+    for name, (params, metrics) in trials.items():
+        method = params["method.name"]
+        if method in confidence:
+            log_hand_probabilities(client, ids[name], unimodal_probabilities(metrics["acc"][-1], confidence[method]))
+    if ceiling is not None:
+        client.log_batch(parent, metrics=[Metric("ceiling_acc", ceiling, 0, 0)])
+    return client, parent, ids
+
+
+def mixed_confidence() -> dict[str, np.ndarray]:
+    """Per clip, how sure each uni-modal run is: drawn once (fixed seed) so that fusing them changes the
+    answer on some clips: neither modality always wins."""
+    rng = np.random.default_rng(27)
+    return {"audio_only": rng.uniform(0.4, 0.95, HAND_CLIPS), "visual_only": rng.uniform(0.4, 0.95, HAND_CLIPS)}
+
+
+def test_the_ensemble_is_late_fusion_of_the_logged_probabilities(tmp_path):
+    """Recomputed here from the two probabilities.npz files of each seed (downloaded from MLflow): the mean of
+    the audio_only and visual_only softmax, argmax, right or wrong per clip; the report uses exactly that,
+    pairs it with normal on seeds and clips, and logs its mean over seeds on the parent."""
+    from orchestrator.report import load_sweep
+
+    uri = f"sqlite:///{tmp_path / 'ens.db'}"
+    client, parent, ids = write_sweep_with_probabilities(uri, "ens", HAND3, mixed_confidence())
+    labels = np.arange(HAND_CLIPS) % 3
+    fused, right = {}, {}
+    for seed in range(3):
+        loaded = []
+        for method in ("audio_only", "visual_only"):
+            path = client.download_artifacts(ids[f"{method}_s{seed}"], "probabilities.npz", str(tmp_path / f"{method}{seed}"))
+            with np.load(path) as npz:
+                val = (npz["split"] == "val") & (npz["model"] == "final")
+                assert list(npz["clip_id"][val]) == [f"clip{c:03d}" for c in range(HAND_CLIPS)]
+                loaded.append(npz["probs"][val].astype(np.float64))
+        fused[seed] = (loaded[0] + loaded[1]) / 2
+        right[seed] = (fused[seed].argmax(axis=1) == labels).astype(float)
+    # Fusion changes answers: on some clips exactly one of the two runs is right.
+    audio, visual = (hand_outcomes(finals_of(m)["acc"][0]) for m in ("audio_only", "visual_only"))
+    assert np.any(right[0] != audio) and np.any(right[0] != visual)
+
+    ensemble = load_sweep(client, parent).references().ensembles[""]
+    assert ensemble.config == "ensemble (audio_only + visual_only)"
+    assert (ensemble.audio_config, ensemble.visual_config) == ("audio_only", "visual_only")
+    for seed in range(3):
+        clips, probs = ensemble.probabilities[str(seed)]
+        assert list(clips) == [f"clip{c:03d}" for c in range(HAND_CLIPS)]
+        np.testing.assert_allclose(probs, fused[seed], atol=1e-6)
+        np.testing.assert_array_equal(ensemble.outcomes[str(seed)][1], right[seed])
+    assert ensemble.accuracy() == pytest.approx({str(s): right[s].mean() for s in range(3)})
+
+    build_report("ens", tracking_uri=uri, out_dir=tmp_path / "out")
+    expected = paired_test(np.stack([right[s] for s in range(3)]),
+                           np.stack([hand_outcomes(x) for x in finals_of("normal")["acc"]]))
+    tests = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    row = tests[tests["family"] == "headroom"].iloc[0]
+    assert (row["config"], row["reference"], row["metric"]) == ("ensemble (audio_only + visual_only)", "normal", "acc")
+    assert (row["difference"], row["p_value"]) == pytest.approx((expected.difference, expected.p_value), rel=1e-9)
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["ensemble_acc_mean"] == pytest.approx(np.mean([right[s].mean() for s in range(3)]))
+    assert {"ensemble_acc_low", "ensemble_acc_high"} <= set(metrics)
+
+
+def test_a_sweep_without_a_ceiling_still_reports_the_ensemble(tmp_path):
+    """Real data has no card: no ceiling, and the uni-modal ensemble is the only reference, in the page, the
+    findings, the tests, the configuration summary and the leaderboard."""
+    uri = f"sqlite:///{tmp_path / 'noceil.db'}"
+    client, parent, ids = write_sweep_with_probabilities(uri, "noceil", HAND3, mixed_confidence())
+    page = html.unescape(build_report("noceil", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
+    assert "id='references'" in page and "no ceiling (real data" in sentence(page, "headroom")
+    assert "uni-modal ensemble (late fusion of audio_only and visual_only, same seed)" in sentence(page, "headroom")
+    tests = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    assert tests.loc[tests["family"] == "headroom", "config"].tolist() == ["ensemble (audio_only + visual_only)"]
+    summary = pd.read_csv(tmp_path / "out" / "config_summary.csv").set_index("config")
+    assert summary.loc["ogm_ge alpha=0.5 window=0-1", "headroom_ensemble_status"] in ("bounded", "unbounded", "no headroom")
+    assert summary["headroom_ceiling_status"].isna().all()
+    shown = pd.read_csv(tmp_path / "out" / "leaderboard.csv").set_index("method")
+    assert shown["headroom recovered vs ceiling"].isna().all()
+    assert shown.loc["ogm_ge alpha=0.5 window=0-1", "headroom recovered vs ensemble"] != ""
+    assert not any(k.startswith("ceiling") for k in client.get_run(parent).data.metrics)
+
+
+# Per seed: normal 0.80 / 0.82 / 0.78; window 0-1 gains 0.03 / 0.04 / 0.02, window 0-2 0.12 on every seed;
+# audio_only (0.90, 0.94, 0.86) is sure of every clip (0.9) and visual_only unsure (0.4), so the ensemble says
+# what audio_only says: its accuracy per seed is audio_only's.
+HEADROOM = {
+    **_three_seeds("audio_only", {}, {"acc": [0.90, 0.94, 0.86]}),
+    **_three_seeds("visual_only", {}, {"acc": [0.50, 0.55, 0.45]}),
+    **_three_seeds("normal", {}, {"acc": [0.80, 0.82, 0.78], "acc_audio": [0.80, 0.85, 0.82],
+                                  "acc_visual": [0.30, 0.42, 0.36]}),
+    **_three_seeds("ogm_ge", {"tag": "w01", **OGM, "method.modulation_ends": "1"},
+                   {"acc": [0.83, 0.86, 0.80], "acc_audio": [0.80, 0.85, 0.82], "acc_visual": [0.30, 0.42, 0.36]}),
+    **_three_seeds("ogm_ge", {"tag": "w02", **OGM, "method.modulation_ends": "2"},
+                   {"acc": [0.92, 0.94, 0.90], "acc_audio": [0.80, 0.85, 0.82], "acc_visual": [0.30, 0.42, 0.36]}),
+}
+# t(0.975, 2)^2 = 0.95^2 / (2 * 0.975 * 0.025) = 722 / 39 (the df = 2 closed form, tests/test_stats.py).
+T2 = 722 / 39
+
+
+def fieller_by_hand(a: float, b: float, c: float) -> tuple[float, float]:
+    """Roots of a r^2 - 2 b r + c = 0: the ends of Fieller's interval."""
+    root = (b * b - a * c) ** 0.5
+    return (b - root) / a, (b + root) / a
+
+
+def test_headroom_recovered_matches_a_hand_computation(tmp_path):
+    """(acc - normal) / (R - normal) per seed, Fieller's interval over the 3 seeds, computed by hand:
+    window 0-1: x = (0.03, 0.04, 0.02), xbar 0.03, s_xx 1e-4.
+      vs the ensemble: y = (0.10, 0.12, 0.08), ybar 0.10, s_yy 4e-4, s_xy 2e-4: 0.30; times 3 / 1e-4 the quadratic
+      is a = 300 - 4 t^2, b = 90 - 2 t^2, c = 27 - t^2.
+      vs the ceiling 0.95: y = (0.15, 0.13, 0.17), s_yy 4e-4, s_xy -2e-4: 0.20; a = 675 - 4 t^2, b = 135 + 2 t^2,
+      c = 27 - t^2.
+    window 0-2: x = 0.12 on every seed (s_xx = s_xy = 0): 1.2 of the ensemble's headroom (a = 300 - 4 t^2,
+      b = 360, c = 432) and 0.8 of the ceiling's (a = 675 - 4 t^2, b = 540, c = 432)."""
+    uri = f"sqlite:///{tmp_path / 'head.db'}"
+    confidence = {"audio_only": np.full(HAND_CLIPS, 0.9), "visual_only": np.full(HAND_CLIPS, 0.4)}
+    client, parent, ids = write_sweep_with_probabilities(uri, "head", HEADROOM, confidence, ceiling=0.95)
+    page = html.unescape(build_report("head", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
+    summary = pd.read_csv(tmp_path / "out" / "config_summary.csv").set_index("config")
+    expected = {
+        ("ogm_ge alpha=0.5 window=0-1", "ensemble"): (0.30, fieller_by_hand(300 - 4 * T2, 90 - 2 * T2, 27 - T2)),
+        ("ogm_ge alpha=0.5 window=0-1", "ceiling"): (0.20, fieller_by_hand(675 - 4 * T2, 135 + 2 * T2, 27 - T2)),
+        ("ogm_ge alpha=0.5 window=0-2", "ensemble"): (1.20, fieller_by_hand(300 - 4 * T2, 360, 432)),
+        ("ogm_ge alpha=0.5 window=0-2", "ceiling"): (0.80, fieller_by_hand(675 - 4 * T2, 540, 432)),
+    }
+    metrics = client.get_run(parent).data.metrics
+    for (config, kind), (estimate, (low, high)) in expected.items():
+        row = summary.loc[config]
+        assert row[f"headroom_{kind}_status"] == "bounded" and row[f"headroom_{kind}_n"] == 3
+        assert (row[f"headroom_{kind}"], row[f"headroom_{kind}_low"], row[f"headroom_{kind}_high"]) == \
+            pytest.approx((estimate, low, high), rel=1e-6)
+        name = f"cfg/{config.replace('=', '_')}/headroom_recovered_{kind}"  # MLflow allows no "=" in a name
+        assert (metrics[name], metrics[name + "_low"], metrics[name + "_high"]) == pytest.approx((estimate, low, high), rel=1e-6)
+        assert f"{estimate:.2f} [{low:.2f}, {high:.2f}]" in page
+    assert (summary.loc["ogm_ge alpha=0.5 window=0-1", "headroom_ceiling_low"],
+            summary.loc["ogm_ge alpha=0.5 window=0-1", "headroom_ceiling_high"]) == pytest.approx((0.025834, 0.546685), abs=1e-5)
+    # The ensemble is what audio_only says: 0.90 / 0.94 / 0.86 over seeds; the ceiling is the parent's.
+    assert metrics["ensemble_acc_mean"] == pytest.approx(0.90)
+    board = pd.read_csv(tmp_path / "out" / "leaderboard_numbers.csv").set_index("config")
+    assert board.loc["ogm_ge alpha=0.5 window=0-1", "headroom_ceiling"] == pytest.approx(0.20)
+    shown = pd.read_csv(tmp_path / "out" / "leaderboard.csv").set_index("method")
+    low, high = expected[("ogm_ge alpha=0.5 window=0-1", "ensemble")][1]
+    assert shown.loc["ogm_ge alpha=0.5 window=0-1", "headroom recovered vs ensemble"] == f"0.30 [{low:.2f}, {high:.2f}]"
+    # The finding gives each configuration's paired verdict with its shares. Window 0-2's +0.12 on every seed
+    # sits on 12-14 of the 100 clips (every run here is right on its first clips): the clips' own spread keeps
+    # it "not distinguishable" on 3 seeds, so nothing recovers joint accuracy.
+    tests = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    w02 = tests[(tests["family"] == "vs_normal") & (tests["config"] == "ogm_ge alpha=0.5 window=0-2") & (tests["metric"] == "acc")]
+    text = sentence(page, "headroom")
+    assert (f"ogm_ge alpha=0.5 window=0-2 is not distinguishable from normal (acc - normal +0.120, Holm p = "
+            f"{w02['p_holm'].item():.2g}; 1.20 of the headroom to the ensemble (95% Fieller interval") in text
+    assert "0.80 of the headroom to the ceiling" in text and "ceiling (best achievable on these validation clips) 0.950" in text
+    headroom_tests = tests[tests["family"] == "headroom"].set_index("config")
+    # ceiling - normal per seed 0.15, 0.13, 0.17: a one-sample t over the seeds.
+    assert headroom_tests.loc["ceiling (best achievable)", "difference"] == pytest.approx(0.15)
+    assert headroom_tests.loc["ceiling (best achievable)", "p_value"] == pytest.approx(
+        paired_test([0.95] * 3, [0.80, 0.82, 0.78]).p_value, rel=1e-9)
+    assert headroom_tests.loc["ensemble (audio_only + visual_only)", "difference"] == pytest.approx(0.10)
+
+
+def test_when_no_method_recovers_joint_accuracy_the_report_says_so(tmp_path):
+    """HAND3: window 0-1 is not distinguishable from normal, window 0-2 is lower: nothing recovers; the finding
+    says so with the headroom above normal to each reference (ensemble - normal paired on seeds, ceiling - mean
+    normal)."""
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    client, parent, ids = write_sweep_with_probabilities(uri, "none", HAND3, mixed_confidence(), ceiling=0.95)
+    page = html.unescape(build_report("none", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
+    text = sentence(page, "headroom")
+    ensemble = client.get_run(parent).data.metrics["ensemble_acc_mean"]
+    normal = float(np.mean(finals_of("normal")["acc"]))
+    # These unsure uni-modal runs fuse to below normal (0.743 against 0.827): no headroom to the ensemble.
+    assert ensemble < normal
+    assert (f"No method recovers joint accuracy: none is distinguishably above normal after Holm's adjustment "
+            f"(headroom above normal: none to the ensemble (normal is {normal - ensemble:.3f} above it) and "
+            f"{0.95 - normal:+.3f} to the ceiling)") in text
+    assert "no headroom to the ensemble (normal is at or above it on average over 3 seeds)" in text
+    for config in ("ogm_ge alpha=0.5 window=0-1", "ogm_ge alpha=0.5 window=0-2"):
+        assert f"{config} is not distinguishable from normal" in text
+    import json
+
+    finding = next(f for f in json.loads((tmp_path / "out" / "findings.json").read_text())["findings"] if f["id"] == "headroom")
+    assert finding["recovering"] == [] and finding["ceiling"] == 0.95
+
+
+def test_a_configuration_above_normal_recovers_joint_accuracy_with_its_share():
+    """In-process, on a simulated sweep (tests/simulated_sweeps.py; 5 seeds, 400 clips): configuration 1 truly
+    gains 0.12 in joint accuracy, the others nothing. Its Holm-adjusted paired test says "higher", so the finding
+    says it recovers joint accuracy, with its share of the headroom to the ceiling (mean gain over mean
+    headroom, the same numbers as references.headroom)."""
+    from orchestrator.report.analysis import findings
+    from orchestrator.report.references import References, headroom
+    from simulated_sweeps import simulated_sweep
+
+    table, predictions = simulated_sweep(np.random.default_rng(7), 3, 5, 400, 0.02, effects={(1, "acc"): 0.12})
+    # The columns of analysis.imbalance_summary that the simulation has no use for.
+    for column in ("alpha", "window", "fusion", "gap", "util_audio", "util_visual", "shapley_audio", "shapley_visual",
+                   "balance"):
+        table[column] = np.nan
+    references = References(ceiling={"acc": 0.99})
+    finding = next(f for f in findings(table, predictions, references=references) if f["id"] == "headroom")
+    assert finding["recovering"] == ["ogm_ge alpha=1"]
+    share = headroom(table, references).set_index("config").loc["ogm_ge alpha=1"]
+    normal = table[table["config"] == "normal"]["acc"].to_numpy()
+    gained = table[table["config"] == "ogm_ge alpha=1"]["acc"].to_numpy()
+    assert share["estimate"] == pytest.approx((gained - normal).mean() / (0.99 - normal).mean())
+    assert f"ogm_ge alpha=1 recovers joint accuracy (acc - normal {(gained - normal).mean():+.3f}" in finding["text"]
+    assert f"{share['estimate']:.2f} of the headroom to the ceiling" in finding["text"]
+    assert "1 of 2 recover joint accuracy" in finding["text"] and "No method recovers" not in finding["text"]
+    assert "no uni-modal ensemble" in finding["text"]
+
+
+def test_probabilities_travel_from_the_engine_rows_to_the_report(tmp_path):
+    """`workers.evaluation.pack_probabilities` (what the engine puts in the checkpoint) ->
+    `training.log_probabilities` (probabilities.npz on the run) -> `references.load_probabilities` (the
+    report's reader): the final model's validation rows, float16, in order."""
+    import torch
+
+    from orchestrator.report.references import load_probabilities
+    from orchestrator.training import log_probabilities
+    from workers.evaluation import pack_probabilities
+
+    rows = [{"split": split, "model": model, "clip_id": f"c{i}", "label": 0, "probs": [0.7 - 0.1 * i, 0.2, 0.1 + 0.1 * i]}
+            for split, model in (("val", "final"), ("test", "selected")) for i in range(3)]
+    packed = pack_probabilities(rows)
+    assert packed["probs"].dtype == torch.float16 and all("probs" not in r for r in rows)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'p.db'}")
+    run_id = client.create_run(client.create_experiment("p")).info.run_id
+    log_probabilities(client, run_id, packed)
+    clips, probs = load_probabilities(client, run_id)
+    assert list(clips) == ["c0", "c1", "c2"] and probs.dtype == np.float16
+    np.testing.assert_allclose(probs, [[0.7, 0.2, 0.1], [0.6, 0.2, 0.2], [0.5, 0.2, 0.3]], atol=1e-3)
+    assert load_probabilities(client, client.create_run(client.get_run(run_id).info.experiment_id).info.run_id) is None
+
+
+def test_a_sweep_over_generated_clips_logs_the_cards_ceiling(synth_dataset, tmp_path):
+    """sweep.log_ceiling: the generator's card's best achievable validation accuracies on the parent run, as
+    ceiling_acc (audio_visual), ceiling_acc_audio and ceiling_acc_visual; a folder without the generator's card
+    (real data) gets none."""
+    import json
+
+    from orchestrator.specs import load_spec
+    from orchestrator.sweep import log_ceiling
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'c.db'}")
+    parent = client.create_run(client.create_experiment("c")).info.run_id
+    spec = load_spec({"name": "c", "data": {"source": "dataset", "root": str(synth_dataset)}})
+    logged = log_ceiling(client, parent, spec)
+    best = json.loads((synth_dataset / "card.json").read_text())["best_achievable_accuracy"]["val"]
+    assert logged == {"ceiling_acc": best["audio_visual"], "ceiling_acc_audio": best["audio"],
+                      "ceiling_acc_visual": best["visual"]}
+    assert {k: v for k, v in client.get_run(parent).data.metrics.items() if k.startswith("ceiling")} == logged
+    real = tmp_path / "real"
+    real.mkdir()
+    assert log_ceiling(client, parent, spec.model_copy(update={"data": spec.data.model_copy(update={"root": real})})) == {}

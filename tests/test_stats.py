@@ -252,3 +252,61 @@ def test_pooled_components_pool_one_design_only():
     assert (n_seeds, n_clips) == (5, 96)
     expected = components_from((0.20, 0.30, 0.15), 5, 96)
     assert (parts.seed, parts.clip, parts.residual) == pytest.approx((expected.seed, expected.clip, expected.residual))
+
+
+# --- fieller_ratio / headroom_recovered -----------------------------------------------------------
+# t(0.975, 2)^2 from the df = 2 closed form: 0.95^2 / (2 * 0.975 * 0.025) = 0.9025 / 0.04875 = 722 / 39.
+T2_975_SQUARED = 722 / 39
+
+
+def test_t_squared_constant_matches_the_closed_form():
+    assert T2_975_SQUARED == pytest.approx(t2_quantile(0.975) ** 2, rel=1e-12)
+
+
+def test_fieller_interval_by_hand():
+    """x = (1, 2, 3), y = (6, 5, 7): xbar 2, ybar 6, s_xx 1, s_yy 1, s_xy ((-1)(0) + 0(-1) + 1(1)) / 2 = 0.5, n 3.
+    (xbar - r ybar)^2 <= t^2 (s_xx - 2 r s_xy + r^2 s_yy) / n, times 117 / t^2-free integers:
+    a = 36 - t^2/3 = 3490/117, b = 12 - t^2/6 = 1043/117, c = 4 - t^2/3 = -254/117, so the roots are
+    (1043 -+ sqrt(1043^2 + 3490 * 254)) / 3490 = (1043 -+ sqrt(1974309)) / 3490. Dropping s_xy (treating the
+    means as independent) would give b = 12, other ends: the covariance matters."""
+    from orchestrator.report.stats import fieller_ratio
+
+    ratio = fieller_ratio([1, 2, 3], [6, 5, 7])
+    root = math.sqrt(1043 ** 2 + 3490 * 254)
+    assert root == pytest.approx(math.sqrt(1974309))
+    assert ratio.status == "bounded" and ratio.n == 3
+    assert ratio.estimate == pytest.approx(1 / 3)
+    assert (ratio.low, ratio.high) == pytest.approx(((1043 - root) / 3490, (1043 + root) / 3490), rel=1e-12)
+    assert (ratio.low, ratio.high) == pytest.approx((-0.1037539, 0.7014616), abs=1e-7)
+    # Each end solves the equality: x - r y has a mean exactly on the t-test's edge.
+    for r in (ratio.low, ratio.high):
+        assert (2 - 6 * r) ** 2 == pytest.approx(T2_975_SQUARED * (1 - 2 * r * 0.5 + r * r) / 3, rel=1e-9)
+
+
+def test_fieller_unbounded_no_headroom_and_too_few_seeds():
+    from orchestrator.report.stats import fieller_ratio
+
+    # y = (4, 5, 9): ybar 6, s_yy 7; ybar^2 = 36 < t^2 s_yy / n = (722/39) 7 / 3 = 43.2: not significantly non-zero.
+    unbounded = fieller_ratio([1, 2, 3], [4, 5, 9])
+    assert unbounded.status == "unbounded" and unbounded.estimate == pytest.approx(1 / 3)
+    assert math.isnan(unbounded.low) and math.isnan(unbounded.high)
+    # Normal at or above the reference on average: no ratio at all.
+    none = fieller_ratio([0.01, 0.02, 0.0], [0.01, -0.02, 0.0])
+    assert none.status == "no headroom" and math.isnan(none.estimate)
+    # Two seeds: the ratio, no interval (stats.MIN_SEEDS).
+    two = fieller_ratio([0.02, 0.04], [0.1, 0.1])
+    assert two.status == "no interval" and two.estimate == pytest.approx(0.3) and math.isnan(two.low)
+
+
+def test_headroom_recovered_against_a_constant_ceiling_by_hand():
+    """normal (0.80, 0.82, 0.78), the configuration (0.83, 0.86, 0.80), ceiling 0.95: x = (0.03, 0.04, 0.02),
+    y = (0.15, 0.13, 0.17); xbar 0.03, ybar 0.15 -> 0.2. s_xx 1e-4, s_yy 4e-4, s_xy (0.01(-0.02) - 0.01(0.02)) / 2
+    = -2e-4. Times 3 / 1e-4: a = 675 - 4 t^2, b = 135 + 2 t^2, c = 27 - t^2; ends (b -+ sqrt(b^2 - a c)) / a."""
+    from orchestrator.report.stats import headroom_recovered
+
+    ratio = headroom_recovered([0.83, 0.86, 0.80], [0.80, 0.82, 0.78], 0.95)
+    a, b, c = 675 - 4 * T2_975_SQUARED, 135 + 2 * T2_975_SQUARED, 27 - T2_975_SQUARED
+    root = math.sqrt(b * b - a * c)
+    assert ratio.status == "bounded" and ratio.estimate == pytest.approx(0.2)
+    assert (ratio.low, ratio.high) == pytest.approx(((b - root) / a, (b + root) / a), rel=1e-9)
+    assert (ratio.low, ratio.high) == pytest.approx((0.025834, 0.546685), abs=1e-5)

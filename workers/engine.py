@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from workers.datasets import AVClipDataset
 from workers.distributed import all_reduce_sum, broadcast_buffers, unwrap
+from workers.evaluation import pack_probabilities
 from workers.methods import Method, get_method
 from workers.specs import ExperimentSpec
 
@@ -209,6 +210,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         metrics["train_seconds"] = train_seconds
 
         predictions: list[dict[str, Any]] = []
+        probabilities = None
         if epoch == t.epochs - 1:
             # Per-clip predictions behind `acc` (this model on validation) and `test_acc` (below).
             predictions = method.predictions(loaders, "val", "final", autocast)
@@ -218,6 +220,9 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
             metrics.update({f"test_{k}": v for k, v in method.test_metrics(loaders, autocast).items()})
             predictions += method.predictions(loaders, "test", "selected", autocast)
             raw.load_state_dict(current)
+            # The joint softmax of every row, out of the rows and into one float16 array: compact in the
+            # checkpoint, logged as probabilities.npz beside predictions.csv.
+            probabilities = pack_probabilities(predictions)
 
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         history.append(metrics)
@@ -227,7 +232,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(), "method_name": spec.method.name, "epoch": epoch, "best": best, "rng": rng_state(),
                 "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
-                "predictions": predictions,
+                "predictions": predictions, "probabilities": probabilities,
             }
         report(metrics, checkpoint)
     return history

@@ -56,6 +56,9 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 
 PREDICTION_COLUMNS = ("split", "model", "clip_id", "label", "pred", "pred_audio", "pred_visual",
                       "p_true", "p_true_audio", "p_true_visual")
+# Each `predict` row also carries the joint head's whole softmax under this key, until
+# `pack_probabilities` moves them into one array (a late-fusion ensemble needs every class, not p_true).
+PROBS_KEY = "probs"
 
 
 @torch.no_grad()
@@ -63,8 +66,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, autocast
             which: str) -> list[dict[str, object]]:
     """One row per clip of the loader's split: its id and label, the predicted class of the joint,
     audio and visual heads and each head's softmax probability of the true class (columns
-    ``PREDICTION_COLUMNS``; a head the model lacks gives -1 / nan). `which` names the model
-    ("final": the last epoch's, as ``acc``; "selected": the best on validation, as ``test_acc``).
+    ``PREDICTION_COLUMNS``; a head the model lacks gives -1 / nan), plus ``PROBS_KEY``: the softmax of the
+    model's ``logits`` over every class (the joint head; a uni-modal model's one classifier). `which` names
+    the model ("final": the last epoch's, as ``acc``; "selected": the best on validation, as ``test_acc``).
     Any comparison of two runs on the same clips can be recomputed from these rows alone."""
     model.eval()
     records = loader.dataset.records
@@ -79,14 +83,30 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, autocast
                 continue
             probs = logits.float().softmax(1)
             heads[suffix] = (probs.argmax(1).tolist(), probs.gather(1, labels[:, None])[:, 0].tolist())
+        joint = out.logits.float().softmax(1).cpu().tolist() if out.logits is not None else None
         for i, (idx, label) in enumerate(zip(index.tolist(), labels.tolist())):
             row: dict[str, object] = {"split": split, "model": which, "clip_id": records[idx].clip_id, "label": label}
+            if joint is not None:
+                row[PROBS_KEY] = joint[i]
             for suffix in ("", "_audio", "_visual"):
                 pred, p_true = heads.get(suffix, (None, None))
                 row[f"pred{suffix}"] = pred[i] if pred is not None else -1
                 row[f"p_true{suffix}"] = p_true[i] if p_true is not None else float("nan")
             rows.append(row)
     return rows
+
+
+def pack_probabilities(rows: list[dict[str, object]]) -> dict[str, object] | None:
+    """Moves each row's ``PROBS_KEY`` out of `rows` (in place) into one compact record: ``clip_id``,
+    ``split``, ``model`` (lists, row order) and ``probs``, a float16 (rows, classes) tensor: half the bytes
+    of float32. float16 resolves about 1e-3 near 1, so two classes closer than that may swap in an argmax;
+    the report scores the ensemble on these stored values, so it is reproducible from the artifacts alone.
+    None when no row carries probabilities (a method without a classifier)."""
+    carrying = [row for row in rows if PROBS_KEY in row]
+    if not carrying:
+        return None
+    probs = torch.tensor([row.pop(PROBS_KEY) for row in carrying], dtype=torch.float16)
+    return {key: [row[key] for row in carrying] for key in ("clip_id", "split", "model")} | {"probs": probs}
 
 
 @torch.no_grad()

@@ -34,6 +34,13 @@ _Strict = StrictModel
 
 # Default noise levels of the generator (audio_noise_std / visual_noise_std of synthesize_dataset).
 DIFFICULTY_DEFAULTS = {"audio_noise_std": 0.03, "visual_noise_std": 12.0}
+# What a generated clip's non-informative modality carries: another class's signature (conflict: the
+# modalities contradict each other) or no signature (complement: only that modality's noise, a silent-
+# but-noisy track or an empty scene, so the other modality can fill in).
+UNINFORMATIVE_CONTENT = ("other_class", "no_signature")
+CONTENT_DEFAULTS = {"audio_uninformative": "other_class", "visual_uninformative": "other_class"}
+# Generator knobs added after the first cards: left out of cards and folder keys at their defaults.
+ADDED_DEFAULTS = {**DIFFICULTY_DEFAULTS, **CONTENT_DEFAULTS}
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch takes it too
 # Per-epoch metrics a search can rank trials by (every classifier reports the first ones; the rest are
@@ -43,10 +50,10 @@ SEARCH_METRICS = ("acc", "loss", "best_acc", "acc_audio", "acc_visual", "loss_au
                   "gblend_w_audio", "gblend_w_visual", "gblend_w_joint", "epoch_seconds")
 
 
-def drop_default_difficulty(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` without the difficulty knobs that are at their defaults: they were added later, so
-    cards and generated-folder keys of existing parameter sets stay byte for byte the same."""
-    return {k: v for k, v in params.items() if k not in DIFFICULTY_DEFAULTS or v != DIFFICULTY_DEFAULTS[k]}
+def drop_added_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the knobs added later (difficulty, uninformative content) that are at their
+    defaults, so cards and generated-folder keys of existing parameter sets stay byte for byte the same."""
+    return {k: v for k, v in params.items() if k not in ADDED_DEFAULTS or v != ADDED_DEFAULTS[k]}
 
 
 class DecodeParams(StrictModel):
@@ -114,6 +121,12 @@ class SynthSpec(_Strict):
                                    description="white noise std on the waveform (full scale 1)")
     visual_noise_std: float = Field(DIFFICULTY_DEFAULTS["visual_noise_std"], ge=0, le=255,
                                     description="pixel noise std (0-255)")
+    audio_uninformative: Literal["other_class", "no_signature"] = Field(
+        CONTENT_DEFAULTS["audio_uninformative"],
+        description="what a non-informative clip's audio carries: another class's chord (conflict) or none (noise)")
+    visual_uninformative: Literal["other_class", "no_signature"] = Field(
+        CONTENT_DEFAULTS["visual_uninformative"],
+        description="what a non-informative clip's video carries: another class's object (conflict) or none")
     split_fractions: tuple[float, float, float] = Field(DEFAULT_SPLIT_FRACTIONS, description=(
         "(train, val, test) shares of each class's clips; a larger val share resolves smaller differences"))
 
@@ -127,7 +140,7 @@ class SynthSpec(_Strict):
     def folder_key(self) -> str:
         """Stable short hash: the same parameters reuse the same generated folder (knobs added later are
         left out at their defaults, so existing folders keep their keys)."""
-        params = drop_default_difficulty(self.model_dump(mode="json"))
+        params = drop_added_defaults(self.model_dump(mode="json"))
         if tuple(params["split_fractions"]) == DEFAULT_SPLIT_FRACTIONS:
             del params["split_fractions"]
         blob = json.dumps(params, sort_keys=True).encode()

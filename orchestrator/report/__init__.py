@@ -2,7 +2,8 @@
 
 ``analysis`` reads the sweep and computes (its docstring defines utilisation, balance and the
 dominant modality), ``comparisons`` gives every compared number its interval and paired test
-(``stats`` holds the formulas), ``plots`` draws, ``html`` writes the page (``build_report``).
+(``stats`` holds the formulas), ``references`` the uni-modal ensemble, the ceiling and the headroom
+each configuration recovers, ``plots`` draws, ``html`` writes the page (``build_report``).
 """
 from __future__ import annotations
 

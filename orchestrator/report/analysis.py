@@ -42,6 +42,8 @@ from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_
 from orchestrator.tracking import log_summary_once
 from orchestrator.report.comparisons import (baseline_method, config_summary, describe, load_predictions, power,
                                              report_tests, find_test, tests_table, verdict, weak_modality)
+from orchestrator.report.references import (CEILING, References, build_references, describe_ratio, headroom,
+                                            load_probabilities, reference_summary)
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -103,6 +105,13 @@ class SweepData:
     params: dict[str, dict[str, str]] = field(repr=False)
     # run_id -> the run's per-clip validation predictions (final model), None when it logged none.
     predictions: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
+    # run_id -> (clip ids, joint softmax) of the uni-modal baselines only (the ensemble reference's inputs).
+    probabilities: dict[str, tuple[pd.Index, np.ndarray] | None] = field(default_factory=dict, repr=False)
+
+    def references(self) -> References:
+        """The sweep's references (``orchestrator.report.references``): its uni-modal ensembles and, on
+        generated clips, the ceiling logged on the parent run."""
+        return build_references(self.trials, self.predictions, self.probabilities, self.parent_metrics)
 
 
 def _history(client: MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataFrame:
@@ -173,9 +182,12 @@ def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
     trials = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "config", "group"])
     trials = trials.sort_values(["group", "method", "alpha", "window", "seed"], na_position="first").reset_index(drop=True)
     predictions = {run.info.run_id: load_predictions(client, run.info.run_id) for run in runs}
+    # Only the baselines' probabilities: the ensemble needs nothing else, and a large sweep stays cheap.
+    probabilities = {run.info.run_id: load_probabilities(client, run.info.run_id) for run in runs
+                     if is_unimodal(params[run.info.run_id].get("method.name", ""))}
     return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
                      parent_metrics=dict(parent.data.metrics), trials=trials, histories=histories, params=params,
-                     predictions=predictions)
+                     predictions=predictions, probabilities=probabilities)
 
 
 def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | None = None) -> str:
@@ -313,18 +325,24 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
 
 def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None,
                         summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None,
-                        tests: pd.DataFrame | None = None) -> pd.DataFrame:
+                        tests: pd.DataFrame | None = None, references: References | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
-    (``best_by_acc/*``) and by balance (``best_by_balance/*``). Returns the summary table.
+    (``best_by_acc/*``) and by balance (``best_by_balance/*``), the references (``ensemble_acc_mean`` /
+    ``_low`` / ``_high``, prefixed ``<group>/`` in a group) and each configuration's share of the headroom
+    recovered (``cfg/<config>/headroom_recovered_<ensemble|ceiling>``, ``_low`` / ``_high``). Returns the
+    summary table.
 
     `sweep`: the sweep as already read with :func:`load_sweep` (read here when None); `summary`: its
     :func:`config_summary` when the caller has it (its paired bootstraps are the costly part); `board`:
-    its leaderboard (``orchestrator.report.leaderboard``) when the caller has it.
+    its leaderboard (``orchestrator.report.leaderboard``) when the caller has it; `references`: its
+    references (``sweep.references()``) when the caller has them.
     """
     if sweep is None:
         sweep = load_sweep(client, parent_run_id)
+    if references is None:
+        references = sweep.references()
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
     ts = int(time.time() * 1000)
@@ -352,9 +370,9 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, value)
     if tests is None:
-        tests = report_tests(table, sweep.predictions)
+        tests = report_tests(table, sweep.predictions, references)
     if summary is None:
-        summary = config_summary(table, sweep.predictions, tests)
+        summary = config_summary(table, sweep.predictions, tests, references)
     # Per-configuration means with 95% intervals over seeds on the parent, so the MLflow UI's metric
     # view compares configurations, not single seeds (`cfg/<config>/acc_mean`, `..._low`, `..._high`).
     for _, row in summary.iterrows():
@@ -363,6 +381,7 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
                 value = number(row.get(col))
                 if value is not None:
                     parent_metrics[f"cfg/{_metric_name(row['config'])}/{key}_{suffix}"] = value
+    parent_metrics.update(reference_metrics(table, references))
     log_summary_once(client, parent_run_id, parent_metrics)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
@@ -374,6 +393,25 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
 
     log_leaderboard(client, parent_run_id, board if board is not None else leaderboard(sweep, table, summary))
     return table
+
+
+def reference_metrics(table: pd.DataFrame, references: References) -> dict[str, float]:
+    """The parent's reference metrics: per group the ensemble's joint accuracy (``ensemble_acc_mean``,
+    ``_low``, ``_high``: t-interval over seeds; ``<group>/`` before them in a group) and per configuration the
+    share of the headroom recovered (``cfg/<config>/headroom_recovered_<reference>``, with ``_low`` and
+    ``_high`` when Fieller's interval is bounded; none where there is no headroom)."""
+    out: dict[str, float] = {}
+    for _, row in reference_summary(table, references).iterrows():
+        prefix = f"{_metric_name(row['group'])}/" if row["group"] else ""
+        for suffix, col in (("mean", "ensemble"), ("low", "ensemble_low"), ("high", "ensemble_high")):
+            if (value := number(row[col])) is not None:
+                out[f"{prefix}ensemble_acc_{suffix}"] = value
+    for _, row in headroom(table, references).iterrows():
+        name = f"cfg/{_metric_name(row['config'])}/headroom_recovered_{row['reference']}"
+        for suffix, col in (("", "estimate"), ("_low", "low"), ("_high", "high")):
+            if (value := number(row[col])) is not None:
+                out[name + suffix] = value
+    return out
 
 
 def _metric_name(config: str) -> str:
@@ -434,8 +472,96 @@ def _detectable(value: float) -> str:
     return "more than any accuracy difference (1.0)" if math.isinf(value) else f"{value:.3f}"
 
 
+def _reference_text(row: pd.Series, tests: pd.DataFrame, group: str) -> str:
+    """The group's references against normal in words (`references.reference_summary` row)."""
+    parts = [f"normal {_f(row['normal'])}"]
+    if row["ensemble_config"] is not None:
+        test = find_test(tests, "headroom", group, row["ensemble_config"], "acc")
+        interval = (f" [{_f(row['ensemble_low'])}, {_f(row['ensemble_high'])}]"
+                    if number(row["ensemble_low"]) is not None else "")
+        parts.append(f"uni-modal ensemble (late fusion of audio_only and visual_only, same seed) "
+                     f"{_f(row['ensemble'])}{interval} over {int(row['ensemble_n'])} seeds"
+                     + (f", ensemble - normal {describe(test)}: {verdict(test)}" if test is not None else ""))
+    else:
+        parts.append(f"no uni-modal ensemble ({row['ensemble_missing']})")
+    if number(row["ceiling"]) is not None:
+        test = find_test(tests, "headroom", group, CEILING, "acc")
+        parts.append(f"ceiling (best achievable on these validation clips) {_f(row['ceiling'])}"
+                     + (f", ceiling - normal {describe(test)}: {verdict(test)}" if test is not None else ""))
+    else:
+        parts.append("no ceiling (real data, or clips without the generator's card)")
+    return "; ".join(parts)
+
+
+def _available(row: pd.Series) -> str:
+    """The headroom above normal to each reference the group has: "+0.043 to the ensemble", or "none to the
+    ensemble (normal is 0.020 above it)"."""
+    out = []
+    for kind in ("ensemble", "ceiling"):
+        value = number(row[f"headroom_{kind}"])
+        if value is not None:
+            out.append(f"{value:+.3f} to the {kind}" if value > 0 else
+                       f"none to the {kind} (normal is {-value:.3f} above it)")
+    return " and ".join(out) if out else "none measurable (no reference)"
+
+
+# A joint configuration's paired verdict against normal on joint accuracy, as the headroom finding says it.
+RECOVERY_WORDS = {"higher": "recovers joint accuracy", "lower": "is lower than normal",
+                  "not distinguishable": "is not distinguishable from normal",
+                  "no verdict": "has no verdict (fewer than 3 seeds shared with normal)"}
+
+
+def _short(test) -> str:
+    """"+0.020, Holm p = 0.03" (the raw p when the test was not adjusted; no p without a test)."""
+    if not test.testable:
+        return f"{test.difference:+.3f}, no test"
+    p = test.p_adjusted if not math.isnan(test.p_adjusted) else test.p_value
+    return f"{test.difference:+.3f}, Holm p = {p:.2g}"
+
+
+def _recovery(group: str, config: str, tests: pd.DataFrame, recovered: pd.DataFrame) -> tuple[dict[str, Any], str]:
+    """One joint configuration in the headroom finding: its numbers (verdict against normal on joint accuracy,
+    the share of the headroom to each reference) and its sentence."""
+    test = find_test(tests, "vs_normal", group, config, "acc")
+    shares = recovered[(recovered["group"] == group) & (recovered["config"] == config)]
+    numbers_ = {"verdict": verdict(test), **_comparison_numbers(test)}
+    for _, share in shares.iterrows():
+        numbers_[f"headroom_{share['reference']}"] = {**{k: number(share[k]) for k in ("estimate", "low", "high")},
+                                                      "status": share["status"], "n_seeds": int(share["n_seeds"])}
+    parts = ([f"acc - normal {_short(test)}"] if test is not None else [])
+    parts += [describe_ratio(share, share["reference"]) for _, share in shares.iterrows()]
+    return numbers_, f"{config} {RECOVERY_WORDS[verdict(test)]}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def headroom_finding(group: str, prefix: str, configs: list[str], tests: pd.DataFrame, row: pd.Series,
+                     recovered: pd.DataFrame) -> dict[str, Any]:
+    """Per group: the references (`row`: its `references.reference_summary` row), and for each joint
+    configuration whether it recovers joint accuracy (its Holm-adjusted paired test against normal says
+    "higher") with the share of the headroom it recovers (`recovered`: `references.headroom`)."""
+    per_config, sentences = {}, []
+    for config in configs:
+        per_config[config], sentence = _recovery(group, config, tests, recovered)
+        sentences.append(sentence)
+    recovering = [c for c, n in per_config.items() if n["verdict"] == "higher"]
+    text = f"{prefix}Joint accuracy against its references: {_reference_text(row, tests, group)}. "
+    if not configs:
+        text += f"No joint configuration besides normal (headroom above normal: {_available(row)})."
+    elif not recovering:
+        text += (f"No method recovers joint accuracy: none is distinguishably above normal after Holm's adjustment "
+                 f"(headroom above normal: {_available(row)}).")
+    else:
+        text += f"{len(recovering)} of {len(configs)} recover joint accuracy (headroom above normal: {_available(row)})."
+    if sentences:
+        text += " Per configuration: " + "; ".join(sentences) + "."
+    return {"id": "headroom", "group": group, "recovering": recovering, "configs": per_config, "text": text,
+            **{key: number(row[col]) for key, col in (
+                ("normal_acc", "normal"), ("ensemble_acc", "ensemble"), ("ensemble_low", "ensemble_low"),
+                ("ensemble_high", "ensemble_high"), ("ceiling", "ceiling"), ("headroom_ensemble", "headroom_ensemble"),
+                ("headroom_ceiling", "headroom_ceiling"))}}
+
+
 def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | None = None,
-             tests: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+             tests: pd.DataFrame | None = None, references: References | None = None) -> list[dict[str, Any]]:
     """The comparisons the report states, per group of trials sharing their non-method settings.
 
     Each finding: ``{"id", "group", "text", **numbers}``; numbers are means over seeds. A claim that one
@@ -443,11 +569,14 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
     same seeds and validation clips (`predictions`: run_id -> per-clip predictions; without them, a paired
     t over seeds), Holm-adjusted within its family (`comparisons.report_tests`, passed as `tests` when the
     caller has it); otherwise the finding says "not distinguishable" (or "no verdict" with too few seeds).
+    With `references` (``SweepData.references``), one "headroom" finding per group.
     """
     predictions = predictions or {}
-    tests = report_tests(table, predictions) if tests is None else tests
+    tests = report_tests(table, predictions, references) if tests is None else tests
     out: list[dict[str, Any]] = []
     means = config_means(table)
+    summary = reference_summary(table, references) if references is not None else pd.DataFrame()
+    recovered = headroom(table, references) if references is not None else pd.DataFrame()
     for group, configs in means.groupby("group", sort=False):
         prefix = f"[{group}] " if group else ""
         joint = configs[~configs["method"].map(is_unimodal).astype(bool) & configs["acc_audio"].notna()
@@ -516,6 +645,11 @@ def findings(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None] | 
                         "ogm_weak_acc": float(best[f"acc_{weak}"]), "normal_weak_acc": accs[weak], "delta": delta,
                         "ogm_acc": float(best["acc"]), "normal_acc": normal_acc, **_comparison_numbers(test),
                         "text": text})
+
+        reference_row = summary[summary["group"] == group] if not summary.empty else summary
+        if not reference_row.empty:
+            configs_in_group = list(joint.loc[joint["method"] != "normal", "config"])
+            out.append(headroom_finding(group, prefix, configs_in_group, tests, reference_row.iloc[0], recovered))
 
         resolution = power(tests, group)
         if resolution is not None:

@@ -9,7 +9,7 @@ configurations are compared on the seeds both have, and on the clips both logged
 crossed source of noise. A sweep logged without predictions falls back to a paired t over the seeds' final
 accuracies. Fewer than ``stats.MIN_SEEDS`` common seeds: no verdict.
 
-The report's tests form three families, each adjusted with Holm's method (family-wise error 5% under any
+The report's tests form four families, each adjusted with Holm's method (family-wise error 5% under any
 dependence; the comparisons share the normal model's runs, so they are not independent):
 
 * ``vs_normal``: every joint configuration x {acc, acc_audio, acc_visual} against the normal
@@ -17,7 +17,10 @@ dependence; the comparisons share the normal model's runs, so they are not indep
 * ``dominance``: per group, the normal model's audio head against its visual head (which modality is
   weak; "neither" when the test does not say);
 * ``weak_vs_unimodal``: per group, the normal model's weak head against the weak modality's uni-modal
-  baseline (is the weak modality under-used?).
+  baseline (is the weak modality under-used?);
+* ``headroom``: per group, the references against normal on joint accuracy (``references``): the uni-modal
+  ensemble minus normal (paired on seeds and clips, like any configuration) and the ceiling minus normal
+  (a one-sample t over the seeds of ``ceiling - normal_s``): is there headroom above normal at all?
 """
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from orchestrator.report.references import (CEILING, CONFIDENCE, KINDS, References, headroom, joint_configs,
+                                            normal_config)
 from orchestrator.report.stats import (MIN_SEEDS, PairedComparison, adjust, components_from, detectable_difference,
                                        paired_test, t_interval)
+from orchestrator.runs import PREDICTIONS_FILE
 from workers.methods import unimodal_methods
 
-PREDICTIONS_FILE = "predictions.csv"
-CONFIDENCE = 0.95
 ALPHA = 1.0 - CONFIDENCE
 POWER = 0.8
 # A metric and the prediction column behind it.
@@ -89,9 +93,14 @@ def config_intervals(table: pd.DataFrame, keys: tuple[str, ...] = METRICS) -> pd
 
 class Outcomes:
     """Per run and prediction column, whether the final model was right on each validation clip (0/1 per
-    clip, with the clip ids), computed once per report; and each configuration's runs by seed."""
+    clip, with the clip ids), computed once per report; and each configuration's runs by seed.
 
-    def __init__(self, table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None]):
+    With `references`, each group's uni-modal ensemble is one more configuration (its name,
+    ``references.ENSEMBLE``): per seed a pseudo-run whose joint prediction is the ensemble's, so it is
+    compared on seeds and clips like a trained one."""
+
+    def __init__(self, table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None],
+                 references: References | None = None):
         done = table[table["acc"].notna()]
         self.predictions = predictions
         self._runs = {config: dict(zip(trials["seed"].astype(str), trials["run_id"]))
@@ -99,6 +108,13 @@ class Outcomes:
         self._final = {run_id: {m: float(row[m]) for m in METRICS}
                        for run_id, row in done.set_index("run_id")[list(METRICS)].iterrows()}
         self._correct: dict[str, dict[str, tuple[pd.Index, np.ndarray] | None]] = {}
+        for ensemble in (references.ensembles.values() if references is not None else ()):
+            runs = self._runs[ensemble.config] = {}
+            for seed, (clips, right) in ensemble.outcomes.items():
+                # A pseudo-run id no MLflow run has; only the joint prediction exists.
+                runs[seed] = f"{ensemble.config}/seed={seed}"
+                self._correct[runs[seed]] = {PRED_COLUMN["acc"]: (clips, right)}
+                self._final[runs[seed]] = {"acc": float(right.mean()), "acc_audio": math.nan, "acc_visual": math.nan}
 
     def correct(self, run_id: str, column: str) -> tuple[pd.Index, np.ndarray] | None:
         if run_id not in self._correct:
@@ -192,8 +208,7 @@ def _family(rows: list[tuple]) -> list[dict]:
 def _groups(table: pd.DataFrame):
     done = table[table["acc"].notna()]
     for group, trials in done.groupby("group", sort=False, dropna=False):
-        normal = trials.loc[trials["method"] == "normal", "config"].unique()
-        yield group, trials, (normal[0] if len(normal) == 1 else None)
+        yield group, trials, normal_config(trials)
 
 
 def baseline_method(modality: str) -> str:
@@ -201,11 +216,30 @@ def baseline_method(modality: str) -> str:
     return unimodal_methods()[modality]
 
 
-def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None]) -> pd.DataFrame:
+def headroom_tests(outcomes: Outcomes, groups: list, references: References) -> list[tuple]:
+    """Per group: the ensemble minus normal (paired on seeds and clips) and the ceiling minus normal (a
+    one-sample t over the seeds of ceiling - normal_s: the ceiling is one number, normal varies by seed),
+    both on joint accuracy, as rows for `_family`."""
+    rows = []
+    for group, _, normal in groups:
+        if normal is None:
+            continue
+        ensemble = references.ensembles.get(group)
+        if ensemble is not None and (result := compare(outcomes, ensemble.config, normal, "acc")) is not None:
+            rows.append(("headroom", group, ensemble.config, "acc", normal, "acc", result))
+        if "acc" in references.ceiling:
+            normal_acc = [outcomes.final(run_id, "acc") for run_id in outcomes.runs(normal).values()]
+            result = paired_test([references.ceiling["acc"]] * len(normal_acc), normal_acc, CONFIDENCE)
+            rows.append(("headroom", group, CEILING, "acc", normal, "acc", result))
+    return rows
+
+
+def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None],
+                 references: References | None = None) -> pd.DataFrame:
     """Every test the report states, one row each (columns ``TEST_COLUMNS`` plus ``result``, the
     :class:`PairedComparison`), Holm-adjusted within its family (module docstring). ``verdict`` comes from
-    the adjusted p-value."""
-    outcomes = Outcomes(table, predictions)
+    the adjusted p-value. The ``headroom`` family only with `references`."""
+    outcomes = Outcomes(table, predictions, references)
     groups = list(_groups(table))
     dominance, versus = [], []
     for group, trials, normal in groups:
@@ -214,8 +248,7 @@ def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None
         result = compare(outcomes, normal, normal, "acc_audio", "acc_visual")
         if result is not None:
             dominance.append(("dominance", group, normal, "acc_audio", normal, "acc_visual", result))
-        joint = trials[trials["acc_audio"].notna() & trials["acc_visual"].notna() & (trials["method"] != "normal")]
-        for config in joint["config"].unique():
+        for config in joint_configs(trials):
             for metric in METRICS:
                 result = compare(outcomes, config, normal, metric)
                 if result is not None:
@@ -232,6 +265,8 @@ def report_tests(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None
             if result is not None:
                 under.append(("weak_vs_unimodal", group, normal, f"acc_{weak[group]}", baseline[0], "acc", result))
     rows += _family(under)
+    if references is not None:
+        rows += _family(headroom_tests(outcomes, groups, references))
     return pd.DataFrame(rows, columns=[*TEST_COLUMNS, "result"])
 
 
@@ -268,15 +303,17 @@ def find_test(tests: pd.DataFrame, family: str, group: str, config: str, metric:
 
 
 def config_summary(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | None],
-                   tests: pd.DataFrame | None = None) -> pd.DataFrame:
+                   tests: pd.DataFrame | None = None, references: References | None = None) -> pd.DataFrame:
     """One row per configuration: n seeds, mean and 95% t-interval over seeds of acc / acc_audio /
     acc_visual, the group's weak modality, and for joint configurations the paired difference from the
     group's normal configuration (``d_<metric>``, ``d_<metric>_low`` / ``_high``, ``p_<metric>``, the
-    Holm-adjusted ``p_holm_<metric>``, ``n_paired_<metric>`` seeds, ``vs_normal_<metric>``)."""
+    Holm-adjusted ``p_holm_<metric>``, ``n_paired_<metric>`` seeds, ``vs_normal_<metric>``) and, with
+    `references`, the share of the headroom above normal it recovers against each reference
+    (``headroom_<ensemble|ceiling>``, ``_low`` / ``_high`` (Fieller), ``_status``, ``_n``)."""
     summary = config_intervals(table)
     if summary.empty:
         return summary
-    tests = report_tests(table, predictions) if tests is None else tests
+    tests = report_tests(table, predictions, references) if tests is None else tests
     summary["weak"] = [weak_modality(tests, g) for g in summary["group"]]
     for _, row in tests[tests["family"] == "vs_normal"].iterrows():
         at = summary.index[(summary["config"] == row["config"]) & (summary["group"] == row["group"])]
@@ -285,7 +322,24 @@ def config_summary(table: pd.DataFrame, predictions: dict[str, pd.DataFrame | No
             [row["difference"], row["low"], row["high"], row["p_value"], row["p_holm"], row["n_seeds"]]
         summary.loc[at, f"vs_normal_{m}"] = row["verdict"]
         summary.loc[at, "paired_test"] = row["method"]
+    if references is not None:
+        add_headroom(summary, headroom(table, references))
     return summary
+
+
+def add_headroom(summary: pd.DataFrame, recovered: pd.DataFrame) -> None:
+    """`summary` with the columns ``headroom_<reference>[_low|_high|_status|_n]`` of `references.headroom`."""
+    for kind in KINDS:
+        for suffix in ("", "_low", "_high"):
+            summary[f"headroom_{kind}{suffix}"] = np.nan
+        summary[f"headroom_{kind}_status"] = None
+        summary[f"headroom_{kind}_n"] = np.nan
+    for _, row in recovered.iterrows():
+        at = summary.index[(summary["config"] == row["config"]) & (summary["group"] == row["group"])]
+        kind = row["reference"]
+        summary.loc[at, [f"headroom_{kind}", f"headroom_{kind}_low", f"headroom_{kind}_high", f"headroom_{kind}_n"]] = \
+            [row["estimate"], row["low"], row["high"], row["n_seeds"]]
+        summary.loc[at, f"headroom_{kind}_status"] = row["status"]
 
 
 def format_interval(mean: float, low: float, high: float) -> str:

@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.report.analysis import (CONFIG_SUMMARY_FILE, REPORT_DIR, SUMMARY_FILE, TESTS_FILE, gblend_finding, SweepData, config_means, findings, gblend_weights,
                                           gblend_weights_source, imbalance_summary, load_sweep, log_sweep_imbalance,
                                           ogm_scores_note, resolve_sweep, utilisation)
-from orchestrator.report.comparisons import (config_summary, format_interval, format_p, report_tests, tests_table,
-                                             weak_modality)
+from orchestrator.report.comparisons import (config_summary, find_test, format_interval, format_p, report_tests,
+                                             tests_table, verdict, weak_modality)
+from orchestrator.report.references import CEILING, KINDS, format_ratio, reference_summary
 from orchestrator.report.leaderboard import LEADERBOARD_FILE, LEADERBOARD_NUMBERS_FILE, display_rows, leaderboard
 from orchestrator.tracking import redact_uri
 from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
@@ -81,7 +82,65 @@ READING_LEADERBOARD = (
     "from the normal joint model on the same seeds and validation clips ('on k seeds' when fewer than the row's) "
     "with its 95% interval, p-value and Holm-adjusted p-value over the report's comparisons with normal; the "
     "verdict comes from the adjusted one ('no verdict' under 3 seeds); 'weak head - normal' is the same for the "
-    "weak modality's head (the one a paired test finds weaker in the normal model; empty when neither is).")
+    "weak modality's head (the one a paired test finds weaker in the normal model; empty when neither is); "
+    "'headroom recovered vs ensemble / ceiling' is (acc - normal) / (reference - normal) over the seeds both share, "
+    "with its 95% Fieller interval (see References).")
+
+
+READING_REFERENCES = (
+    "References for joint accuracy, each against the normal joint model of the group. The uni-modal ensemble is "
+    "late fusion of the audio_only and visual_only runs of the same seed: the mean of their class probabilities "
+    "on each validation clip (final models), its argmax scored like a trained model; mean and 95% t-interval over "
+    "seeds, and 'ensemble - normal' is paired on seeds and clips like any configuration. The ceiling (generated "
+    "clips only) is the best accuracy any recogniser can reach on these validation clips from what they carry "
+    "(the generator's card); 'ceiling - normal' is a one-sample t over normal's seeds. Both tests form one family, "
+    "Holm-adjusted. 'Headroom recovered' = (acc - normal) / (reference - normal), seed by seed on the seeds both "
+    "share: mean gain over mean headroom, with its 95% Fieller interval over seeds (Fieller 1954; conditional on "
+    "these validation clips). 1 = reaches the reference, 0 = no better than normal, below 0 = worse; "
+    "'[unbounded]' when the headroom itself is not distinguishable from 0 over the seeds; 'no headroom' when "
+    "normal is at or above the reference on average.")
+
+
+def references_section(refs: pd.DataFrame, tests: pd.DataFrame, summary: pd.DataFrame | None) -> str:
+    """The page's references: per group normal, the ensemble and the ceiling with their tests against
+    normal, then per joint configuration the share of the headroom it recovers against each."""
+    rows = []
+    for _, r in refs.iterrows():
+        ensemble = find_test(tests, "headroom", r["group"], r["ensemble_config"], "acc") if r["ensemble_config"] else None
+        ceiling = find_test(tests, "headroom", r["group"], CEILING, "acc")
+        rows.append({**({"group": r["group"]} if refs["group"].astype(bool).any() else {}),
+                     "normal": format_interval(r["normal"], r["normal_low"], r["normal_high"]),
+                     "ensemble (audio_only + visual_only)": format_interval(r["ensemble"], r["ensemble_low"],
+                                                                            r["ensemble_high"])
+                     or f"none: {r['ensemble_missing']}",
+                     "ensemble - normal": test_cell(ensemble),
+                     "ceiling": "" if pd.isna(r["ceiling"]) else f"{r['ceiling']:.3f}",
+                     "ceiling - normal": test_cell(ceiling)})
+    table = pd.DataFrame(rows)
+    parts = ["<h2 id='references'>References: uni-modal ensemble, ceiling and headroom recovered</h2>",
+             _html_table(table, list(table.columns))]
+    columns = [f"headroom recovered vs {kind}" for kind in KINDS]
+    if summary is not None and "headroom_ensemble_status" in summary:
+        joint = summary[summary[[f"headroom_{kind}_status" for kind in KINDS]].notna().any(axis=1)]
+        if not joint.empty:
+            shown = pd.DataFrame([{"config": r["config"], "acc": format_interval(r["acc"], r["acc_low"], r["acc_high"]),
+                                   **{f"headroom recovered vs {kind}": format_ratio(
+                                       r[f"headroom_{kind}"], r[f"headroom_{kind}_low"], r[f"headroom_{kind}_high"],
+                                       r[f"headroom_{kind}_status"]) for kind in KINDS}}
+                                  for _, r in joint.iterrows()])
+            parts.append(_html_table(shown, ["config", "acc", *columns]))
+    parts.append(f"<p class='meta'>{html.escape(READING_REFERENCES)}</p>")
+    return "".join(parts)
+
+
+def test_cell(test) -> str:
+    """"+0.043 [+0.020, +0.066] Holm p=0.01: higher"; "" without a test."""
+    if test is None:
+        return ""
+    if not test.testable:
+        return f"{test.difference:+.3f}: no verdict"
+    return (f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={format_p(test.p_value)} "
+            f"Holm p={format_p(test.p_adjusted)}: {verdict(test)}")
 
 
 def comparison_cell(r: pd.Series, key: str) -> str:
@@ -110,7 +169,9 @@ def _interval_table(summary: pd.DataFrame) -> str:
 
 def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: list[dict[str, Any]],
                 figures: list[tuple[Path, str]], weights: dict[str, float] | None,
-                summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None) -> str:
+                summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None,
+                references: str = "") -> str:
+    """The page; `references`: the references section's HTML (`references_section`), "" without one."""
     title = f"avtune imbalance report: {sweep.experiment_name}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -128,6 +189,7 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
         shown = display_rows(board)
         parts.append("<h2 id='leaderboard'>Leaderboard</h2>" + _html_table(shown, list(shown.columns))
                      + f"<p class='meta'>{html.escape(READING_LEADERBOARD)}</p>")
+    parts.append(references)
     parts.append("<h2>Definitions</h2><ul>"
                  "<li><b>utilisation</b> util_m = accuracy of modality m's head inside the joint model / accuracy of the "
                  "matching uni-modal baseline (same seed when the sweep has it, else mean over seeds), per epoch and final.</li>"
@@ -182,12 +244,13 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     sweep = load_sweep(client, sweep_run_id)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
-    tests = report_tests(table, sweep.predictions)
-    summary = config_summary(table, sweep.predictions, tests)
+    references = sweep.references()
+    tests = report_tests(table, sweep.predictions, references)
+    summary = config_summary(table, sweep.predictions, tests, references)
     board = leaderboard(sweep, table, summary)
     if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board, tests)
-    items = findings(table, sweep.predictions, tests)
+        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board, tests, references)
+    items = findings(table, sweep.predictions, tests, references)
     weak = weak_modality(tests)
     if (blend := gblend_finding(sweep, table)) is not None:
         items.append(blend)
@@ -227,7 +290,9 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     report = out / "report.html"
     board.to_csv(out / LEADERBOARD_NUMBERS_FILE, index=False)
     display_rows(board).to_csv(out / LEADERBOARD_FILE, index=False)
-    _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board))
+    refs = reference_summary(table, references)
+    section = references_section(refs, tests, summary) if not refs.empty else ""
+    _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board, section))
     if log_to_mlflow:
         for path in [report, out / SUMMARY_FILE, out / CONFIG_SUMMARY_FILE, out / TESTS_FILE, out / LEADERBOARD_FILE,
                      out / LEADERBOARD_NUMBERS_FILE, out / "findings.json", *(p for p, _ in figures)]:

@@ -6,8 +6,10 @@ weak modality (its head's accuracy over its uni-modal baseline's; see `analysis`
 ``1 - |phi_a - phi_v| / (|phi_a| + |phi_v|)``, the training seconds per epoch, and the paired difference of
 joint accuracy (and of the weak head) from the normal configuration of the same group (same seeds, same
 validation clips: `comparisons.report_tests`) with its interval, raw and Holm-adjusted p-value, the seeds
-it paired on, and the verdict (from the adjusted p-value). The weak modality is
-`comparisons.weak_modality`'s: none when the normal model's heads are not distinguishable.
+it paired on, and the verdict (from the adjusted p-value), and the share of the headroom above normal it
+recovers against the uni-modal ensemble and the ceiling (`references.headroom`: Fieller's interval over
+seeds). The weak modality is `comparisons.weak_modality`'s: none when the normal model's heads are not
+distinguishable.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pandas as pd
 
 from orchestrator.report.analysis import MODALITIES, SweepData, shapley_balance
 from orchestrator.report.comparisons import CONFIDENCE, format_p
+from orchestrator.report.references import KINDS, format_ratio
 from orchestrator.report.stats import t_interval
 
 # On the parent run: the table as shown (MLflow's artifact view renders a CSV as a table) and its numbers.
@@ -27,7 +30,8 @@ COLUMNS = ["group", "config", "method", "n", "acc", "acc_low", "acc_high", "acc_
            "acc_audio_high", "acc_visual", "acc_visual_low", "acc_visual_high", "weak", "util_weak",
            "util_weak_low", "util_weak_high", "shapley_balance", "train_seconds_per_epoch", "d_acc", "d_acc_low",
            "d_acc_high", "p_acc", "p_holm_acc", "n_paired_acc", "vs_normal_acc", "d_weak", "d_weak_low", "d_weak_high",
-           "p_weak", "p_holm_weak", "n_paired_weak", "vs_normal_weak"]
+           "p_weak", "p_holm_weak", "n_paired_weak", "vs_normal_weak",
+           *(f"headroom_{kind}{part}" for kind in KINDS for part in ("", "_low", "_high", "_status", "_n"))]
 
 
 def train_seconds(sweep: SweepData, run_id: str) -> float | None:
@@ -77,6 +81,9 @@ def leaderboard(sweep: SweepData, table: pd.DataFrame, summary: pd.DataFrame) ->
                     continue
                 for part in ("d_{}", "d_{}_low", "d_{}_high", "p_{}", "p_holm_{}", "n_paired_{}", "vs_normal_{}"):
                     row[part.format(target)] = paired[part.format(metric)].iloc[0]
+            for column in COLUMNS:
+                if column.startswith("headroom_") and not paired.empty and column in paired:
+                    row[column] = paired[column].iloc[0]
             rows.append(row)
     board = pd.DataFrame(rows, columns=COLUMNS)
     return board.sort_values(["group", "acc"], ascending=[True, False], kind="stable").reset_index(drop=True)
@@ -129,6 +136,9 @@ def display_rows(board: pd.DataFrame) -> pd.DataFrame:
             "p weak": format_p(r["p_weak"]) if weak_paired else "",
             "p weak Holm": format_p(r["p_holm_weak"]) if weak_paired else "",
             "weak vs normal": r["vs_normal_weak"] if weak_paired else "",
+            **{f"headroom recovered vs {kind}": format_ratio(r[f"headroom_{kind}"], r[f"headroom_{kind}_low"],
+                                                             r[f"headroom_{kind}_high"], r[f"headroom_{kind}_status"])
+               for kind in KINDS},
         })
     return pd.DataFrame(out)
 

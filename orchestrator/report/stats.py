@@ -16,6 +16,8 @@ should; the degrees of freedom are the seeds' (S - 1). Checked by simulation in 
 * ``paired_test``: the paired comparison above; one value per seed (``clips == 1``) is the paired t.
 * ``holm``: Holm's step-down adjustment of a family's p-values.
 * ``detectable_difference``: the smallest difference ``paired_test`` finds with a given power.
+* ``fieller_ratio``: a ratio of two correlated means over seeds with Fieller's interval;
+  ``headroom_recovered`` applies it to (acc - normal) / (reference - normal).
 """
 from __future__ import annotations
 
@@ -291,3 +293,75 @@ def detectable_difference(parts: VarianceComponents, n_seeds: int, n_clips: int,
         return math.inf
     return float(optimize.brentq(lambda x: power_of(x, parts, n_seeds, n_clips, alpha) - power, 0.0, 1.0,
                                  xtol=1e-9))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``mean(x) / mean(y)`` over paired values (one per seed) with its Fieller interval.
+
+    ``status``: "bounded" (``low``/``high`` set); "unbounded" (``mean(y)`` is not significantly non-zero, so
+    the confidence set is not an interval: ``low``/``high`` nan); "no interval" (fewer than ``MIN_SEEDS``
+    seeds, or no spread at all); "no headroom" (``mean(y) <= 0``: ``estimate`` nan, no ratio is stated);
+    "no values"."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    status: str
+    mean_x: float = math.nan
+    mean_y: float = math.nan
+
+
+def fieller_ratio(x: Any, y: Any, confidence: float = 0.95) -> Ratio:
+    """``mean(x) / mean(y)`` of paired values (``x[i]``, ``y[i]`` from the same seed) with the interval of
+    Fieller's theorem for a ratio of two correlated means (E. C. Fieller, "Some problems in interval
+    estimation", J. R. Stat. Soc. B 16(2):175-185, 1954).
+
+    With ``n`` pairs, means ``xbar``, ``ybar``, sample (co)variances ``s_xx``, ``s_yy``, ``s_xy`` (ddof=1) and
+    ``t = t_{(1+confidence)/2, n-1}``, the confidence set is every ``r`` with
+    ``(xbar - r ybar)^2 <= t^2 (s_xx - 2 r s_xy + r^2 s_yy) / n``: the ``r`` for which ``x - r y`` has a
+    mean the t-test does not reject. It is the bounded interval between the roots of that quadratic only
+    when ``ybar`` is significantly non-zero (``ybar^2 > t^2 s_yy / n``); otherwise it is unbounded and
+    no interval is stated. ``mean(y) <= 0`` is "no headroom" (no ratio); fewer than ``MIN_SEEDS`` pairs or
+    no spread at all: the ratio without an interval. NaN pairs are dropped first.
+    """
+    _check_confidence(confidence)
+    xs, ys = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y must be paired (same length), got {xs.size} and {ys.size}")
+    keep = ~(np.isnan(xs) | np.isnan(ys))
+    xs, ys = xs[keep], ys[keep]
+    n = int(xs.size)
+    if n == 0:
+        return Ratio(math.nan, math.nan, math.nan, 0, "no values")
+    xbar, ybar = float(xs.mean()), float(ys.mean())
+    if not ybar > 0:
+        return Ratio(math.nan, math.nan, math.nan, n, "no headroom", xbar, ybar)
+    estimate = xbar / ybar
+    if n < MIN_SEEDS:
+        return Ratio(estimate, math.nan, math.nan, n, "no interval", xbar, ybar)
+    cov = np.cov(np.stack([xs, ys]), ddof=1)
+    s_xx, s_yy, s_xy = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+    if s_xx == 0.0 and s_yy == 0.0:
+        return Ratio(estimate, math.nan, math.nan, n, "no interval", xbar, ybar)
+    t2 = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) ** 2
+    # The quadratic a r^2 - 2 b r + c <= 0 from expanding the inequality above.
+    a = ybar * ybar - t2 * s_yy / n
+    b = xbar * ybar - t2 * s_xy / n
+    c = xbar * xbar - t2 * s_xx / n
+    if not a > 0:
+        return Ratio(estimate, math.nan, math.nan, n, "unbounded", xbar, ybar)
+    # a > 0 and the estimate itself satisfies the inequality, so the discriminant is >= 0 (up to rounding).
+    half = math.sqrt(max(0.0, b * b - a * c))
+    return Ratio(estimate, (b - half) / a, (b + half) / a, n, "bounded", xbar, ybar)
+
+
+def headroom_recovered(acc: Any, normal: Any, reference: Any, confidence: float = 0.95) -> Ratio:
+    """Share of the headroom above normal that a configuration recovers, seed by seed:
+    ``x_s = acc_s - normal_s``, ``y_s = reference_s - normal_s`` (``reference`` one value per seed, or one
+    constant such as a dataset's best achievable accuracy), ``mean(x) / mean(y)`` with Fieller's interval
+    (``fieller_ratio``). 1 = as good as the reference, 0 = no better than normal."""
+    acc_arr, normal_arr = np.asarray(acc, dtype=float).ravel(), np.asarray(normal, dtype=float).ravel()
+    reference_arr = np.broadcast_to(np.asarray(reference, dtype=float), normal_arr.shape)
+    return fieller_ratio(acc_arr - normal_arr, reference_arr - normal_arr, confidence)

@@ -12,7 +12,6 @@ import copy
 import itertools
 import json
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -26,7 +25,6 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.util.queue import Queue
 
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
@@ -236,7 +234,9 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
 # Ray Train's own Ctrl-C handler does, which Train cannot install off the main thread (as in Tune):
 # `TrainController.abort()`, which aborts the worker group (removing its placement group) first.
 
-_TRAIN_RUN: dict[str, Any] = {}  # {"mailbox": Queue} while a Train run runs; {"reused_mailbox": Queue} for the next trial
+# While a Train run runs in this trial actor: {"name": its run name} and, once its controller has started and
+# called `AbortTrainOnStop.receive_train_controller`, {"controller": the controller's handle}.
+_TRAIN_RUN: dict[str, Any] = {}
 _STOPPED_BY_TUNE = threading.Event()
 _TRIAL_ENDED = threading.Event()  # this trial actor runs no trial function now
 _TRIAL_ENDED.set()
@@ -244,14 +244,12 @@ _TRIAL_ENDED.set()
 
 def abort_train_run(timeout_s: float = 60) -> None:
     """Abort this trial actor's Train run, if one is running (called from Tune's `cleanup()`)."""
-    mailbox = _TRAIN_RUN.get("mailbox")
-    if mailbox is None:
+    if "name" not in _TRAIN_RUN:
         return
     _STOPPED_BY_TUNE.set()
-    try:
-        controller = mailbox.get(block=False)  # absent: the controller has not started yet
-    except (queue.Empty, ray.exceptions.RayError):
-        return
+    controller = _TRAIN_RUN.get("controller")
+    if controller is None:
+        return  # the controller has not started yet
     try:
         ray.get(controller.abort.remote(), timeout=timeout_s)
     except ray.exceptions.RayActorError:
@@ -260,20 +258,18 @@ def abort_train_run(timeout_s: float = 60) -> None:
         pass  # the placement group then lives until the job ends (or Train's cleaner sees the controller die)
 
 
-def trial_mailbox() -> Queue:
-    """This trial actor's mailbox for its Train controller's handle, emptied: one queue actor per trial
-    actor, which Tune reuses from trial to trial (an earlier trial's controller left its handle there)."""
-    mailbox = _TRAIN_RUN.get("reused_mailbox")
-    if mailbox is None:
-        mailbox = _TRAIN_RUN["reused_mailbox"] = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    while not mailbox.empty():
-        mailbox.get(block=False)
-    return mailbox
-
-
 class AbortTrainOnStop:
     """Mixin for the Tune function trainable (Tune's `__mixins__` hook): abort the trial's Train
     run before Tune's own cleanup ends the trial actor."""
+
+    def receive_train_controller(self, run_name: str, controller) -> None:
+        # Called by the run's Train controller (`ControllerHandle`) as an actor task of this trial actor:
+        # the trial actor itself is the mailbox, no queue actor (a process, ~1.5 CPU-s) per trial. Tune's
+        # actor runs one task at a time, so this runs between two `train()` steps, before any stop() or
+        # reset() Tune sends after a result. A late handle of an earlier trial's run (Tune reuses the actor)
+        # names another run and is dropped.
+        if _TRAIN_RUN.get("name") == run_name:
+            _TRAIN_RUN["controller"] = controller
 
     def cleanup(self):
         try:
@@ -307,14 +303,15 @@ def _run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id:
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage, searched=config)
     logger = MlflowEpochLogger(tracking_uri, run_id)
-    mailbox = trial_mailbox()
     _STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
-    _TRAIN_RUN["mailbox"] = mailbox
+    run_name = f"{sweep_name}-{trial_id}"
+    _TRAIN_RUN.clear()
+    _TRAIN_RUN["name"] = run_name
     try:
-        trainer = build_trainer(spec, f"{sweep_name}-{trial_id}",
-                                [logger, TuneReportCallback(), ControllerHandle(mailbox)])
+        trial_actor = ray.get_runtime_context().current_actor
+        trainer = build_trainer(spec, run_name, [logger, TuneReportCallback(), ControllerHandle(trial_actor, run_name)])
         result = trainer.fit()
-        _TRAIN_RUN.pop("mailbox", None)
+        _TRAIN_RUN.clear()
         finish_train_run(client, run_id, logger, result)
     except BaseException as err:
         if _STOPPED_BY_TUNE.is_set():
@@ -322,7 +319,7 @@ def _run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id:
         finish_run(client, run_id, err)
         raise
     finally:
-        _TRAIN_RUN.pop("mailbox", None)
+        _TRAIN_RUN.clear()
 
 
 class ChildRunStatus(tune.Callback):

@@ -1,4 +1,4 @@
-"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger, the controller-handle mailbox and
+"""Ray Train callbacks of avtune's runs: the per-epoch MLflow logger, the controller handle sent to the trial and
 the release of a worker group's placement group that Ray Train leaves behind.
 
 Ray pickles a run's callbacks into the Train controller and into every Train worker, and unpickling a
@@ -21,7 +21,6 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-    from ray.util.queue import Queue
 
 # Metrics reported by the loop that describe bookkeeping, not model quality, still go to MLflow;
 # only `epoch` itself is the step, not a metric of its own.
@@ -126,13 +125,15 @@ class MlflowEpochLogger(UserCallback):
 
 
 class ControllerHandle(ControllerCallback):
-    """Runs in the Train controller: sends its own actor handle back to the trial, for `abort()`."""
+    """Runs in the Train controller: sends its own actor handle to the Tune trial actor that started the run
+    (its `receive_train_controller`, `orchestrator.sweep.AbortTrainOnStop`), for `abort()`."""
 
-    def __init__(self, mailbox: Queue):
-        self.mailbox = mailbox
+    def __init__(self, trial_actor, run_name: str):
+        self.trial_actor = trial_actor
+        self.run_name = run_name
 
     def after_controller_start(self, train_run_context) -> None:
-        self.mailbox.put(ray.get_runtime_context().current_actor)
+        self.trial_actor.receive_train_controller.remote(self.run_name, ray.get_runtime_context().current_actor)
 
 
 class ReleaseLeftPlacementGroups(ControllerCallback, WorkerGroupCallback):

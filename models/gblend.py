@@ -137,14 +137,24 @@ def estimate_blend_weights(
                     f"{name}[{key!r}] must be a (train_loss, val_loss) pair of finite numbers, got {pair!r}"
                 )
             pairs.append((float(pair[0]), float(pair[1])))
-        (train_n, val_n), (train_np, val_np) = pairs
-        delta_o = (val_np - train_np) - (val_n - train_n)
-        delta_g = val_n - val_np
+        delta_g, delta_o = generalisation_and_overfitting(*pairs)
         raw[key] = delta_g / max(delta_o * delta_o, eps) if delta_g > 0 else 0.0
     total = sum(raw.values())
     if total <= 0:
         return {key: 1.0 / len(raw) for key in raw}
     return {key: value / total for key, value in raw.items()}
+
+
+def generalisation_and_overfitting(at_n: tuple[float, float], at_n_plus: tuple[float, float]) -> tuple[float, float]:
+    """``(dG, dO)`` of one head from its ``(train_loss, val_loss)`` at epochs N and N+n (Sec. 3.2):
+    ``dG = L^V(N) - L^V(N+n)``, ``dO = (L^V - L^T)(N+n) - (L^V - L^T)(N)``."""
+    (train_n, val_n), (train_np, val_np) = at_n, at_n_plus
+    return val_n - val_np, (val_np - train_np) - (val_n - train_n)
+
+
+def _falls(losses: Sequence[float], start_epochs: int, window_epochs: int) -> bool:
+    """L^V(N) > L^V(N + n): the head still generalises over the window (``losses[e]`` after epoch e + 1)."""
+    return losses[start_epochs - 1] > losses[start_epochs + window_epochs - 1]
 
 
 def choose_estimation_window(val_losses: Mapping[str, Sequence[float]], latest_start_epochs: int,
@@ -164,7 +174,7 @@ def choose_estimation_window(val_losses: Mapping[str, Sequence[float]], latest_s
             raise ValueError(f"head {head!r}: {len(losses)} epochs measured, N + n = "
                              f"{latest_start_epochs + window_epochs} needed")
     for start in range(latest_start_epochs, 0, -1):
-        if all(losses[start - 1] > losses[start + window_epochs - 1] for losses in val_losses.values()):
+        if all(_falls(losses, start, window_epochs) for losses in val_losses.values()):
             return start
     return None
 
@@ -180,6 +190,8 @@ class BlendEstimate:
     window_epochs: int
     source: str  # "estimated" or "uniform_fallback"
     stalled: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per head, (dG, dO) on the window measured (the requested one for the fallback).
+    deltas: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def estimate_from_histories(histories: Mapping[str, Sequence[tuple[float, float]]], latest_start_epochs: int,
@@ -191,10 +203,13 @@ def estimate_from_histories(histories: Mapping[str, Sequence[tuple[float, float]
     start = choose_estimation_window(val, latest_start_epochs, window_epochs)
     last = latest_start_epochs - 1
     stalled = {head: (losses[last], losses[last + window_epochs]) for head, losses in val.items()
-               if not losses[last] > losses[last + window_epochs]}
+               if not _falls(losses, latest_start_epochs, window_epochs)}
+    measured = start or latest_start_epochs
+    at_n = {head: tuple(rows[measured - 1]) for head, rows in histories.items()}
+    at_n_plus = {head: tuple(rows[measured + window_epochs - 1]) for head, rows in histories.items()}
+    deltas = {head: generalisation_and_overfitting(at_n[head], at_n_plus[head]) for head in histories}
     if start is None:
         return BlendEstimate({head: 1.0 / len(histories) for head in histories}, None, window_epochs,
-                             "uniform_fallback", stalled)
-    at_n = {head: tuple(rows[start - 1]) for head, rows in histories.items()}
-    at_n_plus = {head: tuple(rows[start + window_epochs - 1]) for head, rows in histories.items()}
-    return BlendEstimate(estimate_blend_weights(at_n, at_n_plus, eps), start, window_epochs, "estimated", stalled)
+                             "uniform_fallback", stalled, deltas)
+    return BlendEstimate(estimate_blend_weights(at_n, at_n_plus, eps), start, window_epochs, "estimated", stalled,
+                         deltas)

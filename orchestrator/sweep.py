@@ -541,8 +541,7 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     start = estimate.start_epochs or n_epochs
     table = {head: {"train_loss_N": rows[start - 1][0], "val_loss_N": rows[start - 1][1],
                     "train_loss_N+n": rows[start + window - 1][0], "val_loss_N+n": rows[start + window - 1][1],
-                    "delta_G": rows[start - 1][1] - rows[start + window - 1][1],
-                    "delta_O": (rows[start + window - 1][1] - rows[start + window - 1][0]) - (rows[start - 1][1] - rows[start - 1][0]),
+                    "delta_G": estimate.deltas[head][0], "delta_O": estimate.deltas[head][1],
                     "weight": weights[head]} for head, rows in histories.items()}
     client.log_dict(parent_run_id, {"N": estimate.start_epochs, "N_requested": n_epochs, "n": window,
                                     "source": estimate.source, "rule": GBLEND_WINDOW_RULE, "train_loss": "loss_train_eval",
@@ -553,16 +552,19 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     if estimate.start_epochs != n_epochs:
         announce(client, parent_run_id, (
             f"G-Blend: measured on epochs {estimate.start_epochs} -> {estimate.start_epochs + window}, not "
-            f"{n_epochs} -> {n_epochs + window}: there the validation loss of "
-            + ", ".join(f"{h} ({a:.4f} -> {b:.4f})" for h, (a, b) in estimate.stalled.items()) + " no longer fell"))
+            f"{n_epochs} -> {n_epochs + window}: there the validation loss of {stalled_losses(estimate)} no longer fell"))
     return weights, "estimation_stage"
+
+
+def stalled_losses(estimate) -> str:
+    """"joint 1.0130 -> 1.0420, ...": the heads whose validation loss did not fall over the requested window."""
+    return ", ".join(f"{h} {a:.4f} -> {b:.4f}" for h, (a, b) in estimate.stalled.items())
 
 
 def gblend_fallback_message(estimate, n_epochs: int) -> str:
     window = estimate.window_epochs
-    stalled = ", ".join(f"{h} {a:.4f} -> {b:.4f}" for h, (a, b) in estimate.stalled.items())
     return (f"G-Blend: no window of {window} epoch(s) starting at epoch 1..{n_epochs} in which every head's "
-            f"validation loss fell (epochs {n_epochs} -> {n_epochs + window}: {stalled}); the main trials use "
+            f"validation loss fell (epochs {n_epochs} -> {n_epochs + window}: {stalled_losses(estimate)}); the main trials use "
             "uniform weights, 1/3 each (gblend_weights_source = uniform_fallback). An estimate needs heads that "
             "still generalise over the window: a lower learning rate, or more validation clips to measure it.")
 

@@ -233,6 +233,8 @@ def test_window_is_the_latest_where_every_heads_validation_loss_falls():
     # audio:  dG = 0.80 - 0.70 = 0.10, dO = (0.70 - 0.40) - (0.80 - 0.60) = 0.10  -> 10
     # visual: dG = 1.10 - 1.00 = 0.10, dO = (1.00 - 0.85) - (1.10 - 1.00) = 0.05 -> 40
     # joint:  dG = 0.90 - 0.85 = 0.05, dO = (0.85 - 0.50) - (0.90 - 0.70) = 0.15 -> 0.05 / 0.0225 = 2.2222
+    by_hand = {"audio": (0.10, 0.10), "visual": (0.10, 0.05), "joint": (0.05, 0.15)}  # (dG, dO), as below
+    assert {h: pytest.approx(d) for h, d in by_hand.items()} == estimate.deltas
     total = 10 + 40 + 0.05 / 0.0225
     assert estimate.weights == pytest.approx({"audio": 10 / total, "visual": 40 / total, "joint": 0.05 / 0.0225 / total})
     assert all(w > 0 for w in estimate.weights.values())

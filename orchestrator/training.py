@@ -14,7 +14,9 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.backend import BackendConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE
 from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
@@ -209,8 +211,8 @@ def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str,
 FAST_POLL_INTERVAL_S = "0.2"
 
 
-class ClipTrainer(TorchTrainer):
-    """Ray's TorchTrainer less two helper actors that avtune's runs cannot use; each costs a process per
+class WithoutUnusedHelpers:
+    """A Ray Train trainer less two helper actors that avtune's runs cannot use; each costs a process per
     Train run (~1.7 CPU-s on 2 cores: its start and imports; measured with benchmarks/trial_cpu.py).
 
     - `DatasetsCallback` starts a `DatasetManager` actor for every run, with or without Ray Datasets.
@@ -236,11 +238,33 @@ class ClipTrainer(TorchTrainer):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, tuple(unused))]
 
 
-def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> ClipTrainer:
+class ClipTrainer(WithoutUnusedHelpers, TorchTrainer):
+    """Ray's TorchTrainer (torch.distributed process group over the workers, for DDP) for avtune's runs."""
+
+
+class SingleWorkerTrainer(WithoutUnusedHelpers, DataParallelTrainer):
+    """One CPU worker: Ray's DataParallelTrainer with the base backend, no torch.distributed process group.
+
+    A TorchTrainer sets one up even for a single worker (a gloo group of size 1, three calls from the
+    controller to the worker) and its TorchConfig, unpickled in the Train controller, imports torch there
+    (~1.7 CPU-s per Train run on 2 cores). One worker needs neither: `prepare_model` and
+    `prepare_data_loader` wrap nothing at world size 1 and the engine's collectives are no-ops without a
+    group (workers/distributed.py). GPU runs keep the TorchTrainer (its context sets the CUDA device).
+    """
+
+    def __init__(self, train_loop_per_worker, **kwargs):
+        super().__init__(train_loop_per_worker, backend_config=BackendConfig(), **kwargs)
+
+
+def trainer_class(num_workers: int, use_gpu: bool) -> type:
+    return SingleWorkerTrainer if num_workers == 1 and not use_gpu else ClipTrainer
+
+
+def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list) -> DataParallelTrainer:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", FAST_POLL_INTERVAL_S)
     storage = (Path(spec.storage.runs_dir) / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    return ClipTrainer(
+    return trainer_class(spec.scaling.num_workers, spec.scaling.use_gpu)(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(

@@ -216,7 +216,7 @@ def test_trainer_drops_the_helper_actors_a_run_cannot_use(base_spec, monkeypatch
     """No DatasetManager (avtune passes no Ray Datasets); no PlacementGroupCleaner on the embedded Ray,
     whose missing dashboard leaves it blind. Checked against Ray Train's own list, so a Ray upgrade that
     moves these callbacks fails here instead of silently starting the actors again."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
@@ -228,8 +228,22 @@ def test_trainer_drops_the_helper_actors_a_run_cannot_use(base_spec, monkeypatch
         monkeypatch.delenv(EMBEDDED_RAY_ENV, raising=False)
     trainer = build_trainer(load_spec(base_spec), "callbacks", [])
     kinds = {type(c) for c in trainer._create_default_callbacks()}
-    ray_kinds = {type(c) for c in TorchTrainer._create_default_callbacks(trainer)}
+    ray_kinds = {type(c) for c in DataParallelTrainer._create_default_callbacks(trainer)}
     assert {DatasetsCallback, PlacementGroupCleanerCallback} <= ray_kinds
     assert DatasetsCallback not in kinds
     assert (PlacementGroupCleanerCallback in kinds) is not embedded
     assert kinds == ray_kinds - {DatasetsCallback} - ({PlacementGroupCleanerCallback} if embedded else set())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_single_worker_run_sets_up_no_process_group(base_spec, workers):
+    """One CPU worker: Ray's base backend (no torch.distributed group of size 1, no torch import in the
+    Train controller); DDP over several workers keeps Ray's TorchConfig."""
+    from ray.train.backend import BackendConfig
+    from ray.train.torch import TorchConfig
+
+    from orchestrator.training import build_trainer
+
+    spec = load_spec({**base_spec, "scaling": {"num_workers": workers, "cpus_per_worker": 1}})
+    backend = build_trainer(spec, "backend", []).backend_config
+    assert type(backend) is (BackendConfig if workers == 1 else TorchConfig)

@@ -30,6 +30,7 @@ from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger
+from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
@@ -223,103 +224,30 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
     return run_id
 
 
-# ---- stopping a trial's Train run ---------------------------------------------------------
-#
-# When a scheduler (ASHA) stops a trial, Tune calls the trainable's `cleanup()` and then ends the
-# trial actor. The trial's Train controller is owned by that actor and dies with it, ungracefully,
-# so its worker group's placement group outlives it (a placement group made by a non-detached actor
-# lives until the driver's job ends). Ray Train's PlacementGroupCleaner would remove it, but it
-# watches the controller through the State API, which needs the dashboard; without it the CPUs stay
-# reserved and the next trial's worker group times out waiting for them. So the trial does what
-# Ray Train's own Ctrl-C handler does, which Train cannot install off the main thread (as in Tune):
-# `TrainController.abort()`, which aborts the worker group (removing its placement group) first.
-
-# While a Train run runs in this trial actor: {"name": its run name} and, once its controller has started and
-# called `AbortTrainOnStop.receive_train_controller`, {"controller": the controller's handle}.
-_TRAIN_RUN: dict[str, Any] = {}
-_STOPPED_BY_TUNE = threading.Event()
-_TRIAL_ENDED = threading.Event()  # this trial actor runs no trial function now
-_TRIAL_ENDED.set()
-
-
-def abort_train_run(timeout_s: float = 60) -> None:
-    """Abort this trial actor's Train run, if one is running (called from Tune's `cleanup()`)."""
-    if "name" not in _TRAIN_RUN:
-        return
-    _STOPPED_BY_TUNE.set()
-    controller = _TRAIN_RUN.get("controller")
-    if controller is None:
-        return  # the controller has not started yet
-    try:
-        ray.get(controller.abort.remote(), timeout=timeout_s)
-    except ray.exceptions.RayActorError:
-        pass  # abort() ends with the controller's own exit_actor()
-    except ray.exceptions.GetTimeoutError:
-        pass  # the placement group then lives until the job ends (or Train's cleaner sees the controller die)
-
-
-class AbortTrainOnStop:
-    """Mixin for the Tune function trainable (Tune's `__mixins__` hook): abort the trial's Train
-    run before Tune's own cleanup ends the trial actor."""
-
-    def receive_train_controller(self, run_name: str, controller) -> None:
-        # Called by the run's Train controller (`ControllerHandle`) as an actor task of this trial actor:
-        # the trial actor itself is the mailbox, no queue actor (a process, ~1.5 CPU-s) per trial. Tune's
-        # actor runs one task at a time, so this runs between two `train()` steps, before any stop() or
-        # reset() Tune sends after a result. A late handle of an earlier trial's run (Tune reuses the actor)
-        # names another run and is dropped.
-        if _TRAIN_RUN.get("name") == run_name:
-            _TRAIN_RUN["controller"] = controller
-
-    def cleanup(self):
-        try:
-            abort_train_run()
-        finally:
-            super().cleanup()
-
-    def reset_config(self, new_config):
-        # Tune reuses a trial's actor for the next trial (`reuse_actors`, make_tuner) through reset(),
-        # not stop(): a trial the scheduler stopped gets its Train run aborted here, and Tune's own
-        # reset, which gives the old trial's thread 2 s to end, runs once it has.
-        abort_train_run()
-        _TRIAL_ENDED.wait(timeout=120)
-        return super().reset_config(new_config)
-
-
-def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
-                sweep_name: str, stage: str) -> None:
-    """Tune function trainable: one Ray Train run per trial."""
-    _TRIAL_ENDED.clear()
-    try:
-        _run_trial(config, base_spec, parent_run_id, tracking_uri, sweep_name, stage)
-    finally:
-        _TRIAL_ENDED.set()
-
-
-def _run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
+def run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
                sweep_name: str, stage: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     spec = validate_spec(trial_spec_data(base_spec, config), source=f"trial {trial_id}")
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage, searched=config)
     logger = MlflowEpochLogger(tracking_uri, run_id)
-    _STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
+    STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
     run_name = f"{sweep_name}-{trial_id}"
-    _TRAIN_RUN.clear()
-    _TRAIN_RUN["name"] = run_name
+    TRAIN_RUN.clear()
+    TRAIN_RUN["name"] = run_name
     try:
         trial_actor = ray.get_runtime_context().current_actor
         trainer = build_trainer(spec, run_name, [logger, TuneReportCallback(), ControllerHandle(trial_actor, run_name)])
         result = trainer.fit()
-        _TRAIN_RUN.clear()
+        TRAIN_RUN.clear()
         finish_train_run(client, run_id, logger, result)
     except BaseException as err:
-        if _STOPPED_BY_TUNE.is_set():
+        if STOPPED_BY_TUNE.is_set():
             return  # aborted on purpose; ChildRunStatus marks the run KILLED on the driver
         finish_run(client, run_id, err)
         raise
     finally:
-        _TRAIN_RUN.clear()
+        TRAIN_RUN.clear()
 
 
 class ChildRunStatus(tune.Callback):

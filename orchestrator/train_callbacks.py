@@ -126,7 +126,7 @@ class MlflowEpochLogger(UserCallback):
 
 class ControllerHandle(ControllerCallback):
     """Runs in the Train controller: sends its own actor handle to the Tune trial actor that started the run
-    (its `receive_train_controller`, `orchestrator.sweep.AbortTrainOnStop`), for `abort()`."""
+    (its `receive_train_controller`, `orchestrator.trial_actor.AbortTrainOnStop`), for `abort()`."""
 
     def __init__(self, trial_actor, run_name: str):
         self.trial_actor = trial_actor

@@ -129,7 +129,13 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
         "storage": {"runs_dir": str(tmp_path / "runs")},
         "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01]}},
                    "scheduler": "asha", "metric": "loss", "mode": "min", "asha_grace_epochs": 1,
-                   "asha_reduction_factor": 2, "max_concurrent_trials": 1},
+                   "asha_reduction_factor": 2, "max_concurrent_trials": 1,
+                   # A kill that lands while a Train worker group starts (before the training function runs)
+                   # fails that Train run in Ray Train 2.60 (a ControllerError, not a worker failure it
+                   # restarts; README, Known limitations): Tune retries the trial. With a Train worker killed
+                   # every ~4 s and a start-up of several seconds, two such kills in a row happened once in
+                   # a fresh-clone run (2026-12-03), so the trial gets retries enough for the kill rate.
+                   "trial_max_failures": 4},
     })
     killer = Killer(("ray::RayTrainWorker", "ray::Bystander", "ray::Bystander", "ray::Bystander"),
                     every_s=1.0, root=raylet, limit=KILLS)

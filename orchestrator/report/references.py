@@ -197,17 +197,22 @@ def reference_values(references: References, group: str, kind: str) -> dict[str,
     return ensemble.accuracy() if ensemble is not None else None
 
 
+def _groups_with_normal(table: pd.DataFrame):
+    """(group, its finished trials, its normal configuration, normal's joint accuracy by seed) for every group
+    with one normal configuration."""
+    done = table[table["acc"].notna()]
+    for group, trials in done.groupby("group", sort=False, dropna=False):
+        normal = normal_config(trials)
+        if normal is not None:
+            yield group, trials, normal, _per_seed(trials, normal)
+
+
 def headroom(table: pd.DataFrame, references: References) -> pd.DataFrame:
     """Per group, joint configuration and available reference: the share of the headroom it recovers
     (columns ``HEADROOM_COLUMNS``, plus ``ratio``, the :class:`stats.Ratio`), on the seeds the
     configuration, normal and (the ensemble) the reference share."""
-    done = table[table["acc"].notna()]
     rows = []
-    for group, trials in done.groupby("group", sort=False, dropna=False):
-        normal = normal_config(trials)
-        if normal is None:
-            continue
-        normal_acc = _per_seed(trials, normal)
+    for group, trials, _, normal_acc in _groups_with_normal(table):
         for config in joint_configs(trials):
             acc = _per_seed(trials, config)
             for kind in KINDS:
@@ -228,13 +233,8 @@ def reference_summary(table: pd.DataFrame, references: References) -> pd.DataFra
     """Per group with a normal configuration: normal's and the ensemble's joint accuracy (mean and 95%
     t-interval over seeds), the ceiling, and the headroom above normal to each (the ensemble's paired on
     seeds: mean of ensemble_s - normal_s)."""
-    done = table[table["acc"].notna()]
     rows = []
-    for group, trials in done.groupby("group", sort=False, dropna=False):
-        normal = normal_config(trials)
-        if normal is None:
-            continue
-        normal_acc = _per_seed(trials, normal)
+    for group, _, normal, normal_acc in _groups_with_normal(table):
         row = {"group": group, "normal_config": normal, **_interval("normal", list(normal_acc.values()))}
         ensemble = references.ensembles.get(group)
         row["ensemble_config"] = ensemble.config if ensemble is not None else None

@@ -42,7 +42,7 @@ from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_
 from orchestrator.tracking import log_summary_once
 from orchestrator.report.comparisons import (baseline_method, config_summary, describe, load_predictions, power,
                                              report_tests, find_test, tests_table, verdict, weak_modality)
-from orchestrator.report.references import (CEILING, References, build_references, describe_ratio, headroom,
+from orchestrator.report.references import (CEILING, KINDS, References, build_references, describe_ratio, headroom,
                                             load_probabilities, reference_summary)
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
@@ -497,7 +497,7 @@ def _available(row: pd.Series) -> str:
     """The headroom above normal to each reference the group has: "+0.043 to the ensemble", or "none to the
     ensemble (normal is 0.020 above it)"."""
     out = []
-    for kind in ("ensemble", "ceiling"):
+    for kind in KINDS:
         value = number(row[f"headroom_{kind}"])
         if value is not None:
             out.append(f"{value:+.3f} to the {kind}" if value > 0 else

@@ -107,7 +107,7 @@ def main() -> None:
         "data": {"synth": {"classes": 3, "clips_per_class": 8, "height": 32, "width": 32},
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32}},
         "model": {"width": 8},
-        "train": {"epochs": 1, "batch_size": 8},
+        "train": {"epochs": 1, "global_batch_size": 8},
         "storage": {"runs_dir": runs_dir},
     }))
     connect_ray()

@@ -30,7 +30,7 @@ def spec_dict(runs_dir: str, epochs: int = 2) -> dict:
                  "decode": {"num_frames": 2, "frame_height": 48, "frame_width": 48}},
         "model": {"width": 8},
         "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_ends": epochs},
-        "train": {"epochs": epochs, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": epochs, "global_batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": runs_dir},
         "search": {"space": {"method.alpha": {"grid": [0.1, 0.8]}}, "max_concurrent_trials": 2},

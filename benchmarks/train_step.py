@@ -46,7 +46,7 @@ def bare_loop_step_seconds(spec, epochs: int) -> float:
     train = build_datasets(spec)["train"]
     model = get_method(spec.method.name)(spec, Runtime()).build_model(train.num_classes)
     opt = build_optimizer(spec, model.parameters())
-    loader = DataLoader(train, batch_size=spec.train.batch_size, shuffle=True, drop_last=len(train) > spec.train.batch_size)
+    loader = DataLoader(train, batch_size=spec.worker_batch, shuffle=True, drop_last=len(train) > spec.worker_batch)
     per_epoch = []
     for epoch in range(epochs):
         model.train()
@@ -84,7 +84,7 @@ def len_train_steps(spec) -> int:
     from workers.engine import build_datasets
 
     n = len(build_datasets(spec)["train"])
-    b = spec.train.batch_size
+    b = spec.worker_batch
     return n // b if n > b else 1
 
 
@@ -120,7 +120,7 @@ def main() -> None:
         "data": {"synth": {"classes": 6, "clips_per_class": args.clips_per_class, "height": 48, "width": 48},
                  "decode": {"num_frames": 2, "frame_height": 48, "frame_width": 48}},
         "model": {"width": 16},
-        "train": {"epochs": args.epochs, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": args.epochs, "global_batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
         "storage": {"runs_dir": str(runs_dir)},
     }
     methods = {"normal": {"name": "normal"},

@@ -38,7 +38,7 @@ run_sweep(load_spec({
              "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32}},
     "model": {"width": 8},
     "method": {"name": "ogm_ge"},
-    "train": {"epochs": 2, "batch_size": 8},
+    "train": {"epochs": 2, "global_batch_size": 8},
     "storage": {"runs_dir": runs_dir},
     "search": {"space": {"method.alpha": {"grid": [0.1 * (i + 1) for i in range(trials)]}},
                "max_concurrent_trials": 1},

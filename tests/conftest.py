@@ -198,7 +198,7 @@ def avid_checkpoint(synth_dataset, tmp_path_factory) -> str:
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": "avid", "config": "Cross-N64", "probe_epochs": 20, "embedding_dim": 16},
-        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 1, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
     }), report=lambda metrics, state: states.append(state))
     buffer = io.BytesIO()
     torch.save(states[-1], buffer)
@@ -226,7 +226,7 @@ def shared_sweep(ray_local, synth_dataset, session_mlflow_server, tmp_path_facto
         "model": {"width": 8},
         "method": {"name": "gblend", "mode": "offline", "weights": "estimate", "estimate_epochs": 1,
                    "estimate_window_epochs": 1},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 2, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
         "tracking": {"tracking_uri": session_mlflow_server.uri},
         "storage": {"runs_dir": str(tmp / "runs")},
         "search": {"compare": ["normal", "ogm_ge", "gblend", "audio_only", "visual_only"],

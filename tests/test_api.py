@@ -115,7 +115,7 @@ USER_SCRIPT = """
                  "synth": {"classes": 2, "clips_per_class": 8, "clip_seconds": 0.5, "fps": 4, "height": 32, "width": 32},
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "train": {"epochs": 1, "global_batch_size": 4, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp / "runs")},
     }

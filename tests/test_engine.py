@@ -47,7 +47,7 @@ def engine_spec(root: Path, cache: Path, name: str, epochs: int = 2, **method):
                  "decode": {"num_frames": frames, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": name, **METHOD_SETTINGS[name], **method},
-        "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": epochs, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
     })
 
 
@@ -242,7 +242,7 @@ spec = load_spec({{
     "data": {{"source": "dataset", "root": {str(synth_dataset)!r}, "cache_dir": {str(tmp_path / 'cache')!r},
              "decode": {{"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}}}},
     "model": {{"width": 8}}, "method": {{"name": "unimodal_aux", "aux_weight": 0.5}},
-    "train": {{"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001}},
+    "train": {{"epochs": 2, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001}},
     "search": {{"compare": ["normal", "unimodal_aux"], "space": {{"method.aux_weight": {{"grid": [0.5, 1.0]}}}}}},
 }})
 method = unimodal_aux.UnimodalAux(spec, Runtime())

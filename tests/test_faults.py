@@ -60,7 +60,7 @@ def busy_spec(busy_dataset, tmp_path) -> dict:
                  "cache_dir": str(tmp_path / "cache"),
                  "decode": {"num_frames": 8, "frame_height": 64, "frame_width": 64, "clip_seconds": 1.0}},
         "model": {"width": 32},
-        "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 2},
+        "train": {"epochs": EPOCHS, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 2},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp_path / "runs")},
     }

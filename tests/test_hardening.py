@@ -235,7 +235,7 @@ def test_a_cache_that_cannot_be_written_never_stops_training(synth_dataset, tmp_
         (tmp_path / "cache").mkdir(mode=0o500)
     spec = load_spec({"data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
                                "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
-                      "model": {"width": 8}, "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam"}})
+                      "model": {"width": 8}, "train": {"epochs": 1, "global_batch_size": 8, "optimizer": "adam"}})
     with caplog.at_level(logging.WARNING):
         history = fit(spec, report=lambda metrics, state: None)
     assert [h["epoch"] for h in history] == [0.0]

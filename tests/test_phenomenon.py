@@ -116,7 +116,7 @@ def test_normal_under_uses_the_weak_modality_and_ogm_ge_recovers_it(tmp_path, ca
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8, "fusion": "sum"},
         "method": {"name": "ogm_ge", "alpha": c["alpha"], "modulation_starts": 0, "modulation_ends": epochs},
-        "train": {"epochs": epochs, "batch_size": 16, "optimizer": "sgd", "learning_rate": 0.02, "momentum": 0.9,
+        "train": {"epochs": epochs, "global_batch_size": 16, "optimizer": "sgd", "learning_rate": 0.02, "momentum": 0.9,
                   "weight_decay": 1e-4},
         "storage": {"runs_dir": str(tmp_path / "runs")},
     }
@@ -210,7 +210,7 @@ def test_on_complementary_clips_normal_leaves_joint_accuracy_below_the_ceiling(t
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 1.0}},
         "model": {"width": 8, "fusion": "concat"},
         "method": {"name": "normal"},
-        "train": {"epochs": 6, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 6, "global_batch_size": 16, "optimizer": "adam", "learning_rate": 0.001},
         "storage": {"runs_dir": str(tmp_path / "runs")},
     }
     methods = [{"name": "normal"}, {"name": "audio_only"}, {"name": "visual_only"}]

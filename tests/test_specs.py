@@ -51,7 +51,16 @@ BAD_SPECS = [
     ("epochs wrong type", {"train": {"epochs": "many"}}, [], "train.epochs"),
     ("negative epochs", {"train": {"epochs": -1}}, [], "train.epochs"),
     ("zero epochs", {"train": {"epochs": 0}}, [], "train.epochs"),
-    ("zero batch", {"train": {"batch_size": 0}}, [], "train.batch_size"),
+    ("zero batch", {"train": {"global_batch_size": 0}}, [], "train.global_batch_size"),
+    ("zero worker batch", {"train": {"batch_size_per_worker": 0}}, [], "train.batch_size_per_worker"),
+    ("bare batch_size", {"train": {"batch_size": 16}}, [], "batch_size is ambiguous over several workers"),
+    ("both batch fields", {"train": {"global_batch_size": 16, "batch_size_per_worker": 8}}, [],
+     "global_batch_size or batch_size_per_worker, not both"),
+    ("global batch not divisible", {"train": {"global_batch_size": 64}, "scaling": {"num_workers": 3}}, [],
+     "train.global_batch_size 64 does not divide over scaling.num_workers 3"),
+    ("default batch not divisible", {"scaling": {"num_workers": 3}}, [], "does not divide over scaling.num_workers 3"),
+    ("warm-up longer than the run", {"train": {"epochs": 3, "warmup_epochs": 4}}, [], "warmup_epochs 4.0 is longer"),
+    ("unknown schedule", {"train": {"lr_schedule": "poly"}}, [], "train.lr_schedule"),
     ("negative lr", {"train": {"learning_rate": -0.1}}, [], "train.learning_rate"),
     ("unknown optimizer", {"train": {"optimizer": "rmsprop"}}, [], "train.optimizer"),
     ("momentum one", {"train": {"momentum": 1.0}}, [], "train.momentum"),
@@ -160,4 +169,4 @@ def test_cma_paper_spec_is_the_official_two_stage_schedule():
     for spec in (cma, avid):
         t = spec.train
         assert (t.optimizer, t.learning_rate, t.weight_decay, t.lr_decay_ratio) == ("adam", 0.0002, 0.00001, 1.0)
-        assert t.batch_size * spec.scaling.num_workers == 256
+        assert spec.global_batch == 256 and spec.worker_batch * spec.scaling.num_workers == 256

@@ -48,7 +48,7 @@ def cli_sweep_spec(synth_dataset: Path, folder: Path) -> Path:
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": "normal"},
-        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 1, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
         "storage": {"runs_dir": str(folder / "runs")},
         "search": {"space": {"train.seed": {"grid": [0]}}},
     }
@@ -87,7 +87,7 @@ def test_worker_killed_before_launch_leaves_no_placement_group(ray_local, synth_
         "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache"),
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 1, "batch_size": 8},
+        "train": {"epochs": 1, "global_batch_size": 8},
         "storage": {"runs_dir": str(tmp_path / "runs")},
     })
     before = {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"}
@@ -125,7 +125,7 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": "normal"},
-        "train": {"epochs": EPOCHS, "batch_size": 8, "optimizer": "adam", "max_failures": 3 * KILLS},
+        "train": {"epochs": EPOCHS, "global_batch_size": 8, "optimizer": "adam", "max_failures": 3 * KILLS},
         "storage": {"runs_dir": str(tmp_path / "runs")},
         "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01]}},
                    "scheduler": "asha", "metric": "loss", "mode": "min", "asha_grace_epochs": 1,

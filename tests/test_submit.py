@@ -140,7 +140,7 @@ def test_submit_runs_a_sweep_on_the_cluster_into_the_tracking_server(ray_cluster
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_ends": 2},
-        "train": {"epochs": 2, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 2, "global_batch_size": 4, "optimizer": "adam", "learning_rate": 0.001},
         "storage": {"runs_dir": str(tmp_path / "cluster-runs")},
         "search": {"space": {"method.alpha": {"grid": [0.8]}}},
     })

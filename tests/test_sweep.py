@@ -30,7 +30,7 @@ def sweep_spec(synth_dataset, tmp_path, **extra) -> dict:
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
         "method": {"name": "ogm_ge", "alpha": 0.5, "modulation_starts": 0, "modulation_ends": 2},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
+        "train": {"epochs": 2, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001},
         "storage": {"runs_dir": str(tmp_path / "runs")},
         "search": {"space": {"method.alpha": {"grid": [0.1, 0.8]}}, "max_concurrent_trials": 2},
     }

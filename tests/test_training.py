@@ -33,7 +33,7 @@ def base_spec(synth_dataset, tmp_path) -> dict:
                  "cache_dir": str(tmp_path / "cache"),
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "train": {"epochs": 2, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp_path / "runs")},
     }
@@ -73,7 +73,7 @@ def cli_run(ray_address, synth_dataset, tmp_path_factory) -> dict:
         "data": {"source": "dataset", "layout": "avtune", "root": str(synth_dataset), "cache_dir": str(tmp / "cache"),
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
         "model": {"width": 8},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
+        "train": {"epochs": 2, "global_batch_size": 8, "optimizer": "adam", "learning_rate": 0.001, "max_failures": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(tmp / "runs")},
     }

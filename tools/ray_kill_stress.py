@@ -146,7 +146,7 @@ def main() -> int:
                  "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32}},
         "model": {"width": 8},
         "method": {"name": "normal"},
-        "train": {"epochs": args.epochs, "batch_size": 8, "max_failures": 1000},
+        "train": {"epochs": args.epochs, "global_batch_size": 8, "max_failures": 1000},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "storage": {"runs_dir": str(args.runs_dir)},
         "search": {"space": {"train.learning_rate": {"grid": [10.0 ** -(1 + i % 6) for i in range(args.trials)]},

@@ -1,7 +1,8 @@
 """Decode parameters and the decode-once clip cache.
 
 A cache entry holds what one clip decodes to under one :class:`DecodeParams`: the uint8 frames
-``(T, H, W, 3)`` and the audio feature ``(1, T_a, F)``. Entries live at
+``(T, H, W, 3)`` (``T`` = ``DecodeParams.decoded_frames``: ``pool_frames`` when set, else ``num_frames``)
+and the audio feature ``(1, T_a, F)``. Entries live at
 ``<cache_dir>/<params hash>/<file identity hash>.avc`` where the identity covers the resolved path,
 size and ``st_mtime_ns`` of the video and audio files, so editing a file or changing a parameter
 creates a new entry and never reuses a stale one.
@@ -32,8 +33,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from workers.features import log_mel_num_frames, ms_to_samples, stft_num_frames
-from workers.media import clip_num_samples
+from workers.features import feature_shape
 from workers.specs import DecodeParams
 
 __all__ = [
@@ -67,12 +67,7 @@ def cache_key(params: DecodeParams) -> str:
 
 def audio_feature_shape(params: DecodeParams) -> tuple[int, int, int]:
     """Shape ``(1, T, F)`` of the audio feature of one clip under ``params``."""
-    num_samples = clip_num_samples(params.clip_seconds, params.sample_rate_hz)
-    hop = ms_to_samples(params.hop_ms, params.sample_rate_hz)
-    window = ms_to_samples(params.win_ms, params.sample_rate_hz)
-    if params.audio_feature == "logmel":
-        return (1, log_mel_num_frames(num_samples, hop), params.n_mels)
-    return (1, stft_num_frames(num_samples, hop), window // 2 + 1)
+    return feature_shape(params)
 
 
 class CacheEntryError(ValueError):
@@ -141,7 +136,7 @@ class ClipCache:
     def __init__(self, cache_dir: str | os.PathLike[str], params: DecodeParams) -> None:
         self.params = params
         self.directory = Path(cache_dir) / cache_key(params)
-        self._frames_shape = (params.num_frames, params.frame_height, params.frame_width, 3)
+        self._frames_shape = (params.decoded_frames, params.frame_height, params.frame_width, 3)
         self._audio_shape = audio_feature_shape(params)
         # Resolved paths, memoised per instance: resolving walks every path component.
         self._resolved: dict[str, str] = {}

@@ -17,8 +17,8 @@ from typing import Literal, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from workers.cache import ClipCache, DecodeParams, audio_feature_shape
-from workers.features import log_mel, ms_to_samples, spectrogram_ogm
+from workers.cache import ClipCache, DecodeParams
+from workers.features import audio_feature
 from workers.layouts import (
     DERIVED_VAL_FRACTION,
     LAYOUTS,
@@ -27,7 +27,7 @@ from workers.layouts import (
     ManifestRow,
     read_layout,
 )
-from workers.media import BadMediaError, decode_clip
+from workers.media import BadMediaError, decode_clip, uniform_frame_indices
 
 __all__ = [
     "AVClipDataset",
@@ -130,11 +130,13 @@ def load_records(
 
 
 def decode_record(record: ClipRecord, params: DecodeParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one record: uint8 frames ``(T, H, W, 3)`` and float32 audio feature ``(1, T_a, F)``."""
+    """Decode one record: uint8 frames ``(T, H, W, 3)`` and float32 audio feature ``(1, T_a, F)``.
+
+    ``T`` is ``params.decoded_frames``: the pool of ``pool_frames`` uniformly spaced frames when set."""
     frames, waveform = decode_clip(
         record.video_path,
         record.audio_path,
-        num_frames=params.num_frames,
+        num_frames=params.decoded_frames,
         frame_height=params.frame_height,
         frame_width=params.frame_width,
         sample_rate_hz=params.sample_rate_hz,
@@ -142,21 +144,7 @@ def decode_record(record: ClipRecord, params: DecodeParams) -> tuple[torch.Tenso
         max_source_pixels=params.max_source_pixels,
         max_source_seconds=params.max_source_seconds,
     )
-    expected = audio_feature_shape(params)
-    if params.audio_feature == "logmel":
-        audio = log_mel(
-            waveform, params.sample_rate_hz, n_mels=params.n_mels, win_ms=params.win_ms,
-            hop_ms=params.hop_ms, num_frames=expected[1],
-        )
-    else:
-        audio = spectrogram_ogm(
-            waveform,
-            params.sample_rate_hz,
-            n_fft=ms_to_samples(params.win_ms, params.sample_rate_hz),
-            hop_length=ms_to_samples(params.hop_ms, params.sample_rate_hz),
-            num_frames=expected[1],
-        )
-    return frames, audio
+    return frames, audio_feature(waveform, params)
 
 
 class AVClipDataset(Dataset):
@@ -164,7 +152,9 @@ class AVClipDataset(Dataset):
 
     Item ``i``: ``(audio, visual, label, index)`` with
     ``audio`` float32 ``(1, T_a, F)`` (log-mel or OGM-GE spectrogram),
-    ``visual`` float32 ``(3, T, H, W)`` scaled to [0, 1] then normalised per channel,
+    ``visual`` float32 ``(3, T, H, W)`` scaled to [0, 1] then normalised per channel (``T`` =
+    ``decode.num_frames``; with ``decode.pool_frames`` the clip's pool is decoded and cached once and the
+    item takes ``num_frames`` uniformly spaced frames of it; :mod:`workers.augment` draws from the pool),
     ``label`` int64 scalar, ``index`` int64 scalar = ``i`` (position in this dataset, for
     methods that keep a per-sample memory bank).
 
@@ -229,6 +219,10 @@ class AVClipDataset(Dataset):
         std = torch.tensor(decode.normalize_std, dtype=torch.float64)
         self._scale = (1.0 / (255.0 * std)).to(torch.float32).view(3, 1, 1, 1)
         self._shift = (-mean / std).to(torch.float32).view(3, 1, 1, 1)
+        # Evaluation frames of a pool: num_frames uniformly spaced among the decoded_frames (None: all of them).
+        self.eval_frames: torch.Tensor | None = None
+        if decode.decoded_frames != decode.num_frames:
+            self.eval_frames = torch.tensor(uniform_frame_indices(decode.decoded_frames, decode.num_frames))
 
     @property
     def num_classes(self) -> int:
@@ -245,17 +239,26 @@ class AVClipDataset(Dataset):
             record.video_path, record.audio_path, lambda: decode_record(record, self.decode)
         )
 
+    def clip_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Clip ``index`` as decoded (and cached): uint8 ``frames`` ``(decode.decoded_frames, H, W, 3)`` (the
+        whole pool) and the float32 ``audio`` feature. Read-only: they may be views of a cache entry."""
+        return self._tensors(self.records[index])[0]
+
+    def normalise(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``(T, H, W, 3)`` -> float32 ``(3, T, H, W)`` scaled to [0, 1], normalised per channel."""
+        # In place after one contiguous copy (the straightforward form took 3x as long).
+        visual = frames.permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return visual.mul_(self._scale).add_(self._shift)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        record = self.records[index]
-        tensors, _ = self._tensors(record)
-        # (T, H, W, 3) uint8 -> (3, T, H, W) float32, scaled to [0, 1] and normalised per channel
-        # in place (one contiguous copy; the straightforward form took 3x as long).
-        visual = tensors["frames"].permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        visual.mul_(self._scale).add_(self._shift)
+        tensors = self.clip_tensors(index)
+        frames = tensors["frames"]
+        if self.eval_frames is not None:
+            frames = frames[self.eval_frames]
         return (
             tensors["audio"],
-            visual,
-            torch.tensor(record.label, dtype=torch.int64),
+            self.normalise(frames),
+            torch.tensor(self.records[index].label, dtype=torch.int64),
             torch.tensor(index, dtype=torch.int64),
         )
 

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from workers.augment import for_training
 from workers.datasets import AVClipDataset
 from workers.distributed import all_reduce_sum, broadcast_buffers, unwrap
 from workers.evaluation import pack_probabilities
 from workers.methods import Method, get_method
+from workers.schedules import learning_rate_at
 from workers.specs import ExperimentSpec
 
 Report = Callable[[dict[str, float], "dict[str, Any] | None"], None]
@@ -73,24 +75,36 @@ def build_datasets(spec: ExperimentSpec) -> dict[str, AVClipDataset]:
     return out
 
 
-def build_loaders(spec: ExperimentSpec, datasets: dict[str, AVClipDataset], runtime: Runtime) -> dict[str, DataLoader]:
-    t = spec.train
+def build_loaders(spec: ExperimentSpec, datasets: dict[str, AVClipDataset], runtime: Runtime,
+                  evaluation_batch_size: int | None = None) -> dict[str, DataLoader]:
+    """The training loader (``spec.worker_batch`` clips per worker and step, so the global batch over the
+    workers is the spec's, never the per-worker batch times the workers) and the evaluation loaders
+    (``evaluation_batch_size``, default the global batch: every official code evaluates with its training batch)."""
     kw = dict(num_workers=spec.data.loader_workers, pin_memory=runtime.device.type == "cuda")
-    train = datasets["train"]
+    train, batch = datasets["train"], spec.worker_batch
+    train = for_training(train, spec.data.augment)  # crop / flip / frame draws: the training loader only
     # drop_last: a trailing batch of one breaks BatchNorm (AVSlowFast's audio lateral sees B x 1 slow frame).
     loaders = {"train": runtime.prepare_data_loader(
-        DataLoader(train, batch_size=t.batch_size, shuffle=True, drop_last=len(train) > t.batch_size, **kw))}
+        DataLoader(train, batch_size=batch, shuffle=True, drop_last=len(train) > batch, **kw))}
     # Every rank evaluates the whole (small) held-out split: identical numbers on every rank,
     # no sampler padding skewing accuracy. Model selection uses `val`; `test` is only reported.
     for name, split in (("val", "val"), ("test", "test"), ("train_eval", "train")):
-        loaders[name] = DataLoader(datasets[split], batch_size=t.batch_size * 2, shuffle=False, **kw)
+        loaders[name] = DataLoader(datasets[split], batch_size=evaluation_batch_size or spec.global_batch, shuffle=False, **kw)
     return loaders
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = rate
 
 
 def build_optimizer(spec: ExperimentSpec, params) -> torch.optim.Optimizer:
     t = spec.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=t.nesterov)
+    if t.optimizer == "adamw":  # decoupled weight decay (BalanceBenchmark's global_config.yaml: AdamW)
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
@@ -152,8 +166,8 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
 
     datasets = build_datasets(spec)
     num_classes = datasets["train"].num_classes
-    loaders = build_loaders(spec, datasets, runtime)
     method: Method = get_method(spec.method.name)(spec, runtime)
+    loaders = build_loaders(spec, datasets, runtime, method.evaluation_batch_size())
 
     model = method.build_model(num_classes).to(device)
     if t.channels_last and device.type == "cuda":
@@ -165,8 +179,6 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
     method.setup(raw, datasets)
 
     optimizer = build_optimizer(spec, [p for p in raw.parameters() if p.requires_grad])
-    # StepLR every lr_decay_step epochs by lr_decay_ratio (OGM-GE main.py: StepLR(70, 0.1)).
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_step, t.lr_decay_ratio)
     use_bf16 = t.bf16_autocast and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -175,7 +187,6 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
     if state is not None:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         best, history = state["best"], state["history"]
         restore_rng_state(state["rng"])
@@ -188,17 +199,19 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         method.start_epoch(epoch)
         model.train()
         sums: dict[str, torch.Tensor] = defaultdict(float)  # running sums kept on the device
-        steps = 0
+        steps, steps_per_epoch = 0, max(len(loaders["train"]), 1)
         for step, (audio, visual, labels, index) in enumerate(loaders["train"]):
+            # The schedule's rate at this step's fractional epoch (workers.schedules: PySlowFast sets it so
+            # before every iteration; a step schedule is constant within an epoch, as StepLR per epoch is).
+            set_learning_rate(optimizer, learning_rate_at(t, epoch + step / steps_per_epoch))
             batch = Batch(audio.to(device), visual.to(device), labels.to(device), index.to(device))
             loss = method.train_step(model, optimizer, batch, epoch, step, sums, autocast)
             sums["loss_train"] += loss.detach().float()
             steps += 1
-        scheduler.step()
         broadcast_buffers(raw)  # every rank evaluates the same model rank 0 checkpoints
         train_seconds = time.perf_counter() - started
 
-        metrics: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        metrics: dict[str, float] = {"epoch": epoch, "lr": learning_rate_at(t, epoch)}  # the rate the epoch began with
         metrics.update(epoch_means(sums, steps, device, runtime.world_size))
         metrics.update(method.evaluate(loaders, autocast))
         method.end_epoch(epoch, metrics)
@@ -229,7 +242,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
         checkpoint = None
         if runtime.rank == 0:
             checkpoint = {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                 "method": method.state_dict(), "method_name": spec.method.name, "epoch": epoch, "best": best, "rng": rng_state(),
                 "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
                 "predictions": predictions, "probabilities": probabilities,

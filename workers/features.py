@@ -17,7 +17,8 @@ from functools import lru_cache
 import torch
 import torchaudio
 
-__all__ = ["log_mel", "spectrogram_ogm", "ms_to_samples", "log_mel_num_frames", "stft_num_frames"]
+__all__ = ["log_mel", "spectrogram_ogm", "kaldi_fbank", "ms_to_samples", "log_mel_num_frames", "stft_num_frames",
+           "fbank_num_frames"]
 
 # Floor added before the log of mel power, so digital silence maps to log(1e-6) ~ -13.8
 # instead of -inf.
@@ -45,6 +46,14 @@ def stft_num_frames(num_samples: int, hop_length: int) -> int:
     (OGM-GE CREMA-D: 3 s at 22050 Hz, hop 353 -> 188 frames.)
     """
     return 1 + num_samples // hop_length
+
+
+def fbank_num_frames(num_samples: int, sample_rate_hz: int, win_ms: float, hop_ms: float) -> int:
+    """Frames of a Kaldi fbank with ``snip_edges=True``: ``1 + (N - window) // shift``, window and shift
+    truncated to samples as ``torchaudio.compliance.kaldi`` does (10 s at 16 kHz, 25/10 ms -> 998)."""
+    window = int(sample_rate_hz * win_ms * 0.001)
+    shift = int(sample_rate_hz * hop_ms * 0.001)
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
 
 def _fit_frames(features: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -114,6 +123,7 @@ def log_mel(
     n_fft: int | None = None,
     *,
     num_frames: int | None = None,
+    hop_length: int | None = None,
 ) -> torch.Tensor:
     """Log mel-spectrogram of a mono waveform.
 
@@ -125,6 +135,7 @@ def log_mel(
         n_fft: FFT size; default the next power of two >= the window length (512 for 25 ms at
             16 kHz).
         num_frames: output frames; default ``N // hop`` (the frames the clip length implies).
+        hop_length: hop in samples, instead of ``hop_ms``.
 
     Returns:
         float32 ``(1, num_frames, n_mels)`` = ``log(max(mel_power, 1e-6))``, zero-padded or cropped
@@ -132,7 +143,7 @@ def log_mel(
     """
     waveform = _check_waveform(waveform, sample_rate_hz)
     win_length = ms_to_samples(win_ms, sample_rate_hz)
-    hop_length = ms_to_samples(hop_ms, sample_rate_hz)
+    hop_length = hop_length or ms_to_samples(hop_ms, sample_rate_hz)
     if win_length <= 0 or hop_length <= 0 or n_mels <= 0:
         raise ValueError(
             f"win_ms={win_ms}, hop_ms={hop_ms} give {win_length}/{hop_length} samples and "
@@ -190,3 +201,67 @@ def spectrogram_ogm(
     if num_frames is None:
         num_frames = stft_num_frames(waveform.shape[0], hop_length)
     return _fit_frames(features, num_frames).unsqueeze(0).contiguous()
+
+
+def kaldi_fbank(
+    waveform: torch.Tensor,
+    sample_rate_hz: int,
+    n_mels: int = 128,
+    win_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    *,
+    num_frames: int | None = None,
+) -> torch.Tensor:
+    """Kaldi-style log mel filterbank as the official Kinetics-Sounds and MLA preprocessing computes it.
+
+    ``waveform - waveform.mean()`` then ``torchaudio.compliance.kaldi.fbank(htk_compat=True,
+    use_energy=False, window_type="hanning", dither=0.0, num_mel_bins=n_mels, frame_length=win_ms,
+    frame_shift=hop_ms)`` (the AST-style front end of OGM-GE's ``data/KineticSound/process_audio.py`` and
+    MLA's ``data/extract_fbank.py``), zero-padded or cropped in time to ``num_frames``.
+
+    Returns:
+        float32 ``(1, num_frames, n_mels)``; default ``num_frames`` the frames the clip gives.
+    """
+    from torchaudio.compliance import kaldi  # imported here: the other front ends do not need it
+
+    waveform = _check_waveform(waveform, sample_rate_hz)
+    if fbank_num_frames(waveform.shape[0], sample_rate_hz, win_ms, hop_ms) < 1:
+        raise ValueError(f"a {waveform.shape[0]}-sample clip is shorter than one {win_ms} ms fbank window")
+    with torch.no_grad():
+        features = kaldi.fbank((waveform - waveform.mean()).unsqueeze(0), htk_compat=True,
+                               sample_frequency=sample_rate_hz, use_energy=False, window_type="hanning",
+                               num_mel_bins=n_mels, dither=0.0, frame_length=win_ms, frame_shift=hop_ms)
+    if num_frames is None:
+        num_frames = features.shape[0]
+    return _fit_frames(features, num_frames).unsqueeze(0).contiguous()
+
+
+def audio_feature(waveform: torch.Tensor, params) -> torch.Tensor:
+    """The audio feature ``params`` (a ``workers.specs.DecodeParams``) asks for, ``(1, T, F)`` float32 with
+    ``(T, F)`` = :func:`feature_shape`'s, normalised when the params give ``audio_mean`` / ``audio_std``."""
+    _, frames, _ = feature_shape(params)
+    sr = params.sample_rate_hz
+    if params.audio_feature == "logmel":
+        features = log_mel(waveform, sr, n_mels=params.n_mels, win_ms=params.win_ms, hop_ms=params.hop_ms,
+                           n_fft=params.n_fft, num_frames=frames, hop_length=params.hop_samples)
+    elif params.audio_feature == "spectrogram":
+        features = spectrogram_ogm(waveform, sr, n_fft=params.n_fft or params.window_samples,
+                                   hop_length=params.hop_length, num_frames=frames)
+    else:
+        features = kaldi_fbank(waveform, sr, n_mels=params.n_mels, win_ms=params.win_ms, hop_ms=params.hop_ms,
+                               num_frames=frames)
+    if params.audio_mean is not None:
+        features = (features - params.audio_mean) / params.audio_std
+    return features
+
+
+def feature_shape(params) -> tuple[int, int, int]:
+    """Shape ``(1, T, F)`` of one clip's audio feature under ``params`` (a ``workers.specs.DecodeParams``)."""
+    num_samples = int(round(params.clip_seconds * params.sample_rate_hz))
+    if params.audio_feature == "logmel":
+        frames, bins = log_mel_num_frames(num_samples, params.hop_length), params.n_mels
+    elif params.audio_feature == "spectrogram":
+        frames, bins = stft_num_frames(num_samples, params.hop_length), (params.n_fft or params.window_samples) // 2 + 1
+    else:
+        frames, bins = fbank_num_frames(num_samples, params.sample_rate_hz, params.win_ms, params.hop_ms), params.n_mels
+    return (1, params.audio_frames or frames, bins)

@@ -76,10 +76,26 @@ class DecodeParams(StrictModel):
     frame_width: int = Field(64, gt=0, le=1024, description="width of the decoded frames (pixels)")
     sample_rate_hz: int = Field(16000, gt=0, le=96000, description="audio resampled to this rate (Hz)")
     clip_seconds: float = Field(1.0, gt=0, le=60, description="length of the decoded window (s)")
-    audio_feature: Literal["logmel", "spectrogram"] = "logmel"
-    n_mels: int = Field(40, gt=0, le=512)
+    audio_feature: Literal["logmel", "spectrogram", "fbank"] = Field("logmel", description=(
+        "logmel (workers.features.log_mel), spectrogram (OGM-GE's log-magnitude STFT) or fbank "
+        "(Kaldi-style log mel filterbank, torchaudio.compliance.kaldi, as the official Kinetics-Sounds and "
+        "MLA preprocessing)"))
+    n_mels: int = Field(40, gt=0, le=512, description="mel bins of logmel and fbank")
     win_ms: float = Field(25.0, gt=0, le=1000)
     hop_ms: float = Field(10.0, gt=0, le=1000)
+    # Exact sizes in samples where an official loader gives them so (librosa.stft(n_fft=512,
+    # hop_length=353)); left out of dumps when unset, so existing cache keys and params stay the same.
+    n_fft: int | None = Field(None, gt=0, le=65536, exclude_if=lambda v: v is None, description=(
+        "FFT size in samples (spectrogram: also its window); None: from win_ms (spectrogram) or the next power "
+        "of two of the window (logmel)"))
+    hop_samples: int | None = Field(None, gt=0, le=65536, exclude_if=lambda v: v is None,
+                                    description="hop in samples; None: round(hop_ms * sample_rate_hz / 1000)")
+    audio_frames: int | None = Field(None, gt=0, le=100000, exclude_if=lambda v: v is None, description=(
+        "time frames the feature is zero-padded or cropped to (the official Kinetics-Sounds fbank: 1024); "
+        "None: the frames the clip implies"))
+    audio_mean: float | None = Field(None, exclude_if=lambda v: v is None, description=(
+        "feature normalisation (x - audio_mean) / audio_std, as the official fbank preprocessing; None: none"))
+    audio_std: float | None = Field(None, gt=0, exclude_if=lambda v: v is None)
     # Limits on the SOURCE media, checked before anything is decoded (workers.media.decode_clip).
     # The defaults admit every clip of the public datasets (CREMA-D, Kinetics-Sounds, VGGSound, AVE:
     # clips of at most ~10 s, frames up to 4K). Left out of dumps at their defaults (exclude_if),
@@ -92,6 +108,13 @@ class DecodeParams(StrictModel):
         600.0, gt=0, exclude_if=lambda v: v == 600.0,
         description="refuse a video or audio file whose declared duration is longer than this (s)",
     )
+    # Left out of dumps when None (exclude_if), so existing cache keys and logged parameters stay the same.
+    pool_frames: int | None = Field(
+        None, gt=0, le=256, exclude_if=lambda v: v is None,
+        description=("frames decoded once per clip, uniformly spaced, into the cache (None: num_frames); training "
+                     "draws num_frames of them when data.augment.random_frames, evaluation takes num_frames "
+                     "uniformly spaced among them"),
+    )
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -101,6 +124,40 @@ class DecodeParams(StrictModel):
         if any(v <= 0 for v in value):
             raise ValueError(f"every channel's std must be positive, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _audio_sizes(self) -> "DecodeParams":
+        if (self.audio_mean is None) != (self.audio_std is None):
+            raise ValueError("give audio_mean and audio_std together (or neither)")
+        window = self.n_fft if self.audio_feature == "spectrogram" and self.n_fft else self.window_samples
+        if self.n_fft is not None and self.audio_feature != "spectrogram" and self.n_fft < self.window_samples:
+            raise ValueError(f"n_fft {self.n_fft} is shorter than the {self.window_samples}-sample window (win_ms)")
+        if window < 2 or self.hop_length < 1:
+            raise ValueError(f"win_ms/n_fft and hop_ms/hop_samples give a {window}-sample window and a "
+                             f"{self.hop_length}-sample hop at {self.sample_rate_hz} Hz: too short")
+        return self
+
+    @property
+    def hop_length(self) -> int:
+        """Audio hop in samples."""
+        return self.hop_samples or int(round(self.hop_ms * self.sample_rate_hz / 1000.0))
+
+    @property
+    def window_samples(self) -> int:
+        """Analysis window in samples from ``win_ms`` (a spectrogram's window is ``n_fft`` when given)."""
+        return int(round(self.win_ms * self.sample_rate_hz / 1000.0))
+
+    @model_validator(mode="after")
+    def _pool_holds_the_frames(self) -> "DecodeParams":
+        if self.pool_frames is not None and self.pool_frames < self.num_frames:
+            raise ValueError(f"pool_frames {self.pool_frames} is smaller than num_frames {self.num_frames}: the pool "
+                             "is what the num_frames frames are taken from")
+        return self
+
+    @property
+    def decoded_frames(self) -> int:
+        """Frames decoded (and cached) per clip: ``pool_frames``, else ``num_frames``."""
+        return self.pool_frames or self.num_frames
 
 
 class SynthSpec(_Strict):
@@ -147,6 +204,53 @@ class SynthSpec(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+class AugmentSpec(_Strict):
+    """Training-loader augmentation of the video frames, as the official loaders do it (workers/augment.py).
+
+    Only the training loader is augmented; validation, test and the training split's evaluation loader see
+    the plain clips. Crops are taken from the decoded frame (data.decode frame_height x frame_width) and
+    resized back to that size, not from the source-resolution image the official loaders crop.
+    """
+
+    random_frames: bool = Field(False, description=(
+        "draw num_frames of the data.decode.pool_frames cached frames per clip and epoch (needs pool_frames > "
+        "num_frames)"))
+    frame_draw: Literal["choice", "segment"] = Field("choice", description=(
+        "with random_frames: 'choice' draws num_frames distinct pool frames uniformly, then sorts them "
+        "(np.random.choice(..., replace=False) + sort, as OGM-GE's CramedDataset writes it); 'segment' draws one "
+        "frame in each of num_frames equal segments of the pool (MMPareto's av_dataset.py)"))
+    random_resized_crop: bool = Field(False, description=(
+        "torchvision RandomResizedCrop per frame, back to frame_height x frame_width (bilinear, antialiased)"))
+    horizontal_flip: bool = Field(False, description="torchvision RandomHorizontalFlip per frame, p = 0.5")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="share of the frame's area a crop covers (low, high)")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio (width / height) of a crop (low, high)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"crop_scale {list(value)}: need 0 < low <= high <= 1 (shares of the frame's area)")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] or value[1] > 100:
+            raise ValueError(f"crop_ratio {list(value)}: need 0 < low <= high <= 100 (width / height)")
+        return value
+
+    @model_validator(mode="after")
+    def _draw_needs_random_frames(self) -> "AugmentSpec":
+        if self.frame_draw != "choice" and not self.random_frames:
+            raise ValueError(f"frame_draw {self.frame_draw!r} only applies with random_frames: true")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the training loader is augmented at all."""
+        return self.random_frames or self.random_resized_crop or self.horizontal_flip
+
+
 class DataSpec(_Strict):
     source: Literal["generated", "dataset"] = "generated"
     layout: Literal["avtune", "cremad", "vggsound", "kinetics-sounds", "ave"] = "avtune"
@@ -157,11 +261,21 @@ class DataSpec(_Strict):
     cache_dir: Path | None = Field(None, description="defaults to <root>/.avtune-cache")
     on_bad_media: Literal["error", "skip"] = "error"
     loader_workers: int = Field(0, ge=0, le=32)
+    augment: AugmentSpec = Field(AugmentSpec(), description="training-loader augmentation (off by default)")
 
     @model_validator(mode="after")
     def _dataset_needs_root(self) -> "DataSpec":
         if self.source == "dataset" and self.root is None:
             raise ValueError("data.root is required when data.source is 'dataset'")
+        return self
+
+    @model_validator(mode="after")
+    def _frames_to_draw_from(self) -> "DataSpec":
+        if self.augment.random_frames and self.decode.decoded_frames <= self.decode.num_frames:
+            raise ValueError(
+                "data.augment.random_frames needs data.decode.pool_frames > data.decode.num_frames (the frames decoded "
+                f"once per clip that each epoch draws from); got pool_frames {self.decode.pool_frames}, num_frames "
+                f"{self.decode.num_frames}")
         return self
 
 
@@ -178,15 +292,34 @@ MethodSpec = Annotated[Union[method_sections()], Field(discriminator="name")]
 METHOD_NAMES = method_names()
 
 
+DEFAULT_GLOBAL_BATCH = 16
+LR_SCHEDULES = ("step", "constant", "cosine")
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(3, ge=1, le=10000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    learning_rate: float = Field(0.01, gt=0, le=10)
+    # The batch by name: Ray Train's prepare_data_loader keeps a loader's batch per worker, so one bare
+    # `batch_size` reads as global in a paper and trains as per-worker on 4 workers (4x the official batch).
+    global_batch_size: int | None = Field(None, ge=1, le=65536, description=(
+        "clips per optimiser step over all workers, divided evenly over scaling.num_workers "
+        f"(refused when it does not divide); {DEFAULT_GLOBAL_BATCH} when neither batch field is given"))
+    batch_size_per_worker: int | None = Field(None, ge=1, le=4096, description=(
+        "clips per optimiser step on each worker (global batch = this x scaling.num_workers); "
+        "give this or global_batch_size, not both"))
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: float = Field(0.01, gt=0, le=10, description="base rate; never rescaled with the batch or the workers")
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum (PySlowFast SOLVER.NESTEROV)")
     weight_decay: float = Field(1e-4, ge=0)
-    lr_decay_step: int = Field(70, ge=1, description="epochs between StepLR decays")
+    lr_schedule: Literal["step", "constant", "cosine"] = Field("step", description=(
+        "step: x lr_decay_ratio every lr_decay_step epochs (StepLR); constant; cosine: PySlowFast's "
+        "lr_policy cosine over the run's epochs, evaluated every step (workers.schedules)"))
+    lr_decay_step: int = Field(70, ge=1, description="epochs between StepLR decays (lr_schedule step)")
     lr_decay_ratio: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0, description=(
+        "linear warm-up from warmup_start_lr to the schedule's rate at warmup_epochs (PySlowFast WARMUP_EPOCHS)"))
+    warmup_start_lr: float = Field(0.0, ge=0, le=10, description="PySlowFast SOLVER.WARMUP_START_LR")
+    cosine_end_lr: float = Field(0.0, ge=0, le=10, description="PySlowFast SOLVER.COSINE_END_LR (rate at the last epoch)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="initialisation and data order (torch, numpy, random)")
     train_split_loss: bool = Field(False, description=(
         "also measure, at the end of every epoch, the model's loss on the whole training split in eval mode "
@@ -194,6 +327,24 @@ class TrainSpec(_Strict):
     bf16_autocast: bool = False
     channels_last: bool = False
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker-group restarts from the last checkpoint")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bare_batch_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "batch_size" in data:
+            raise ValueError("batch_size is ambiguous over several workers: give global_batch_size (clips per "
+                             "optimiser step over all workers) or batch_size_per_worker")
+        return data
+
+    @model_validator(mode="after")
+    def _one_batch_field(self) -> "TrainSpec":
+        if self.global_batch_size is not None and self.batch_size_per_worker is not None:
+            raise ValueError("give global_batch_size or batch_size_per_worker, not both")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer sgd with a momentum > 0")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} is longer than the run's {self.epochs} epochs")
+        return self
 
 
 class ScalingSpec(_Strict):
@@ -294,10 +445,26 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentSpec":
+        workers, batch = self.scaling.num_workers, self.train.global_batch_size or DEFAULT_GLOBAL_BATCH
+        if self.train.batch_size_per_worker is None and batch % workers:
+            raise ValueError(f"train.global_batch_size {batch} does not divide over scaling.num_workers {workers}: "
+                             "give a multiple of the workers, or train.batch_size_per_worker")
         problems = get_method(self.method.name).spec_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Clips per optimiser step over all workers."""
+        if self.train.batch_size_per_worker is not None:
+            return self.train.batch_size_per_worker * self.scaling.num_workers
+        return self.train.global_batch_size or DEFAULT_GLOBAL_BATCH
+
+    @property
+    def worker_batch(self) -> int:
+        """Clips per optimiser step on each Train worker (what its DataLoader is given)."""
+        return self.global_batch // self.scaling.num_workers
 
 
 # ---- loading, overrides and error text ----------------------------------------------------

@@ -124,6 +124,11 @@ class Method:
         """Checks that need other sections of the spec (e.g. epochs, frames); one text per problem."""
         return []
 
+    def evaluation_batch_size(self) -> int | None:
+        """Clips per evaluation batch; None: the engine's default, the global training batch (what every
+        official code evaluates with; a classifier in eval mode gives the same outputs for any batch)."""
+        return None
+
     # ---- hooks the engine calls, in the order it calls them ----
 
     def build_model(self, num_classes: int):

@@ -176,6 +176,10 @@ class MLA(Method):
 
     # ---- evaluation: acc is the fused prediction (the model's forward) ----
 
+    # "batch"-scope fusion weights are computed over the evaluated batch, so the batch is part of the result:
+    # the engine evaluates in batches of the global training batch, as the official test loader does
+    # (main.py:813-817, DataLoader(test_dataset, batch_size=args.batch_size); entropy over the batch, main.py:65-70).
+
     def evaluate(self, loaders, autocast) -> dict[str, float]:
         metrics = super().evaluate(loaders, autocast)
         metrics.update(self.fusion_weight_means(loaders["val"], autocast))

@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
-from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger
+from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger, SeedGroupLogger
 from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
@@ -38,6 +38,7 @@ from orchestrator.training import (
     connect_ray,
     ensure_data,
     fetch_final_checkpoint,
+    finish_seed_group,
     finish_train_run,
     resolve_start_point,
     run_name_for,
@@ -148,10 +149,17 @@ def build_param_space(spec: ExperimentSpec, gblend_weights: dict[str, float] | N
             space["method.weights_source"] = gblend_source
         if starts and spec.method.name in starts:
             space.update({f"method.{k}": v for k, v in starts[spec.method.name].items()})
-    if search.seeds:
+    if search.seeds and not seed_group(spec):
         # Crossed with every configuration: Tune's grid is the product of its grid dimensions.
         space[SEED_PARAM] = tune.grid_search(list(search.seeds))
     return space
+
+
+def seed_group(spec: ExperimentSpec) -> list[int] | None:
+    """The seeds every main trial trains side by side (`search.group_seeds`), or None: one trial per seed."""
+    if spec.search is None or not spec.search.group_seeds or len(spec.search.seeds) < 2:
+        return None
+    return list(spec.search.seeds)
 
 
 def trial_spec_data(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +217,9 @@ def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -
 
 def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, trial_id: str,
                          sweep_name: str, stage: str, searched: Iterable[str] = ()) -> str:
-    """One child run per trial id: a restarted trial or a resumed sweep continues the same run."""
-    found = child_runs(client, parent_run_id, trial_id=trial_id, max_results=1)
+    """One child run per trial id and seed: a restarted trial or a resumed sweep continues the same run."""
+    found = [run for run in child_runs(client, parent_run_id, trial_id=trial_id)
+             if run.data.params.get(SEED_PARAM) == str(spec.train.seed)]
     if found:
         if found[0].info.status != "RUNNING":
             reopen_run(client, found[0].info.run_id)
@@ -225,26 +234,38 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
-               sweep_name: str, stage: str) -> None:
+               sweep_name: str, stage: str, seeds: list[int] | None = None) -> None:
+    """One trial: a Ray Train run of the trial's configuration, for its one seed or, with `seeds`, for every
+    seed side by side; each seed its own MLflow child run."""
     trial_id = tune.get_context().get_trial_id()
     spec = validate_spec(trial_spec_data(base_spec, config), source=f"trial {trial_id}")
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = find_or_create_child(client, spec, parent_run_id, trial_id, sweep_name, stage, searched=config)
-    logger = MlflowEpochLogger(tracking_uri, run_id)
+    specs = {seed: spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
+             for seed in seeds or [spec.train.seed]}
+    run_ids = {seed: find_or_create_child(client, s, parent_run_id, trial_id, sweep_name, stage, searched=config)
+               for seed, s in specs.items()}
+    loggers = {seed: MlflowEpochLogger(tracking_uri, run_id) for seed, run_id in run_ids.items()}
+    logger = SeedGroupLogger(loggers) if seeds else loggers[spec.train.seed]
     STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
     run_name = f"{sweep_name}-{trial_id}"
     TRAIN_RUN.clear()
     TRAIN_RUN["name"] = run_name
     try:
         trial_actor = ray.get_runtime_context().current_actor
-        trainer = build_trainer(spec, run_name, [logger, TuneReportCallback(), ControllerHandle(trial_actor, run_name)])
+        trainer = build_trainer(spec, run_name, [logger, TuneReportCallback(), ControllerHandle(trial_actor, run_name)],
+                                seeds=seeds)
         result = trainer.fit()
         TRAIN_RUN.clear()
-        finish_train_run(client, run_id, logger, result)
+        if seeds:
+            finish_seed_group(client, run_ids, loggers, result)
+        else:
+            finish_train_run(client, run_ids[spec.train.seed], logger, result)
     except BaseException as err:
         if STOPPED_BY_TUNE.is_set():
-            return  # aborted on purpose; ChildRunStatus marks the run KILLED on the driver
-        finish_run(client, run_id, err)
+            return  # aborted on purpose; ChildRunStatus marks the runs KILLED on the driver
+        for run_id in run_ids.values():
+            if client.get_run(run_id).info.status == "RUNNING":
+                finish_run(client, run_id, err)
         raise
     finally:
         TRAIN_RUN.clear()
@@ -260,20 +281,21 @@ class ChildRunStatus(tune.Callback):
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
 
-    def _child(self, trial):
+    def _children(self, trial):
+        """The trial's runs still RUNNING (one per seed of a seed group)."""
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        found = child_runs(client, self.parent_run_id, trial_id=trial.trial_id, max_results=1)
-        return client, (found[0] if found else None)
+        found = child_runs(client, self.parent_run_id, trial_id=trial.trial_id)
+        return client, [run for run in found if run.info.status == "RUNNING"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        client, run = self._child(trial)
-        if run is not None and run.info.status == "RUNNING":
+        client, runs = self._children(trial)
+        for run in runs:
             client.set_tag(run.info.run_id, "avtune.stopped_by", "scheduler")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        client, run = self._child(trial)
-        if run is not None and run.info.status == "RUNNING":
+        client, runs = self._children(trial)
+        for run in runs:
             finish_run(client, run.info.run_id, RuntimeError(str(trial.error_file or "trial error")))
 
 
@@ -281,14 +303,17 @@ class TrialProgress(tune.Callback):
     """Driver side: each trial's start, epochs and end, for the console's board (`orchestrator.console`).
     Holds only the base spec (Tune pickles callbacks with its experiment state); the board is looked up."""
 
-    def __init__(self, base_spec: dict[str, Any], stage: str):
+    def __init__(self, base_spec: dict[str, Any], stage: str, seeds: list[int] | None = None):
         self.base_spec = base_spec
         self.stage = stage
+        self.seeds = seeds
 
     def _label(self, trial) -> tuple[str, int]:
         try:
             spec = validate_spec(trial_spec_data(self.base_spec, trial.config), source=f"trial {trial.trial_id}")
             label, epochs = run_name_for(spec), spec.train.epochs
+            if self.seeds:  # a seed group: "normal_concat_s0-4", not the base seed's name
+                label = label.rsplit("_s", 1)[0] + "_s" + seeds_label(self.seeds)
         except SpecError:  # the trial itself reports it; the board still shows the trial
             label, epochs = trial.trial_id, int(self.base_spec["train"]["epochs"])
         return (label if self.stage == MAIN_STAGE else f"{self.stage}_{label}"), epochs
@@ -316,6 +341,14 @@ class TrialProgress(tune.Callback):
         board = current_board()
         if board is not None:
             board.trial_ended(trial.trial_id, "FAILED", trial_error_text(trial))
+
+
+def seeds_label(seeds: list[int]) -> str:
+    """"0-4" for consecutive seeds, "0,2,7" otherwise."""
+    ordered = sorted(seeds)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(map(str, seeds))
 
 
 def trial_error_text(trial) -> str:
@@ -349,12 +382,14 @@ def sweep_state_file(spec: ExperimentSpec) -> Path:
 
 
 def make_trainable(spec: ExperimentSpec, parent_run_id: str, tracking_uri: str, name: str, stage: str):
-    """The Tune function trainable with its fixed arguments and its own tiny CPU share (the
-    trial's Train workers get `scaling.*`); the same for a new Tuner and for Tuner.restore."""
+    """The Tune function trainable with its fixed arguments and its own resources (`search.trial_cpus`, by
+    default none, and `trial_memory_mb`: the trial's Train workers get `scaling.*`); the same for a new Tuner
+    and for Tuner.restore."""
     fn = tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
-                              tracking_uri=tracking_uri, sweep_name=name, stage=stage)
+                              tracking_uri=tracking_uri, sweep_name=name, stage=stage,
+                              seeds=seed_group(spec) if stage == MAIN_STAGE else None)
     fn.__mixins__ = (AbortTrainOnStop,)
-    return tune.with_resources(fn, {"cpu": spec.search.trial_cpus})
+    return tune.with_resources(fn, {"cpu": spec.search.trial_cpus, "memory": spec.search.trial_memory_mb * 2**20})
 
 
 def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, parent_run_id: str,
@@ -401,7 +436,8 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
-            callbacks=[ChildRunStatus(tracking_uri, parent_run_id), TrialProgress(spec.model_dump(mode="json"), stage)],
+            callbacks=[ChildRunStatus(tracking_uri, parent_run_id),
+                       TrialProgress(spec.model_dump(mode="json"), stage, seed_group(spec) if stage == MAIN_STAGE else None)],
             verbose=0,
         ),
     )

@@ -70,7 +70,7 @@ class Recorder:
 
 
 def results(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in TIMING_KEYS}  # a seed group's too
 
 
 def check_probabilities(packed, rows: list[dict], self_supervised: bool) -> None:
@@ -383,3 +383,34 @@ def test_cma_refuses_a_missing_or_wrong_start_point(synth_dataset, tmp_path):
 def test_cma_refuses_an_avid_start_of_another_size(synth_dataset, tmp_path, avid_checkpoint):
     with pytest.raises(ValueError, match=r"method.init_from: the AVID memory bank is \(18, 16\).*embedding_dim 32"):
         cma_method(synth_dataset, tmp_path, init_from=avid_checkpoint, embedding_dim=32)
+
+
+@pytest.mark.parametrize("name", ["ogm_ge", "pmr"])
+def test_seeds_trained_side_by_side_compute_what_each_computes_alone_and_resume_exactly(synth_dataset, tmp_path, name):
+    """A sweep trains a configuration's seeds in one run (`fit_seeds`): each seed's numbers must be the ones it
+    gives alone (OGM-GE draws Gaussian noise every step, PMR a random prototype subset every epoch: a shared
+    random stream would change both), and a group resumed from its epoch-0 checkpoint must continue exactly."""
+    from workers.engine import fit_seeds, seed_prefix
+
+    seeds = [0, 3]
+    spec = engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3)
+    alone = {}
+    for seed in seeds:
+        alone[seed] = fit(spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})}),
+                          report=lambda metrics, state: None)
+    assert results(alone[0][-1]) != results(alone[3][-1])  # the seeds differ, so the comparison below can fail
+    reports, checkpoints = [], Recorder()  # each epoch's group state serialised when reported, as Ray would
+    histories = fit_seeds(spec, seeds, report=lambda metrics, state: (reports.append(metrics), checkpoints(metrics, state)))
+    for seed in seeds:
+        assert [results(m) for m in histories[seed]] == [results(m) for m in alone[seed]]
+        own = [{k.removeprefix(seed_prefix(seed)): v for k, v in r.items() if k.startswith(seed_prefix(seed))} for r in reports]
+        assert own == histories[seed]
+    # The group's own keys are the seeds' means: what ASHA decides on.
+    for epoch, report in enumerate(reports):
+        assert report["epoch"] == epoch
+        assert report["acc"] == pytest.approx(sum(alone[s][epoch]["acc"] for s in seeds) / len(seeds))
+    saved = checkpoints.state(0)
+    assert set(saved) == set(seeds) and all(saved[s]["epoch"] == 0 for s in seeds)
+    resumed = []
+    fit_seeds(spec, seeds, report=lambda metrics, state: resumed.append(metrics), load_state=lambda: saved)
+    assert [results(m) for m in resumed] == [results(m) for m in reports[1:]]

@@ -127,7 +127,9 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
         "method": {"name": "normal"},
         "train": {"epochs": EPOCHS, "global_batch_size": 8, "optimizer": "adam", "max_failures": 3 * KILLS},
         "storage": {"runs_dir": str(tmp_path / "runs")},
-        "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01]}},
+        # Two seeds per trial, side by side in its Train run (search.group_seeds): ASHA decides on their mean
+        # loss and a restarted worker group resumes both from the group's checkpoint.
+        "search": {"space": {"train.learning_rate": {"grid": [0.003, 1e-9, 0.01]}}, "seeds": [0, 1],
                    "scheduler": "asha", "metric": "loss", "mode": "min", "asha_grace_epochs": 1,
                    "asha_reduction_factor": 2, "max_concurrent_trials": 1,
                    # A kill that lands while a Train worker group starts (before the training function runs)
@@ -160,11 +162,14 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
     client = MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     kids = child_runs(client, result.parent_run_id)
-    assert len(kids) == 3
+    assert len(kids) == 6 and Counter(k.data.params["train.seed"] for k in kids) == {"0": 3, "1": 3}
     # ASHA stopped at least one trial, and at least one reached max_t and ended by itself; each trial
     # after a stopped one still got its Train workers (the sweep finished).
     stopped = [k for k in kids if k.info.status == "KILLED"]
     assert stopped and all(k.data.tags.get("avtune.stopped_by") == "scheduler" for k in stopped)
+    # A trial's seeds end together: both its runs stopped, or both finished.
+    by_trial = Counter((k.data.tags["avtune.trial_id"], k.info.status) for k in kids)
+    assert sorted(by_trial.values()) == [2, 2, 2], by_trial
     assert any(k.info.status == "FINISHED" for k in kids)
     for kid in kids:
         assert kid.info.status in ("FINISHED", "KILLED"), kid.info.run_name

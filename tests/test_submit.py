@@ -54,8 +54,7 @@ def ray_cluster(tmp_path_factory):
     gcs_port, dash_port = free_port(), free_port()
     ray = str(VENV_BIN / "ray")
     temp_dir = Path("/tmp") / f"avtray{secrets.token_hex(3)}"  # short: socket paths have a length limit
-    # Two logical CPUs per node: each Tune trial holds a 0.01-CPU share (search.trial_cpus) on some
-    # node, and with one CPU per node two such shares leave no node a whole CPU for a Train worker.
+    # Two logical CPUs per node, so that each node can run a 1-CPU Train worker beside the other node's.
     head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",

@@ -108,10 +108,18 @@ def test_seeds_cross_every_configuration():
     spec = load_spec({"method": {"name": "ogm_ge", "modulation_ends": 3}, "train": {"epochs": 3},
                       "search": {"compare": ["normal", "ogm_ge", "audio_only"], "seeds": [0, 1, 2],
                                  "space": {"method.alpha": {"grid": [0.1, 0.8]}}}})
+    # By default a trial trains every seed of its configuration (search.group_seeds): 4 method entries, 4 trials,
+    # each with the 3 seeds.
+    from orchestrator.sweep import seed_group
+
     space = build_param_space(spec)
-    assert space["train.seed"] == {"grid_search": [0, 1, 2]}
-    # Tune's grid is the product of its grid dimensions: 4 method entries x 3 seeds = 12 trials.
-    assert len(space["method"]["grid_search"]) == 4
+    assert "train.seed" not in space and len(space["method"]["grid_search"]) == 4
+    assert seed_group(spec) == [0, 1, 2]
+    # One trial per seed: Tune's grid is the product of its grid dimensions, 4 method entries x 3 seeds = 12 trials.
+    apart = spec.model_copy(update={"search": spec.search.model_copy(update={"group_seeds": False})})
+    assert build_param_space(apart)["train.seed"] == {"grid_search": [0, 1, 2]} and seed_group(apart) is None
+    one = spec.model_copy(update={"search": spec.search.model_copy(update={"seeds": [5]})})
+    assert build_param_space(one)["train.seed"] == {"grid_search": [5]} and seed_group(one) is None
     with pytest.raises(SpecError, match=r"search.seeds and search.space\['train.seed'\] both set the seed"):
         load_spec({"search": {"seeds": [0, 1], "space": {"train.seed": {"grid": [0, 1]}}}})
     with pytest.raises(SpecError, match=r"search.seeds: \[0, 0\] repeats a seed"):
@@ -178,8 +186,9 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     # 8 epochs (each reported and checkpointed) and a 0.25 s watch, so the kill lands mid-run: a trial
     # whose Train run had ended before the kill is resumed with nothing left to train.
     epochs = 8
+    # Two seeds trained side by side in that trial (search.group_seeds): the group resumes from one checkpoint.
     spec = sweep_spec(synth_dataset, tmp_path, train={"epochs": epochs}, search={
-        "space": {"method.alpha": {"grid": [0.8]}}, "max_concurrent_trials": 1})
+        "space": {"method.alpha": {"grid": [0.8]}}, "seeds": [0, 1], "max_concurrent_trials": 1})
     spec["method"]["modulation_ends"] = 3
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -211,7 +220,7 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     resumed = subprocess.run(cli + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # Piped, as in CI or `| tee`: one plain line per finished trial, no Ray log line; those are in the log file.
-    finished = re.findall(rf"^\[\d+:\d\d\] ogm_ge_concat_a0\.8_w0-3_s0  FINISHED\s+{epochs}/{epochs} epochs  acc \d\.\d{{3}}",
+    finished = re.findall(rf"^\[\d+:\d\d\] ogm_ge_concat_a0\.8_w0-3_s0-1  FINISHED\s+{epochs}/{epochs} epochs  acc \d\.\d{{3}}",
                           resumed.stdout, flags=re.M)
     assert len(finished) == 1, resumed.stdout
     shown = resumed.stdout + resumed.stderr
@@ -223,10 +232,14 @@ def test_resume_after_killing_the_driver(synth_dataset, tmp_path):
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`avtune.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = children(client, parents[0].info.run_id)
-    # The resumed trial continued its own child run: one run, each epoch once (a repeat shows in steps).
-    (kid,) = kids
-    assert kid.info.status == "FINISHED"
-    assert steps(client, kid.info.run_id) == list(range(epochs))
+    # The resumed trial continued its own child runs, one per seed: each epoch once (a repeat shows in steps).
+    assert sorted(kid.data.params["train.seed"] for kid in kids) == ["0", "1"]
+    assert len({kid.data.tags["avtune.trial_id"] for kid in kids}) == 1
+    assert {kid.data.tags["avtune.config"] for kid in kids} == {"ogm_ge_concat_a0.8_w0-3"}
+    for kid in kids:
+        assert kid.info.status == "FINISHED" and kid.info.run_name.endswith(f"_s{kid.data.params['train.seed']}")
+        assert steps(client, kid.info.run_id) == list(range(epochs))
+        assert "predictions.csv" in {a.path for a in client.list_artifacts(kid.info.run_id)}
 
 
 def test_trial_retries_are_validated():

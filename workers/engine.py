@@ -18,7 +18,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -156,7 +156,20 @@ def epoch_means(sums: dict[str, Any], steps: int, device: torch.device, world_si
 def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str, Any] | None] = lambda: None,
         runtime: Runtime | None = None) -> list[dict[str, float]]:
     """Train `spec` for `spec.train.epochs` epochs (continuing from `load_state()` if it returns a
-    state) and return the per-epoch metrics history."""
+    state), `report` each epoch, and return the per-epoch metrics history."""
+    epochs = train_epochs(spec, load_state, runtime)
+    while True:
+        try:
+            metrics, checkpoint = next(epochs)
+        except StopIteration as done:
+            return done.value
+        report(metrics, checkpoint)
+
+
+def train_epochs(spec: ExperimentSpec, load_state: Callable[[], dict[str, Any] | None] = lambda: None,
+                 runtime: Runtime | None = None) -> Iterator[tuple[dict[str, float], "dict[str, Any] | None"]]:
+    """The loop of `fit` as a generator: yields each epoch's `(metrics, checkpoint state or None)`
+    and returns the history, so a caller can interleave several runs' epochs (`fit_seeds`)."""
     runtime = runtime or Runtime()
     t = spec.train
     # Each worker gets cpus_per_worker cores; more torch threads would oversubscribe them.
@@ -247,5 +260,57 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
                 "num_classes": num_classes, "history": history, "class_names": list(datasets["train"].class_names),
                 "predictions": predictions, "probabilities": probabilities,
             }
-        report(metrics, checkpoint)
+        yield metrics, checkpoint
     return history
+
+
+# ---- several seeds side by side ------------------------------------------------------------
+
+
+def seed_prefix(seed: int) -> str:
+    """The prefix of one seed's metrics in a seed group's report (`fit_seeds`): ``seed_3/acc``."""
+    return f"seed_{seed}/"
+
+
+def group_metrics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """A seed group's epoch report: every seed's metrics under its prefix, and the mean over the seeds of
+    each metric they all have (what a scheduler such as ASHA decides on: the configuration, not one seed)."""
+    out: dict[str, float] = {}
+    shared = set.intersection(*(set(m) for m in per_seed.values()))
+    for key in sorted(shared):
+        out[key] = float(np.mean([m[key] for m in per_seed.values()]))
+    for seed, metrics in per_seed.items():
+        out.update({seed_prefix(seed) + k: v for k, v in metrics.items()})
+    return out
+
+
+def fit_seeds(spec: ExperimentSpec, seeds: list[int], report: Report,
+              load_state: Callable[[], dict[str, Any] | None] = lambda: None,
+              runtime: Runtime | None = None) -> dict[int, list[dict[str, float]]]:
+    """Train `spec` once per seed in this process, side by side: each epoch every seed's run trains and
+    evaluates its epoch in turn, then one `report(group_metrics(...), {seed: checkpoint state} or None)`.
+
+    Each seed's run is `train_epochs` of the spec with `train.seed = seed`, with its own model, optimizer,
+    loaders and its own random streams (the global torch / numpy / Python generators are swapped in and
+    out around every epoch), so a seed trained in a group computes what it computes alone, and a group
+    resumes from one checkpoint holding every seed's state (`load_state()` returns {seed: state}).
+    Amortises a run's fixed start-up (processes, imports, a worker group: seconds per Ray Train run) over
+    every seed of a configuration. Returns each seed's history."""
+    loaded = load_state() or {}
+    runs = {seed: train_epochs(spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})}),
+                               lambda seed=seed: loaded.get(seed), runtime) for seed in seeds}
+    streams: dict[int, dict[str, Any]] = {}
+    histories: dict[int, list[dict[str, float]]] = {}
+    while True:
+        per_seed, states = {}, {}
+        for seed, epochs in runs.items():
+            if seed in streams:
+                restore_rng_state(streams[seed])
+            try:
+                per_seed[seed], states[seed] = next(epochs)
+            except StopIteration as done:
+                histories[seed] = done.value
+            streams[seed] = rng_state()
+        if histories:  # every seed has the same epochs: they end together
+            return histories
+        report(group_metrics(per_seed), None if any(s is None for s in states.values()) else states)

@@ -401,13 +401,22 @@ class SearchSpec(_Strict):
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=list, description=(
         "train.seed values crossed with every configuration (compared methods and baselines included): "
         "each configuration runs once per seed on the same clips and splits, so comparisons are paired"))
+    group_seeds: bool = Field(True, description=(
+        "train all seeds of a configuration in one trial (one Ray Train run, the seeds side by side, each its "
+        "own MLflow child run; a scheduler such as ASHA decides on their mean): a run's fixed start-up is paid "
+        "once per configuration, not once per seed. false: one trial per (configuration, seed)"))
     searcher: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: Literal[SEARCH_METRICS] = Field("acc", description="a per-epoch metric every trial reports")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1, le=10000)
     max_concurrent_trials: int = Field(1, ge=1, le=1024)
-    trial_cpus: float = Field(0.01, gt=0, description="CPU share of the Tune trial itself; its Train workers get scaling.*")
+    trial_cpus: float = Field(0.0, ge=0, description=(
+        "CPU share of the Tune trial itself (it waits on its Train run); its Train workers get scaling.*. With the "
+        "default 0 the trial reserves trial_memory_mb instead (Tune needs some resource): any CPU share would "
+        "leave 2 x 1-CPU trials on 2 CPUs one whole CPU short, and only one would train at a time"))
+    trial_memory_mb: int = Field(512, ge=1, le=1024 * 1024, description=(
+        "memory Ray reserves for each Tune trial actor (its process holds torch, Ray Train and MLflow: ~0.5 GB)"))
     trial_max_failures: int = Field(1, ge=0, description=(
         "Tune FailureConfig: re-runs of a trial whose Train run gave up (e.g. its node was lost); "
         "worker crashes are already retried from checkpoints by train.max_failures; 0 for deterministic code"))

@@ -3,7 +3,7 @@
 context and device, DDP wrapping, the checkpoint to resume from, and `ray.train.report`.
 
 The spec arrives as plain data (`ExperimentSpec.model_dump(mode="json")`) and is validated back
-into the pydantic model here; MLflow is not touched: the controller-side callback logs the reports.
+into the pydantic model here, with `seeds` when the run trains a sweep configuration's seeds side by side; MLflow is not touched: the controller-side callback logs the reports.
 """
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ import torch
 import ray.train
 import ray.train.torch
 
-from workers.engine import Runtime, fit
+from workers.engine import Runtime, fit, fit_seeds
 from workers.specs import ExperimentSpec
 
 CHECKPOINT_FILE = "state.pt"
+
+
+def seed_folder(seed: int) -> str:
+    """A seed group's checkpoint holds one `state.pt` per seed, in this subfolder."""
+    return f"seed-{seed}"
 
 
 def load_checkpoint_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -52,6 +57,15 @@ def _load_ray_checkpoint() -> dict[str, Any] | None:
         return load_checkpoint_state(ckpt_dir)
 
 
+def _load_ray_group_checkpoint() -> dict[int, dict[str, Any]] | None:
+    checkpoint = ray.train.get_checkpoint()  # Ray: the latest reported checkpoint after a restart or resume
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        return {int(folder.name.removeprefix("seed-")): load_checkpoint_state(folder)
+                for folder in Path(ckpt_dir).glob("seed-*")}
+
+
 def _report_to_ray(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -59,6 +73,18 @@ def _report_to_ray(metrics: dict[str, float], state: dict[str, Any] | None) -> N
             save_checkpoint_state(state, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)  # Ray: metrics to the controller, checkpoint to storage
+
+
+def _report_group_to_ray(metrics: dict[str, float], states: dict[int, dict[str, Any]] | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if states is not None:
+            for seed, state in states.items():
+                folder = Path(tmp) / seed_folder(seed)
+                folder.mkdir()
+                save_checkpoint_state(state, folder)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)  # Ray: one report and one checkpoint for the group
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -71,4 +97,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         prepare_model=ray.train.torch.prepare_model,  # Ray: DDP (and device placement)
         prepare_data_loader=ray.train.torch.prepare_data_loader,  # Ray: DistributedSampler per rank
     )
-    fit(spec, report=_report_to_ray, load_state=_load_ray_checkpoint, runtime=runtime)
+    seeds = config.get("seeds")
+    if seeds:  # a seed group: every seed of the configuration in this run, side by side
+        fit_seeds(spec, seeds, report=_report_group_to_ray, load_state=_load_ray_group_checkpoint, runtime=runtime)
+    else:
+        fit(spec, report=_report_to_ray, load_state=_load_ray_checkpoint, runtime=runtime)

@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator.console import current_board
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
-from orchestrator.train_callbacks import ControllerHandle, MlflowEpochLogger, SeedGroupLogger
+from orchestrator.train_callbacks import ControllerHandle, GroupLogger, MlflowEpochLogger
 from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
@@ -38,12 +38,13 @@ from orchestrator.training import (
     connect_ray,
     ensure_data,
     fetch_final_checkpoint,
-    finish_seed_group,
+    finish_group,
     finish_train_run,
     resolve_start_point,
     run_name_for,
     start_mlflow_run,
 )
+from workers.engine import seed_member
 from workers.methods import get_method, unimodal_methods
 
 # The tags are orchestrator.runs' (avtune's one MLflow vocabulary); importable from here as before.
@@ -63,6 +64,7 @@ from orchestrator.runs import (
 )
 # G-Blend estimation: each head of the blended model is trained alone as its own method.
 GBLEND_HEADS = {**unimodal_methods(), "joint": "normal"}
+GBLEND_STAGE = "gblend-estimate"
 
 
 @dataclass
@@ -162,6 +164,18 @@ def seed_group(spec: ExperimentSpec) -> list[int] | None:
     return list(spec.search.seeds)
 
 
+def group_members(spec: ExperimentSpec, stage: str) -> dict[str, dict[str, Any]] | None:
+    """What one trial of `stage` trains side by side in its Train run, as {member name: config overrides}: a
+    main trial's seeds (`search.group_seeds`), the G-Blend estimation stage's three heads
+    (`search.group_estimation`); None: the trial trains its one configuration."""
+    seeds = seed_group(spec) if stage == MAIN_STAGE else None
+    if seeds:
+        return {seed_member(seed): {SEED_PARAM: seed} for seed in seeds}
+    if stage == GBLEND_STAGE and spec.search is not None and spec.search.group_estimation:
+        return {m: {"method": {"name": m}} for m in GBLEND_HEADS.values()}
+    return None
+
+
 def trial_spec_data(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(base)
     for path, value in config.items():
@@ -219,7 +233,8 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
                          sweep_name: str, stage: str, searched: Iterable[str] = ()) -> str:
     """One child run per trial id and seed: a restarted trial or a resumed sweep continues the same run."""
     found = [run for run in child_runs(client, parent_run_id, trial_id=trial_id)
-             if run.data.params.get(SEED_PARAM) == str(spec.train.seed)]
+             if run.data.params.get(SEED_PARAM) == str(spec.train.seed)
+             and run.data.params.get("method.name") == spec.method.name]  # the estimation group's heads share a seed
     if found:
         if found[0].info.status != "RUNNING":
             reopen_run(client, found[0].info.run_id)
@@ -234,18 +249,19 @@ def find_or_create_child(client: MlflowClient, spec: ExperimentSpec, parent_run_
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
-               sweep_name: str, stage: str, seeds: list[int] | None = None) -> None:
-    """One trial: a Ray Train run of the trial's configuration, for its one seed or, with `seeds`, for every
-    seed side by side; each seed its own MLflow child run."""
+              sweep_name: str, stage: str, members: dict[str, dict[str, Any]] | None = None) -> None:
+    """One trial: a Ray Train run of the trial's configuration or, with `members` ({name: config overrides}:
+    its seeds, the estimation stage's heads), of every member side by side; each its own MLflow child run."""
     trial_id = tune.get_context().get_trial_id()
     spec = validate_spec(trial_spec_data(base_spec, config), source=f"trial {trial_id}")
     client = MlflowClient(tracking_uri=tracking_uri)
-    specs = {seed: spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
-             for seed in seeds or [spec.train.seed]}
-    run_ids = {seed: find_or_create_child(client, s, parent_run_id, trial_id, sweep_name, stage, searched=config)
-               for seed, s in specs.items()}
-    loggers = {seed: MlflowEpochLogger(tracking_uri, run_id) for seed, run_id in run_ids.items()}
-    logger = SeedGroupLogger(loggers) if seeds else loggers[spec.train.seed]
+    group = {name: validate_spec(trial_spec_data(base_spec, {**config, **overrides}), source=f"trial {trial_id} {name}")
+             for name, overrides in (members or {}).items()}
+    specs = group or {"": spec}
+    run_ids = {name: find_or_create_child(client, s, parent_run_id, trial_id, sweep_name, stage, searched=config)
+               for name, s in specs.items()}
+    loggers = {name: MlflowEpochLogger(tracking_uri, run_id) for name, run_id in run_ids.items()}
+    logger = GroupLogger(loggers) if group else loggers[""]
     STOPPED_BY_TUNE.clear()  # a flag from an earlier trial in this actor (Tune's reuse_actors) is not ours
     run_name = f"{sweep_name}-{trial_id}"
     TRAIN_RUN.clear()
@@ -253,13 +269,13 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: 
     try:
         trial_actor = ray.get_runtime_context().current_actor
         trainer = build_trainer(spec, run_name, [logger, TuneReportCallback(), ControllerHandle(trial_actor, run_name)],
-                                seeds=seeds)
+                                group=group or None)
         result = trainer.fit()
         TRAIN_RUN.clear()
-        if seeds:
-            finish_seed_group(client, run_ids, loggers, result)
+        if group:
+            finish_group(client, run_ids, loggers, result)
         else:
-            finish_train_run(client, run_ids[spec.train.seed], logger, result)
+            finish_train_run(client, run_ids[""], logger, result)
     except BaseException as err:
         if STOPPED_BY_TUNE.is_set():
             return  # aborted on purpose; ChildRunStatus marks the runs KILLED on the driver
@@ -303,10 +319,12 @@ class TrialProgress(tune.Callback):
     """Driver side: each trial's start, epochs and end, for the console's board (`orchestrator.console`).
     Holds only the base spec (Tune pickles callbacks with its experiment state); the board is looked up."""
 
-    def __init__(self, base_spec: dict[str, Any], stage: str, seeds: list[int] | None = None):
+    def __init__(self, base_spec: dict[str, Any], stage: str, seeds: list[int] | None = None,
+                 label: str | None = None):
         self.base_spec = base_spec
         self.stage = stage
         self.seeds = seeds
+        self.label = label  # a fixed label for every trial of the stage (the estimation group)
 
     def _label(self, trial) -> tuple[str, int]:
         try:
@@ -314,6 +332,7 @@ class TrialProgress(tune.Callback):
             label, epochs = run_name_for(spec), spec.train.epochs
             if self.seeds:  # a seed group: "normal_concat_s0-4", not the base seed's name
                 label = label.rsplit("_s", 1)[0] + "_s" + seeds_label(self.seeds)
+            label = self.label or label
         except SpecError:  # the trial itself reports it; the board still shows the trial
             label, epochs = trial.trial_id, int(self.base_spec["train"]["epochs"])
         return (label if self.stage == MAIN_STAGE else f"{self.stage}_{label}"), epochs
@@ -387,14 +406,14 @@ def make_trainable(spec: ExperimentSpec, parent_run_id: str, tracking_uri: str, 
     and for Tuner.restore."""
     fn = tune.with_parameters(sweep_trial, base_spec=spec.model_dump(mode="json"), parent_run_id=parent_run_id,
                               tracking_uri=tracking_uri, sweep_name=name, stage=stage,
-                              seeds=seed_group(spec) if stage == MAIN_STAGE else None)
+                              members=group_members(spec, stage))
     fn.__mixins__ = (AbortTrainOnStop,)
     return tune.with_resources(fn, {"cpu": spec.search.trial_cpus, "memory": spec.search.trial_memory_mb * 2**20})
 
 
 def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, parent_run_id: str,
                tracking_uri: str, stage: str, max_concurrent: int | None = None,
-               scheduler_on: bool = True) -> tuple[tune.Tuner, str]:
+               scheduler_on: bool = True, label: str | None = None) -> tuple[tune.Tuner, str]:
     search = spec.search
     storage = str((Path(spec.storage.runs_dir) / "ray").resolve())
     trainable = make_trainable(spec, parent_run_id, tracking_uri, name, stage)
@@ -437,7 +456,8 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
             callbacks=[ChildRunStatus(tracking_uri, parent_run_id),
-                       TrialProgress(spec.model_dump(mode="json"), stage, seed_group(spec) if stage == MAIN_STAGE else None)],
+                       TrialProgress(spec.model_dump(mode="json"), stage, seed_group(spec) if stage == MAIN_STAGE else None,
+                                     label)],
             verbose=0,
         ),
     )
@@ -478,14 +498,18 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     # mean of its mini-batch losses while it trained: the stage's runs measure it (loss_train_eval).
     base = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": n_epochs + window,
                                                                         "train_split_loss": True})})
-    space = {"method": tune.grid_search([{"name": m} for m in GBLEND_HEADS.values()])}
-    tuner, _ = make_tuner(base, space, f"{name}-gblend-estimate", parent_run_id, tracking_uri, "gblend-estimate",
-                          max_concurrent, scheduler_on=False)
+    # One trial training the three heads side by side (`group_members`: one Ray Train start-up, not three),
+    # or with `search.group_estimation: false` three parallel trials (faster where >= 3 worker slots are free).
+    grouped = group_members(base, GBLEND_STAGE) is not None
+    space = {} if grouped else {"method": tune.grid_search([{"name": m} for m in GBLEND_HEADS.values()])}
+    label = f"{GBLEND_STAGE}_{'+'.join(GBLEND_HEADS.values())}_{base.model.fusion}_s{base.train.seed}" if grouped else None
+    tuner, _ = make_tuner(base, space, f"{name}-{GBLEND_STAGE}", parent_run_id, tracking_uri, GBLEND_STAGE,
+                          max_concurrent, scheduler_on=False, label=label)
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"G-Blend estimation trials failed: {errors[0]}")
-    runs = trials_frame(client, parent_run_id, stage="gblend-estimate")
+    runs = trials_frame(client, parent_run_id, stage=GBLEND_STAGE)
     histories = {}
     for head, method_name in GBLEND_HEADS.items():
         run_id = runs.loc[runs["method"] == method_name, "run_id"].iloc[0]

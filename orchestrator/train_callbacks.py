@@ -124,18 +124,18 @@ class MlflowEpochLogger(UserCallback):
         return self._flush(deadline=time.monotonic() + self.retry_seconds)
 
 
-class SeedGroupLogger(UserCallback):
-    """Logs a seed group's reports (`workers.engine.fit_seeds`): each seed's metrics, reported under its
-    prefix (``seed_3/acc``), to that seed's own MLflow run through its own `MlflowEpochLogger`, so every
+class GroupLogger(UserCallback):
+    """Logs a group's reports (`workers.engine.fit_group`): each member's metrics, reported under its
+    prefix (``seed-3/acc``), to that member's own MLflow run through its own `MlflowEpochLogger`, so every
     (configuration, seed) keeps one child run with each epoch once, as when it trained alone."""
 
-    def __init__(self, loggers: dict[int, MlflowEpochLogger]):
+    def __init__(self, loggers: dict[str, MlflowEpochLogger]):
         self.loggers = loggers
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         report = metrics[0] if metrics else {}
-        for seed, logger in self.loggers.items():
-            prefix = f"seed_{seed}/"  # workers.engine.seed_prefix (not imported: it would pull torch in here)
+        for name, logger in self.loggers.items():
+            prefix = f"{name}/"  # workers.engine.member_prefix (not imported: it would pull torch in here)
             own = {k[len(prefix):]: v for k, v in report.items() if k.startswith(prefix)}
             logger.after_report(run_context, [own], checkpoint)
 

@@ -34,7 +34,7 @@ from orchestrator.train_callbacks import MlflowEpochLogger, ReleaseLeftPlacement
 from workers.methods import get_method
 from workers.methods.base import is_run_id
 from workers.evaluation import PREDICTION_COLUMNS
-from workers.train_loop import CHECKPOINT_FILE, seed_folder, train_loop_per_worker
+from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
 
 
 @dataclass
@@ -261,14 +261,16 @@ def trainer_class(num_workers: int, use_gpu: bool) -> type:
 
 
 def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list,
-                  seeds: list[int] | None = None) -> DataParallelTrainer:
-    """The Train run of `spec`; with `seeds`, of every seed side by side (`workers.engine.fit_seeds`)."""
+                  group: dict[str, ExperimentSpec] | None = None) -> DataParallelTrainer:
+    """The Train run of `spec`; with `group` ({member name: spec}, resources those of `spec`), of every member
+    side by side (`workers.engine.fit_group`)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", FAST_POLL_INTERVAL_S)
     storage = (Path(spec.storage.runs_dir) / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     return trainer_class(spec.scaling.num_workers, spec.scaling.use_gpu)(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), **({"seeds": list(seeds)} if seeds else {})},
+        train_loop_config=({"group": {name: s.model_dump(mode="json") for name, s in group.items()}} if group
+                           else {"spec": spec.model_dump(mode="json")}),
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -344,13 +346,13 @@ def finish_from_checkpoint(client: MlflowClient, run_id: str, logger: MlflowEpoc
     return state
 
 
-def finish_seed_group(client: MlflowClient, run_ids: dict[int, str], loggers: dict[int, MlflowEpochLogger], result) -> None:
-    """`finish_train_run` for a seed group's Train run: each seed's run from its folder of the final checkpoint."""
+def finish_group(client: MlflowClient, run_ids: dict[str, str], loggers: dict[str, MlflowEpochLogger], result) -> None:
+    """`finish_train_run` for a group's Train run: each member's run from its folder of the final checkpoint."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
-        for seed, run_id in run_ids.items():
-            finish_from_checkpoint(client, run_id, loggers[seed], Path(ckpt_dir) / seed_folder(seed))
+        for name, run_id in run_ids.items():
+            finish_from_checkpoint(client, run_id, loggers[name], Path(ckpt_dir) / name)
 
 
 def _poll_progress(client: MlflowClient, run_id: str, on_epoch: Callable[[dict[str, float]], None], stop: threading.Event) -> None:

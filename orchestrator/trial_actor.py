@@ -77,15 +77,15 @@ class AbortTrainOnStop:
 
 
 def sweep_trial(config: dict[str, Any], base_spec: dict[str, Any], parent_run_id: str, tracking_uri: str,
-                sweep_name: str, stage: str, seeds: list[int] | None = None) -> None:
+                sweep_name: str, stage: str, members: dict[str, dict[str, Any]] | None = None) -> None:
     """Tune function trainable: one Ray Train run per trial (`orchestrator.sweep.run_trial`), of one seed or of a
-    configuration's `seeds` side by side. Defined here, and
+    group's `members` side by side (a configuration's seeds, the estimation stage's heads). Defined here, and
     the sweep imported only when a trial runs: Tune names the trial actor's class after this function's
     module, and whoever unpickles the actor's handle (the Train controller) imports that module."""
     from orchestrator.sweep import run_trial
 
     TRIAL_ENDED.clear()
     try:
-        run_trial(config, base_spec, parent_run_id, tracking_uri, sweep_name, stage, seeds)
+        run_trial(config, base_spec, parent_run_id, tracking_uri, sweep_name, stage, members)
     finally:
         TRIAL_ENDED.set()

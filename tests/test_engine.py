@@ -387,10 +387,10 @@ def test_cma_refuses_an_avid_start_of_another_size(synth_dataset, tmp_path, avid
 
 @pytest.mark.parametrize("name", ["ogm_ge", "pmr"])
 def test_seeds_trained_side_by_side_compute_what_each_computes_alone_and_resume_exactly(synth_dataset, tmp_path, name):
-    """A sweep trains a configuration's seeds in one run (`fit_seeds`): each seed's numbers must be the ones it
+    """A sweep trains a configuration's seeds in one run (`fit_group`): each seed's numbers must be the ones it
     gives alone (OGM-GE draws Gaussian noise every step, PMR a random prototype subset every epoch: a shared
     random stream would change both), and a group resumed from its epoch-0 checkpoint must continue exactly."""
-    from workers.engine import fit_seeds, seed_prefix
+    from workers.engine import fit_group, member_prefix, seed_member, seed_members
 
     seeds = [0, 3]
     spec = engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3)
@@ -400,17 +400,34 @@ def test_seeds_trained_side_by_side_compute_what_each_computes_alone_and_resume_
                           report=lambda metrics, state: None)
     assert results(alone[0][-1]) != results(alone[3][-1])  # the seeds differ, so the comparison below can fail
     reports, checkpoints = [], Recorder()  # each epoch's group state serialised when reported, as Ray would
-    histories = fit_seeds(spec, seeds, report=lambda metrics, state: (reports.append(metrics), checkpoints(metrics, state)))
+    histories = fit_group(seed_members(spec, seeds),
+                          report=lambda metrics, state: (reports.append(metrics), checkpoints(metrics, state)))
     for seed in seeds:
-        assert [results(m) for m in histories[seed]] == [results(m) for m in alone[seed]]
-        own = [{k.removeprefix(seed_prefix(seed)): v for k, v in r.items() if k.startswith(seed_prefix(seed))} for r in reports]
-        assert own == histories[seed]
+        member = seed_member(seed)
+        assert [results(m) for m in histories[member]] == [results(m) for m in alone[seed]]
+        own = [{k.removeprefix(member_prefix(member)): v for k, v in r.items() if k.startswith(member_prefix(member))}
+               for r in reports]
+        assert own == histories[member]
     # The group's own keys are the seeds' means: what ASHA decides on.
     for epoch, report in enumerate(reports):
         assert report["epoch"] == epoch
         assert report["acc"] == pytest.approx(sum(alone[s][epoch]["acc"] for s in seeds) / len(seeds))
     saved = checkpoints.state(0)
-    assert set(saved) == set(seeds) and all(saved[s]["epoch"] == 0 for s in seeds)
+    assert set(saved) == {seed_member(s) for s in seeds} and all(saved[m]["epoch"] == 0 for m in saved)
     resumed = []
-    fit_seeds(spec, seeds, report=lambda metrics, state: resumed.append(metrics), load_state=lambda: saved)
+    fit_group(seed_members(spec, seeds), report=lambda metrics, state: resumed.append(metrics), load_state=lambda: saved)
     assert [results(m) for m in resumed] == [results(m) for m in reports[1:]]
+
+
+def test_estimation_heads_trained_side_by_side_compute_what_each_computes_alone(synth_dataset, tmp_path):
+    """G-Blend's estimation stage trains its three models in one run (`fit_group` with different methods): each
+    head's losses, which the blend weights are computed from, must be the ones it gives trained alone."""
+    from workers.engine import fit_group
+
+    heads = ["audio_only", "visual_only", "normal"]
+    specs = {name: engine_spec(synth_dataset, tmp_path / "cache", name, epochs=2) for name in heads}
+    alone = {name: fit(spec, report=lambda metrics, state: None) for name, spec in specs.items()}
+    assert results(alone["audio_only"][-1]) != results(alone["normal"][-1])
+    together = fit_group(specs, report=lambda metrics, state: None)
+    for name in heads:
+        assert [results(m) for m in together[name]] == [results(m) for m in alone[name]]

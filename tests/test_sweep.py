@@ -146,6 +146,8 @@ def test_gblend_stage_weights_are_on_parent_and_used_by_main_trial(shared_sweep)
     assert weights == pytest.approx(result.gblend_weights)
     estimation = children(client, result.parent_run_id, stage="gblend-estimate")
     assert sorted(r.data.params["method.name"] for r in estimation) == ["audio_only", "normal", "visual_only"]
+    # The three heads train side by side in one trial (search.group_estimation): one Ray Train start-up.
+    assert len({r.data.tags["avtune.trial_id"] for r in estimation}) == 1
     for run in estimation:  # N + n = 2 epochs, read at epochs N and N + n
         assert run.info.status == "FINISHED" and steps(client, run.info.run_id, "loss") == [0, 1]
     # L^T is each model's loss on the training split at the end of epochs N and N + n (Sec. 3.2), logged

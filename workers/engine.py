@@ -169,7 +169,7 @@ def fit(spec: ExperimentSpec, report: Report, load_state: Callable[[], dict[str,
 def train_epochs(spec: ExperimentSpec, load_state: Callable[[], dict[str, Any] | None] = lambda: None,
                  runtime: Runtime | None = None) -> Iterator[tuple[dict[str, float], "dict[str, Any] | None"]]:
     """The loop of `fit` as a generator: yields each epoch's `(metrics, checkpoint state or None)`
-    and returns the history, so a caller can interleave several runs' epochs (`fit_seeds`)."""
+    and returns the history, so a caller can interleave several runs' epochs (`fit_group`)."""
     runtime = runtime or Runtime()
     t = spec.train
     # Each worker gets cpus_per_worker cores; more torch threads would oversubscribe them.
@@ -264,53 +264,68 @@ def train_epochs(spec: ExperimentSpec, load_state: Callable[[], dict[str, Any] |
     return history
 
 
-# ---- several seeds side by side ------------------------------------------------------------
+# ---- several runs side by side -------------------------------------------------------------
 
 
-def seed_prefix(seed: int) -> str:
-    """The prefix of one seed's metrics in a seed group's report (`fit_seeds`): ``seed_3/acc``."""
-    return f"seed_{seed}/"
+def member_prefix(name: str) -> str:
+    """The prefix of one member's metrics in a group's report (`fit_group`): ``seed-3/acc``."""
+    return f"{name}/"
 
 
-def group_metrics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
-    """A seed group's epoch report: every seed's metrics under its prefix, and the mean over the seeds of
-    each metric they all have (what a scheduler such as ASHA decides on: the configuration, not one seed)."""
+def seed_member(seed: int) -> str:
+    """A seed group's member name for `seed`; also the folder of its `state.pt` in the group checkpoint."""
+    return f"seed-{seed}"
+
+
+def seed_members(spec: ExperimentSpec, seeds: list[int]) -> dict[str, ExperimentSpec]:
+    """`spec` once per seed, named for `fit_group`: a sweep configuration's seeds."""
+    return {seed_member(seed): spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
+            for seed in seeds}
+
+
+def group_metrics(per_member: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A group's epoch report: every member's metrics under its prefix, and the mean over the members of
+    each metric they all have (for a seed group what a scheduler such as ASHA decides on: the
+    configuration, not one seed)."""
     out: dict[str, float] = {}
-    shared = set.intersection(*(set(m) for m in per_seed.values()))
+    shared = set.intersection(*(set(m) for m in per_member.values()))
     for key in sorted(shared):
-        out[key] = float(np.mean([m[key] for m in per_seed.values()]))
-    for seed, metrics in per_seed.items():
-        out.update({seed_prefix(seed) + k: v for k, v in metrics.items()})
+        out[key] = float(np.mean([m[key] for m in per_member.values()]))
+    for name, metrics in per_member.items():
+        out.update({member_prefix(name) + k: v for k, v in metrics.items()})
     return out
 
 
-def fit_seeds(spec: ExperimentSpec, seeds: list[int], report: Report,
+def fit_group(specs: dict[str, ExperimentSpec], report: Report,
               load_state: Callable[[], dict[str, Any] | None] = lambda: None,
-              runtime: Runtime | None = None) -> dict[int, list[dict[str, float]]]:
-    """Train `spec` once per seed in this process, side by side: each epoch every seed's run trains and
-    evaluates its epoch in turn, then one `report(group_metrics(...), {seed: checkpoint state} or None)`.
+              runtime: Runtime | None = None) -> dict[str, list[dict[str, float]]]:
+    """Train every spec of `specs` (by member name) in this process, side by side: each epoch every member
+    trains and evaluates its epoch in turn, then one `report(group_metrics(...), {name: checkpoint state} or None)`.
 
-    Each seed's run is `train_epochs` of the spec with `train.seed = seed`, with its own model, optimizer,
-    loaders and its own random streams (the global torch / numpy / Python generators are swapped in and
-    out around every epoch), so a seed trained in a group computes what it computes alone, and a group
-    resumes from one checkpoint holding every seed's state (`load_state()` returns {seed: state}).
-    Amortises a run's fixed start-up (processes, imports, a worker group: seconds per Ray Train run) over
-    every seed of a configuration. Returns each seed's history."""
+    A member is `train_epochs` of its own spec: a sweep configuration's seeds (`seed_members`), or the
+    G-Blend estimation stage's three heads, each with its own model, optimizer, loaders and its own random
+    streams (the global torch / numpy / Python generators are swapped in and out around every epoch), so a
+    member trained in a group computes what it computes alone, and a group resumes from one checkpoint
+    holding every member's state (`load_state()` returns {name: state}). Amortises a run's fixed start-up
+    (processes, imports, a worker group: seconds per Ray Train run) over the group. Returns each member's
+    history."""
+    epochs = {s.train.epochs for s in specs.values()}
+    if len(epochs) != 1:
+        raise ValueError(f"a group's members train the same number of epochs, not {sorted(epochs)}")
     loaded = load_state() or {}
-    runs = {seed: train_epochs(spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})}),
-                               lambda seed=seed: loaded.get(seed), runtime) for seed in seeds}
-    streams: dict[int, dict[str, Any]] = {}
-    histories: dict[int, list[dict[str, float]]] = {}
+    runs = {name: train_epochs(s, lambda name=name: loaded.get(name), runtime) for name, s in specs.items()}
+    streams: dict[str, dict[str, Any]] = {}
+    histories: dict[str, list[dict[str, float]]] = {}
     while True:
-        per_seed, states = {}, {}
-        for seed, epochs in runs.items():
-            if seed in streams:
-                restore_rng_state(streams[seed])
+        per_member, states = {}, {}
+        for name, member_epochs in runs.items():
+            if name in streams:
+                restore_rng_state(streams[name])
             try:
-                per_seed[seed], states[seed] = next(epochs)
+                per_member[name], states[name] = next(member_epochs)
             except StopIteration as done:
-                histories[seed] = done.value
-            streams[seed] = rng_state()
-        if histories:  # every seed has the same epochs: they end together
+                histories[name] = done.value
+            streams[name] = rng_state()
+        if histories:  # every member has the same epochs: they end together
             return histories
-        report(group_metrics(per_seed), None if any(s is None for s in states.values()) else states)
+        report(group_metrics(per_member), None if any(s is None for s in states.values()) else states)

@@ -405,6 +405,10 @@ class SearchSpec(_Strict):
         "train all seeds of a configuration in one trial (one Ray Train run, the seeds side by side, each its "
         "own MLflow child run; a scheduler such as ASHA decides on their mean): a run's fixed start-up is paid "
         "once per configuration, not once per seed. false: one trial per (configuration, seed)"))
+    group_estimation: bool = Field(True, description=(
+        "train the G-Blend estimation stage's three models (audio-only, visual-only, joint) side by side in one "
+        "trial, one Ray Train start-up instead of three; false: three parallel trials, faster in wall time "
+        "where at least three worker slots are free"))
     searcher: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: Literal[SEARCH_METRICS] = Field("acc", description="a per-epoch metric every trial reports")

@@ -3,7 +3,8 @@
 context and device, DDP wrapping, the checkpoint to resume from, and `ray.train.report`.
 
 The spec arrives as plain data (`ExperimentSpec.model_dump(mode="json")`) and is validated back
-into the pydantic model here, with `seeds` when the run trains a sweep configuration's seeds side by side; MLflow is not touched: the controller-side callback logs the reports.
+into the pydantic model here, or as `group` {member name: spec} when the run trains several side by side
+(a sweep configuration's seeds, the G-Blend estimation stage's heads); MLflow is not touched: the controller-side callback logs the reports.
 """
 from __future__ import annotations
 
@@ -17,15 +18,10 @@ import torch
 import ray.train
 import ray.train.torch
 
-from workers.engine import Runtime, fit, fit_seeds
+from workers.engine import Runtime, fit, fit_group
 from workers.specs import ExperimentSpec
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def seed_folder(seed: int) -> str:
-    """A seed group's checkpoint holds one `state.pt` per seed, in this subfolder."""
-    return f"seed-{seed}"
 
 
 def load_checkpoint_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -57,13 +53,13 @@ def _load_ray_checkpoint() -> dict[str, Any] | None:
         return load_checkpoint_state(ckpt_dir)
 
 
-def _load_ray_group_checkpoint() -> dict[int, dict[str, Any]] | None:
+def _load_ray_group_checkpoint() -> dict[str, dict[str, Any]] | None:
+    """A group's checkpoint holds one `state.pt` per member, in a subfolder named after it (`seed-3`)."""
     checkpoint = ray.train.get_checkpoint()  # Ray: the latest reported checkpoint after a restart or resume
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as ckpt_dir:
-        return {int(folder.name.removeprefix("seed-")): load_checkpoint_state(folder)
-                for folder in Path(ckpt_dir).glob("seed-*")}
+        return {folder.name: load_checkpoint_state(folder) for folder in Path(ckpt_dir).iterdir() if folder.is_dir()}
 
 
 def _report_to_ray(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
@@ -75,12 +71,12 @@ def _report_to_ray(metrics: dict[str, float], state: dict[str, Any] | None) -> N
         ray.train.report(metrics, checkpoint=checkpoint)  # Ray: metrics to the controller, checkpoint to storage
 
 
-def _report_group_to_ray(metrics: dict[str, float], states: dict[int, dict[str, Any]] | None) -> None:
+def _report_group_to_ray(metrics: dict[str, float], states: dict[str, dict[str, Any]] | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if states is not None:
-            for seed, state in states.items():
-                folder = Path(tmp) / seed_folder(seed)
+            for name, state in states.items():
+                folder = Path(tmp) / name
                 folder.mkdir()
                 save_checkpoint_state(state, folder)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -88,7 +84,6 @@ def _report_group_to_ray(metrics: dict[str, float], states: dict[int, dict[str, 
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    spec = ExperimentSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()  # Ray: this worker's place in the group
     runtime = Runtime(
         device=ray.train.torch.get_device(),
@@ -97,8 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         prepare_model=ray.train.torch.prepare_model,  # Ray: DDP (and device placement)
         prepare_data_loader=ray.train.torch.prepare_data_loader,  # Ray: DistributedSampler per rank
     )
-    seeds = config.get("seeds")
-    if seeds:  # a seed group: every seed of the configuration in this run, side by side
-        fit_seeds(spec, seeds, report=_report_group_to_ray, load_state=_load_ray_group_checkpoint, runtime=runtime)
+    if "group" in config:  # several runs side by side: a configuration's seeds, or the estimation stage's heads
+        specs = {name: ExperimentSpec.model_validate(data) for name, data in config["group"].items()}
+        fit_group(specs, report=_report_group_to_ray, load_state=_load_ray_group_checkpoint, runtime=runtime)
     else:
-        fit(spec, report=_report_to_ray, load_state=_load_ray_checkpoint, runtime=runtime)
+        fit(ExperimentSpec.model_validate(config["spec"]), report=_report_to_ray, load_state=_load_ray_checkpoint,
+            runtime=runtime)

@@ -502,7 +502,7 @@ def run_gblend_estimation(spec: ExperimentSpec, client: MlflowClient, parent_run
     # or with `search.group_estimation: false` three parallel trials (faster where >= 3 worker slots are free).
     grouped = group_members(base, GBLEND_STAGE) is not None
     space = {} if grouped else {"method": tune.grid_search([{"name": m} for m in GBLEND_HEADS.values()])}
-    label = f"{GBLEND_STAGE}_{'+'.join(GBLEND_HEADS.values())}_{base.model.fusion}_s{base.train.seed}" if grouped else None
+    label = f"{'+'.join(GBLEND_HEADS.values())}_{base.model.fusion}_s{base.train.seed}" if grouped else None
     tuner, _ = make_tuner(base, space, f"{name}-{GBLEND_STAGE}", parent_run_id, tracking_uri, GBLEND_STAGE,
                           max_concurrent, scheduler_on=False, label=label)
     grid = tuner.fit()

@@ -18,16 +18,19 @@ from typing import Any
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
+from orchestrator.sqlite_store import prepare_sqlite_store
+
 
 def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
-    """Spec field, then MLFLOW_TRACKING_URI, then a SQLite store under the runs folder."""
-    if spec_uri:
-        return spec_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    runs_dir = Path(runs_dir).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{runs_dir / 'mlflow.db'}"
+    """Spec field, then MLFLOW_TRACKING_URI, then a SQLite store under the runs folder (a new SQLite store
+    is copied from a migrated template: `orchestrator.sqlite_store`)."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        runs_dir = Path(runs_dir).resolve()
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
+    prepare_sqlite_store(uri)
+    return uri
 
 
 def artifact_root(tracking_uri: str, runs_dir: Path) -> str | None:

@@ -19,7 +19,16 @@ import pytest
 import torch
 
 from workers.layouts import LAYOUTS
+from orchestrator.sqlite_store import prepare_sqlite_store
 from orchestrator.synth import synthesize_dataset
+
+
+def sqlite_store(path: Path) -> str:
+    """The URI of a SQLite tracking store at `path`, a new one made from the migrated template as avtune
+    makes its own (`orchestrator.sqlite_store`): MLflow's migrations cost seconds per new store."""
+    uri = f"sqlite:///{path}"
+    prepare_sqlite_store(uri)
+    return uri
 
 # One place for the small-set parameters, so tests can compute expectations from them.
 SMALL_SET = dict(
@@ -132,7 +141,7 @@ class MlflowServer:
         with open(log_file, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--backend-store-uri", f"sqlite:///{self.folder / 'm.db'}", "--serve-artifacts",
+                 "--backend-store-uri", sqlite_store(self.folder / "m.db"), "--serve-artifacts",
                  "--artifacts-destination", str(self.folder / "art"), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )

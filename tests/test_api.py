@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from conftest import sqlite_store
 
 REPO = Path(__file__).resolve().parents[1]
 API = ("load_spec", "run_training", "run_sweep", "results", "build_report")
@@ -136,7 +137,7 @@ def test_script_without_main_guard_generates_and_trains(tmp_path: Path, ray_addr
     assert out.stdout.count("script started") == 1, out.stdout[-4000:]
     found = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert len(list((tmp_path / "data").rglob("*.mp4"))) == 16 and (tmp_path / "data" / "card.json").is_file()
-    run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(found["run_id"])
+    run = MlflowClient(sqlite_store(tmp_path / "runs" / "mlflow.db")).get_run(found["run_id"])
     assert run.info.status == "FINISHED" and found["epochs"] == 1
     assert run.data.metrics["acc"] == pytest.approx(found["acc"])
 
@@ -166,7 +167,7 @@ def test_results_and_report_name_a_missing_sweep(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     with pytest.raises(ValueError, match="experiment 'nothing' not found"):
         avtune.results("nothing", runs_dir=runs)
-    MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").create_experiment("empty")
+    MlflowClient(sqlite_store(runs / "mlflow.db")).create_experiment("empty")
     with pytest.raises(ValueError, match="experiment 'empty' has no sweep"):
         avtune.results("empty", runs_dir=runs)
     with pytest.raises(ValueError, match="experiment 'empty' has no sweep"):

@@ -428,6 +428,9 @@ def test_estimation_heads_trained_side_by_side_compute_what_each_computes_alone(
     specs = {name: engine_spec(synth_dataset, tmp_path / "cache", name, epochs=2) for name in heads}
     alone = {name: fit(spec, report=lambda metrics, state: None) for name, spec in specs.items()}
     assert results(alone["audio_only"][-1]) != results(alone["normal"][-1])
-    together = fit_group(specs, report=lambda metrics, state: None)
+    reports = []
+    together = fit_group(specs, report=lambda metrics, state: reports.append(metrics))
     for name in heads:
         assert [results(m) for m in together[name]] == [results(m) for m in alone[name]]
+    # Three different models: no mean over them is reported, only the epoch beside each head's own metrics.
+    assert [{k for k in r if "/" not in k} for r in reports] == [{"epoch"}, {"epoch"}]

@@ -22,7 +22,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import fit_on_one_thread, write_hostile_checkpoint
+from conftest import sqlite_store, fit_on_one_thread, write_hostile_checkpoint
 from orchestrator import load_spec, run_training
 from orchestrator.synth import synthesize_dataset
 from orchestrator.training import TrainingResult, log_final_artifacts
@@ -270,7 +270,7 @@ def test_hostile_pickle_checkpoint_is_refused(tmp_path):
     state_file.parent.mkdir()
     marker = tmp_path / "code-ran"
     write_hostile_checkpoint(state_file, marker)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "m.db"))
     with pytest.raises(pickle.UnpicklingError, match="mkdir"):
         log_final_artifacts(client, "no-run-needed", str(state_file.parent))
     assert not marker.exists()
@@ -285,7 +285,7 @@ def test_partial_checkpoint_file_is_never_loaded(tmp_path):
     # A complete, loadable state, but under the name the loop writes *before* its rename.
     torch.save({"model": {}, "epoch": 0, "num_classes": 2, "class_names": ["a", "b"],
                 "best": {"state": None}}, ckpt / (CHECKPOINT_FILE + ".partial"))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "m.db"))
     with pytest.raises(FileNotFoundError, match=re.escape(f"{ckpt / CHECKPOINT_FILE}'")):
         log_final_artifacts(client, "no-run-needed", str(ckpt))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.specs import SpecError, load_spec
+from conftest import sqlite_store
 
 
 def plant_cremad(root: Path) -> dict[Path, bytes]:
@@ -122,7 +123,7 @@ def test_search_values_and_paths_are_checked_before_data_or_runs(tmp_path):
 def sqlite_client(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
 
 
 def test_interrupt_is_killed_failure_is_failed_and_resume_reopens(tmp_path):
@@ -265,7 +266,7 @@ def test_reports_log_each_summary_point_once_and_hide_credentials(tmp_path):
     from orchestrator.report import build_report, imbalance_summary, load_sweep
     from orchestrator.report.html import render_html
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = sqlite_store(tmp_path / "m.db")
     client, parent, _ = write_hand_sweep(uri, "hand", HAND_TRIALS)
     for _ in range(2):
         build_report("hand", tracking_uri=uri, out_dir=tmp_path / "out")

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.report import build_report, log_sweep_imbalance
 from orchestrator.report.stats import holm, paired_test
+from conftest import sqlite_store
 
 # ---- a sweep written by hand into MLflow ------------------------------------------------------
 
@@ -151,7 +152,7 @@ def numbers(text: str) -> list[float]:
 
 @pytest.fixture()
 def hand_sweep(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client, parent, ids = write_hand_sweep(uri, "hand", HAND_TRIALS)
     return uri, client, parent, ids
 
@@ -203,7 +204,7 @@ def test_summary_and_best_trials_on_the_parent(hand_sweep, tmp_path):
 
 def test_without_baselines_balance_is_the_shapley_balance(tmp_path):
     trials = {k: v for k, v in HAND_TRIALS.items() if not k.endswith("only_s0") and not k.endswith("only_s1")}
-    client, parent, ids = write_hand_sweep(f"sqlite:///{tmp_path / 'm.db'}", "noref", trials)
+    client, parent, ids = write_hand_sweep(sqlite_store(tmp_path / "m.db"), "noref", trials)
     table = log_sweep_imbalance(client, parent).set_index("run_name")
     # 1 - |phi_a - phi_v| / (|phi_a| + |phi_v|): normal_s0 1 - 0.4/0.6; w02 1 - 0.05/0.55.
     assert table.loc["normal_s0", "balance"] == pytest.approx(1 - 0.4 / 0.6)
@@ -238,7 +239,7 @@ def test_report_words_with_fewer_than_three_seeds_give_no_verdict(hand_sweep, tm
 
 @pytest.fixture()
 def hand3_sweep(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow3.db'}"
+    uri = sqlite_store(tmp_path / "mlflow3.db")
     client, parent, ids = write_hand_sweep(uri, "hand3", HAND3)
     return uri, client, parent, ids
 
@@ -401,7 +402,7 @@ def ogm_trials_logging_their_score_source() -> dict:
 
 
 def hand_report_page(tmp_path, experiment: str, trials: dict) -> str:
-    uri = f"sqlite:///{tmp_path / (experiment + '.db')}"
+    uri = sqlite_store(tmp_path / (experiment + ".db"))
     write_hand_sweep(uri, experiment, trials)
     return html.unescape(build_report(experiment, tracking_uri=uri, out_dir=tmp_path / experiment).read_text())
 
@@ -494,7 +495,7 @@ def test_gblend_finding_names_its_weights_and_a_starved_head(tmp_path):
     text = sentence(page, "gblend")
     assert "audio 0.200, visual 0.500, joint 0.300 (estimated)" in text and "joint accuracy is 0.200" in text
     assert "weight 0" not in text
-    uri = f"sqlite:///{tmp_path / 'starved.db'}"
+    uri = sqlite_store(tmp_path / "starved.db")
     client, parent, _ = write_hand_sweep(uri, "starved", trials)
     client.log_batch(parent, metrics=[Metric("gblend_w_audio", 0.0, 1, 0), Metric("gblend_w_visual", 1.0, 1, 0),
                                       Metric("gblend_w_joint", 0.0, 1, 0)])
@@ -570,7 +571,7 @@ def test_duplicated_or_blank_predictions_are_refused_naming_the_run_and_file(tmp
     the report refuses both, naming the run and its predictions.csv."""
     from orchestrator.report.comparisons import load_predictions
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "m.db"))
     run_id = client.create_run(client.create_experiment("bad")).info.run_id
     rows = [{"split": "val", "model": "final", "clip_id": f"clip{c:03d}", "label": 0, "pred": 0, "pred_audio": 0,
              "pred_visual": 0} for c in range(4)]
@@ -640,7 +641,7 @@ def test_the_ensemble_is_late_fusion_of_the_logged_probabilities_and_needs_no_ce
     ceiling (real data): the ensemble is then the only reference."""
     from orchestrator.report import load_sweep
 
-    uri = f"sqlite:///{tmp_path / 'ens.db'}"
+    uri = sqlite_store(tmp_path / "ens.db")
     client, parent, ids = write_sweep_with_probabilities(uri, "ens", HAND3, mixed_confidence())
     labels = np.arange(HAND_CLIPS) % 3
     fused, right = {}, {}
@@ -725,7 +726,7 @@ def test_headroom_recovered_matches_a_hand_computation(tmp_path):
       c = 27 - t^2.
     window 0-2: x = 0.12 on every seed (s_xx = s_xy = 0): 1.2 of the ensemble's headroom (a = 300 - 4 t^2,
       b = 360, c = 432) and 0.8 of the ceiling's (a = 675 - 4 t^2, b = 540, c = 432)."""
-    uri = f"sqlite:///{tmp_path / 'head.db'}"
+    uri = sqlite_store(tmp_path / "head.db")
     confidence = {"audio_only": np.full(HAND_CLIPS, 0.9), "visual_only": np.full(HAND_CLIPS, 0.4)}
     client, parent, ids = write_sweep_with_probabilities(uri, "head", HEADROOM, confidence, ceiling=0.95)
     page = html.unescape(build_report("head", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
@@ -775,7 +776,7 @@ def test_when_no_method_recovers_joint_accuracy_the_report_says_so(tmp_path):
     """HAND3: window 0-1 is not distinguishable from normal, window 0-2 is lower: nothing recovers; the finding
     says so with the headroom above normal to each reference (ensemble - normal paired on seeds, ceiling - mean
     normal)."""
-    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    uri = sqlite_store(tmp_path / "none.db")
     client, parent, ids = write_sweep_with_probabilities(uri, "none", HAND3, mixed_confidence(), ceiling=0.95)
     page = html.unescape(build_report("none", tracking_uri=uri, out_dir=tmp_path / "out").read_text())
     text = sentence(page, "headroom")
@@ -836,7 +837,7 @@ def test_probabilities_travel_from_the_engine_rows_to_the_report(tmp_path):
             for split, model in (("val", "final"), ("test", "selected")) for i in range(3)]
     packed = pack_probabilities(rows)
     assert packed["probs"].dtype == torch.float16 and all("probs" not in r for r in rows)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'p.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "p.db"))
     run_id = client.create_run(client.create_experiment("p")).info.run_id
     log_probabilities(client, run_id, packed)
     clips, probs = load_probabilities(client, run_id)
@@ -854,7 +855,7 @@ def test_a_sweep_over_generated_clips_logs_the_cards_ceiling(synth_dataset, tmp_
     from orchestrator.specs import load_spec
     from orchestrator.sweep import log_ceiling
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'c.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "c.db"))
     parent = client.create_run(client.create_experiment("c")).info.run_id
     spec = load_spec({"name": "c", "data": {"source": "dataset", "root": str(synth_dataset)}})
     logged = log_ceiling(client, parent, spec)

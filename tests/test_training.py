@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import RAY_LINES, on_a_terminal
+from conftest import sqlite_store, RAY_LINES, on_a_terminal
 from orchestrator import load_spec
 from orchestrator.specs import SpecError
 
@@ -180,7 +180,7 @@ def test_cma_start_point_is_checked_and_resolved_before_anything_is_logged(base_
         run_training(load_spec(merge(base_spec, {"method": cma})))
     assert not runs.exists(), "nothing is generated or logged for a refused spec"
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("starts", artifact_location=str(tmp_path / "artifacts"))
 
     def logged_run(method: str, status: str = "FINISHED") -> str:

@@ -283,13 +283,14 @@ def seed_members(spec: ExperimentSpec, seeds: list[int]) -> dict[str, Experiment
             for seed in seeds}
 
 
-def group_metrics(per_member: dict[str, dict[str, float]]) -> dict[str, float]:
+def group_metrics(per_member: dict[str, dict[str, float]], means: bool = True) -> dict[str, float]:
     """A group's epoch report: every member's metrics under its prefix, and the mean over the members of
     each metric they all have (for a seed group what a scheduler such as ASHA decides on: the
-    configuration, not one seed)."""
+    configuration, not one seed). `means=False` (members of different methods, whose mean means nothing):
+    of the shared metrics only the epoch."""
     out: dict[str, float] = {}
     shared = set.intersection(*(set(m) for m in per_member.values()))
-    for key in sorted(shared):
+    for key in sorted(shared if means else shared & {"epoch"}):
         out[key] = float(np.mean([m[key] for m in per_member.values()]))
     for name, metrics in per_member.items():
         out.update({member_prefix(name) + k: v for k, v in metrics.items()})
@@ -312,6 +313,7 @@ def fit_group(specs: dict[str, ExperimentSpec], report: Report,
     epochs = {s.train.epochs for s in specs.values()}
     if len(epochs) != 1:
         raise ValueError(f"a group's members train the same number of epochs, not {sorted(epochs)}")
+    one_configuration = len({s.method.name for s in specs.values()}) == 1  # seeds: their mean is the configuration's
     loaded = load_state() or {}
     runs = {name: train_epochs(s, lambda name=name: loaded.get(name), runtime) for name, s in specs.items()}
     streams: dict[str, dict[str, Any]] = {}
@@ -328,4 +330,4 @@ def fit_group(specs: dict[str, ExperimentSpec], report: Report,
             streams[name] = rng_state()
         if histories:  # every member has the same epochs: they end together
             return histories
-        report(group_metrics(per_member), None if any(s is None for s in states.values()) else states)
+        report(group_metrics(per_member, means=one_configuration), None if any(s is None for s in states.values()) else states)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -43,6 +44,9 @@ CONTENT_DEFAULTS = {"audio_uninformative": "other_class", "visual_uninformative"
 ADDED_DEFAULTS = {**DIFFICULTY_DEFAULTS, **CONTENT_DEFAULTS}
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch takes it too
+# Runs (MLflow child runs: trials x grouped seeds) one sweep may plan: each is a Ray Train run, an MLflow run and a
+# row of every report, so more is a typo (100,000 seeds), not a study; refused before any trial spec is built.
+MAX_SWEEP_RUNS = 10_000
 # Per-epoch metrics a search can rank trials by (every classifier reports the first ones; the rest are
 # the heads', OGM's and G-Blend's): a typo is refused here, not found when no best trial is tagged.
 SEARCH_METRICS = ("acc", "loss", "best_acc", "acc_audio", "acc_visual", "loss_audio", "loss_visual", "loss_train",
@@ -431,6 +435,7 @@ class SearchSpec(_Strict):
     def _consistent(self) -> "SearchSpec":
         if not self.space and not self.compare and not self.seeds:
             raise ValueError("search.space is empty: give at least one field to search, a compare list or seeds")
+        self._within_run_cap()
         if self.seeds and "train.seed" in self.space:
             raise ValueError("search.seeds and search.space['train.seed'] both set the seed: keep one")
         if len(set(self.seeds)) != len(self.seeds):
@@ -443,6 +448,32 @@ class SearchSpec(_Strict):
             if grids:
                 raise ValueError(f"search.searcher optuna cannot sample grid dimensions {grids}: use choice")
         return self
+
+
+    def planned_runs(self) -> tuple[int, int, str]:
+        """(trials, MLflow child runs, how they multiply out) of the main stage, by arithmetic on the
+        search section alone: counted before any trial spec is built or validated. An upper bound where
+        `compare` lists methods whose configurations coincide (the sweep runs those once)."""
+        grids = {path: len(dim.grid) for path, dim in self.space.items() if dim.kind == "grid"}
+        method_grids = {path.split(".", 1)[1]: n for path, n in grids.items() if path.startswith("method.")}
+        other = math.prod(n for path, n in grids.items() if not path.startswith("method."))
+        if self.compare:
+            configs = sum(math.prod(n for key, n in method_grids.items() if key in get_method(name).Section.model_fields)
+                          for name in dict.fromkeys(self.compare))
+        else:
+            configs = math.prod(method_grids.values())
+        grouped = self.group_seeds and len(self.seeds) >= 2
+        seeds = max(len(self.seeds), 1)
+        trials = self.num_samples * other * configs * (1 if grouped else seeds)
+        how = (f"num_samples {self.num_samples} x {other} grid combination(s) of search.space x {configs} method "
+               f"configuration(s) x {seeds} seed(s)")
+        return trials, trials * (seeds if grouped else 1), how
+
+    def _within_run_cap(self) -> None:
+        trials, runs, how = self.planned_runs()
+        if runs > MAX_SWEEP_RUNS:
+            raise ValueError(f"search plans {runs:,} runs ({how}; {trials:,} trials), more than the {MAX_SWEEP_RUNS:,} "
+                             "a sweep may run: fewer search.seeds, grid values or search.num_samples")
 
 
 class ExperimentSpec(_Strict):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from workers.methods.base import Method, MethodSection, lazy_module, register_method
+from workers.methods.base import ENGINE_METRICS, Method, MethodSection, lazy_module, register_method
 
 torch = lazy_module("torch")
 models = lazy_module("models")
@@ -94,6 +94,12 @@ class AVID(Method):
     @classmethod
     def start_stage_epochs(cls, section: AVIDSection) -> int:
         return section.avid_stage_epochs
+
+    @classmethod
+    def epoch_metrics(cls, spec) -> frozenset[str]:
+        # Linear probes on frozen features (evaluate) and end_epoch's loss and gap: no heads' losses, no
+        # Shapley values, no training-split loss.
+        return ENGINE_METRICS | {"acc", "acc_audio", "acc_visual", "loss", "gap_av"}
 
     @classmethod
     def check_start(cls, path: str) -> None:

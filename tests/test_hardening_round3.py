@@ -113,3 +113,66 @@ def test_validating_a_large_search_builds_one_trial_spec_per_configuration_not_p
     sweep.check_search(spec)
     assert len(built) == 1 and built[0]["search"] is None
     assert time.perf_counter() - started < 5  # was: about 10 s (0.6 s for 2,000 seeds, quadratic)
+
+
+# ---- (5) derived sizes: bytes per clip and per batch, AVID negatives, the generator's bounds --------------
+
+
+def test_decode_fields_whose_caps_multiply_out_are_refused_naming_them(tmp_path):
+    """Each field within its own cap, together an 11.8 GB audio feature per clip (plus its STFT and frames)."""
+    hostile = {"num_frames": 256, "frame_height": 1024, "frame_width": 1024, "clip_seconds": 60,
+               "sample_rate_hz": 96000, "hop_ms": 0.01, "n_mels": 512}
+    with pytest.raises(SpecError, match=r"data.decode: .*one clip decodes to 110 GB \(audio .*clip_seconds 60 x "
+                                        r"sample_rate_hz 96000 / a 1-sample hop \(hop_ms / hop_samples\).*5,760,001 x 512 "
+                                        r"feature.*video .*256 frames \(num_frames / pool_frames\) of frame_height 1024"):
+        load_spec({"data": {"decode": hostile}})
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_naming_the_batch_fields():
+    decode = {"num_frames": 32, "frame_height": 224, "frame_width": 224}
+    with pytest.raises(SpecError, match=r"a batch of 4096 clips \(train.global_batch_size / batch_size_per_worker x "
+                                        r"scaling.num_workers.*\(data.decode\) is 79 GB"):
+        load_spec({"data": {"decode": decode}, "train": {"batch_size_per_worker": 4096}})
+    assert load_spec({"data": {"decode": decode}, "train": {"batch_size_per_worker": 64}})
+
+
+@pytest.mark.parametrize("method, data, match", [
+    ({"name": "avid", "config": "Cross-N999999999"}, {},
+     r"method.config Cross-N999999999: 999,999,999 negatives per clip, but data.synth makes only 300 clips.*"
+     r"999,999,999 negatives x method.embedding_dim 128 x a batch of 16 clips is 1.64e\+04 GB"),
+    ({"name": "avid"}, {"synth": {"classes": 2, "clips_per_class": 20}},
+     r"method.config \(default Cross-N1024\): 1,024 negatives per clip, but data.synth makes only 40 clips"),
+    ({"name": "avid", "config": "Cross-N999999999"}, {"source": "dataset", "root": "/somewhere"},
+     r"999,999,999 negatives x method.embedding_dim 128"),
+])
+def test_avid_negatives_are_bounded_by_the_clips_and_the_memory(method, data, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec({"method": method, "data": data})
+    assert load_spec({"method": {"name": "avid", "config": "Cross-N64"}})
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--height", "100000", "--width", "100000"], r"height: must be at most 512 \(the bound of a spec's data.synth.height\)"),
+    (["--clip-seconds", "1e6"], r"clip_seconds: must be at most 30"),
+    (["--seed", "-5"], r"seed: must be at least 0, got -5"),
+    (["--clips-per-class", "100000000"], r"clips_per_class: must be at most 10000"),
+    (["--sample-rate-hz", "10000000"], r"sample_rate_hz: must be at most 48000"),
+])
+def test_avtune_data_synth_has_the_specs_bounds_and_writes_nothing_out_of_them(tmp_path, args, match):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli_data import data_app
+
+    result = CliRunner().invoke(data_app, ["synth", "--out", str(tmp_path / "set"), *args], terminal_width=300,
+                                env={"COLUMNS": "300"})
+    assert result.exit_code != 0
+    assert __import__("re").search(match, " ".join(result.output.split())), result.output
+    assert not (tmp_path / "set").exists()
+
+
+def test_a_negative_synth_seed_is_refused_at_validation_before_any_folder_exists(tmp_path):
+    from orchestrator.training import ensure_data
+
+    with pytest.raises(SpecError, match=r"data.synth.seed: Input should be greater than or equal to 0"):
+        ensure_data(load_spec({"data": {"synth": {"seed": -1}}, "storage": {"runs_dir": str(tmp_path / "runs")}}))
+    assert not (tmp_path / "runs").exists()

@@ -76,6 +76,25 @@ def load_avid_start(path: str) -> dict[str, Any]:
     return state
 
 
+def negatives_problems(spec, negatives: int, config: str) -> list[str]:
+    """The negatives a step draws per clip must exist (no more than the clips: generated data says how many
+    before it exists; a dataset's training split is counted before the run starts, `check_data`) and fit in
+    memory (the global batch x negatives x embedding_dim scores of each modality pair)."""
+    from workers.specs import MAX_BATCH_BYTES
+
+    problems = []
+    synth = spec.data.synth
+    if spec.data.source == "generated" and negatives >= synth.classes * synth.clips_per_class:
+        problems.append(f"method.config {config}: {negatives:,} negatives per clip, but data.synth makes only "
+                        f"{synth.classes * synth.clips_per_class} clips (classes x clips_per_class)")
+    size = spec.global_batch * negatives * spec.method.embedding_dim * 4 * 2
+    if size > MAX_BATCH_BYTES:
+        problems.append(f"method.config {config}: {negatives:,} negatives x method.embedding_dim {spec.method.embedding_dim} x "
+                        f"a batch of {spec.global_batch} clips is {size / 1e9:.3g} GB per step, more than "
+                        f"{MAX_BATCH_BYTES / 1e9:.3g} GB")
+    return problems
+
+
 @register_method
 class AVID(Method):
     Section = AVIDSection
@@ -118,6 +137,9 @@ class AVID(Method):
         problems = []
         if m.name == "avid" and (m.init_from or m.init_source or m.avid_stage_epochs):
             problems.append("method.init_from / init_source / avid_stage_epochs: only cma starts from a trained AVID model")
+        if not m.config:  # the official default criterion draws its negatives too
+            default = DEFAULT_CONFIG[m.name]
+            problems += negatives_problems(spec, models.parse_avid_config(default).num_negatives, f"(default {default})")
         if m.config:
             try:  # a typo'd official name is found here, not when a trial builds its criterion
                 config = models.parse_avid_config(m.config)
@@ -125,6 +147,7 @@ class AVID(Method):
             except ValueError as err:
                 problems.append(f"method.config: {err}")
             else:
+                problems += negatives_problems(spec, config.num_negatives, m.config)
                 if config.uses_positives != (m.name == "cma"):
                     problems.append(f"method.config: {m.config!r} is a{' CMA' if config.uses_positives else 'n AVID'} "
                                     f"criterion; method {m.name} needs {'an InstX-...-Pos' if m.name == 'cma' else 'a Cross-/Joint-'} name")

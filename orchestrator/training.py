@@ -129,6 +129,33 @@ def fetch_final_checkpoint(client: MlflowClient, run_id: str, expected_method: s
         raise SpecError(f"method.init_from: run {run_id} has no checkpoints/final_model.pt artifact ({err})") from None
 
 
+def check_start_run(client: MlflowClient, run_id: str, spec: ExperimentSpec) -> None:
+    """A start run named by id (`method.init_from`) is an avtune run of this spec's experiment (or
+    `method.init_from_other_experiment`) trained on this spec's data (the digest of its MLflow training dataset):
+    its memory banks are per training clip, so a run of other clips would start CMA on the wrong memory."""
+    from orchestrator.tracking import training_dataset
+
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
+        raise SpecError(f"method.init_from: no MLflow run {run_id} at {client.tracking_uri} ({err})") from None
+    if "avtune.method" not in run.data.tags:
+        raise SpecError(f"method.init_from: run {run_id} was not made by avtune (no avtune.method tag): start from an "
+                        "avtune avid run, or give the path of its checkpoint")
+    name = spec.tracking.experiment or spec.name
+    here = client.get_experiment_by_name(name)
+    if (here is None or run.info.experiment_id != here.experiment_id) and not spec.method.init_from_other_experiment:
+        other = client.get_experiment(run.info.experiment_id).name
+        raise SpecError(f"method.init_from: run {run_id} belongs to experiment {other!r}, not this spec's {name!r}; "
+                        "set method.init_from_other_experiment: true to start from it anyway")
+    ours = training_dataset(spec.data)
+    theirs = [i.dataset for i in run.inputs.dataset_inputs if i.dataset.digest]
+    if ours is not None and [d.digest for d in theirs] != [ours.digest]:
+        trained = ", ".join(f"{d.name} (digest {d.digest})" for d in theirs) or "no logged dataset"
+        raise SpecError(f"method.init_from: run {run_id} trained on {trained}, this spec's data is {ours.name} "
+                        f"(digest {ours.digest}): its memory banks hold other clips")
+
+
 def resolve_start_point(spec: ExperimentSpec, client: MlflowClient) -> ExperimentSpec:
     """A method that starts from a trained model (CMA from AVID) gets its start point as a checked local
     file before anything is logged: an MLflow run id becomes that run's final checkpoint."""
@@ -139,12 +166,13 @@ def resolve_start_point(spec: ExperimentSpec, client: MlflowClient) -> Experimen
     stage = cls.start_stage(m.model_copy(update={"init_from": ""}))
     init_from, source = m.init_from, m.init_source
     if is_run_id(init_from) and not Path(init_from).exists():
+        check_start_run(client, init_from, spec)
         init_from = fetch_final_checkpoint(client, init_from, stage["name"] if stage else m.name, spec.storage.runs_dir)
         source = source or f"run:{m.init_from}"
     else:
         init_from = str(Path(init_from).resolve())
     try:
-        cls.check_start(init_from)
+        cls.check_start(init_from, spec)
     except ValueError as err:
         raise SpecError(str(err)) from None
     return spec.model_copy(update={"method": m.model_copy(update={"init_from": init_from, "init_source": source})})

@@ -176,3 +176,103 @@ def test_a_negative_synth_seed_is_refused_at_validation_before_any_folder_exists
     with pytest.raises(SpecError, match=r"data.synth.seed: Input should be greater than or equal to 0"):
         ensure_data(load_spec({"data": {"synth": {"seed": -1}}, "storage": {"runs_dir": str(tmp_path / "runs")}}))
     assert not (tmp_path / "runs").exists()
+
+
+# ---- (10) method.init_from: checked completely before the run exists ------------------------------------
+
+
+CMA = {"name": "cma", "config": "InstX-N8-PosW-N4-Top2", "probe_epochs": 20, "embedding_dim": 16}
+
+
+def start_spec(root, tmp_path, method: dict, name: str = "t"):
+    return load_spec({"name": name, "model": {"width": 8}, "method": method,
+                      "data": {"source": "dataset", "root": str(root),
+                               "decode": {"num_frames": 2, "frame_height": 32, "frame_width": 32, "clip_seconds": 0.5}},
+                      "train": {"global_batch_size": 8}, "storage": {"runs_dir": str(tmp_path / "runs")}})
+
+
+def avid_run(client, spec, checkpoint: str, status: str = "FINISHED") -> str:
+    """A finished avtune avid run of `spec`'s experiment and data whose final model is `checkpoint`."""
+    from orchestrator.training import start_mlflow_run
+
+    _, run_id = start_mlflow_run(client, spec.model_copy(update={"method": spec.method.model_copy(
+        update={"name": "avid", "config": "Cross-N8", "init_from": ""})}))
+    folder = spec.storage.runs_dir / "upload" / run_id
+    folder.mkdir(parents=True)
+    (folder / "final_model.pt").write_bytes(open(checkpoint, "rb").read())
+    client.log_artifact(run_id, str(folder / "final_model.pt"), artifact_path="checkpoints")
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def without(checkpoint: str, tmp_path, *keys: str) -> str:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key in keys:
+        del state["method"]["criterion"][key]
+    torch.save(state, tmp_path / "cut.pt")
+    return str(tmp_path / "cut.pt")
+
+
+def test_an_avid_checkpoint_without_memory_banks_is_refused_before_the_run_exists(synth_dataset, tmp_path, avid_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.training import resolve_start_point
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cut = without(avid_checkpoint, tmp_path, "video_memory.memory")
+    with pytest.raises(SpecError, match=r"method.init_from: .*cut.pt has no video_memory.memory in its AVID criterion"):
+        resolve_start_point(start_spec(synth_dataset, tmp_path, {**CMA, "init_from": cut}), client)
+    assert client.search_experiments() == [] or not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_memory_banks_of_another_training_set_are_refused_before_the_run_exists(synth_dataset, synth_layouts, tmp_path,
+                                                                               avid_checkpoint):
+    """The checkpoint's banks hold one row per clip of the AVID run's training split (18 here); the other set has 6."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.training import resolve_start_point
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    other = start_spec(synth_layouts["avtune"], tmp_path, {**CMA, "init_from": avid_checkpoint})
+    with pytest.raises(SpecError, match=r"video_memory.memory is \(18, 16\) \(clips x embedding_dim\), but this spec "
+                                        r"trains on [0-9]+ clips \(data\) with method.embedding_dim 16"):
+        resolve_start_point(other, client)
+    wide = start_spec(synth_dataset, tmp_path, {**CMA, "init_from": avid_checkpoint, "embedding_dim": 32})
+    with pytest.raises(SpecError, match=r"is \(18, 16\).*method.embedding_dim 32"):
+        resolve_start_point(wide, client)
+    resolve_start_point(start_spec(synth_dataset, tmp_path, {**CMA, "init_from": avid_checkpoint}), client)
+
+
+def test_a_start_run_must_be_avtunes_of_this_experiment_and_data(synth_dataset, synth_layouts, tmp_path, avid_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.training import resolve_start_point
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = start_spec(synth_dataset, tmp_path, CMA)
+
+    def resolve(run_id: str, **method):
+        return resolve_start_point(spec.model_copy(update={"method": spec.method.model_copy(
+            update={"init_from": run_id, **method})}), client)
+
+    # A foreign tool's run that only says method.name=avid.
+    foreign = client.create_run(client.create_experiment("foreign")).info.run_id
+    client.log_param(foreign, "method.name", "avid")
+    client.set_terminated(foreign)
+    with pytest.raises(SpecError, match=rf"method.init_from: run {foreign} was not made by avtune"):
+        resolve(foreign)
+    # An avtune run of another experiment: refused unless the spec says so.
+    elsewhere = avid_run(client, start_spec(synth_dataset, tmp_path, CMA, name="other"), avid_checkpoint)
+    with pytest.raises(SpecError, match=rf"run {elsewhere} belongs to experiment 'other', not this spec's 't'; set "
+                                        r"method.init_from_other_experiment: true"):
+        resolve(elsewhere)
+    assert resolve(elsewhere, init_from_other_experiment=True).method.init_source == f"run:{elsewhere}"
+    # An avtune run of this experiment trained on other clips (the digest of its logged training dataset).
+    other_data = avid_run(client, start_spec(synth_layouts["avtune"], tmp_path, CMA), avid_checkpoint)
+    with pytest.raises(SpecError, match=rf"run {other_data} trained on .*\(digest [0-9a-f]+\), this spec's data is "
+                                        r".*: its memory banks hold other clips"):
+        resolve(other_data)
+    same = avid_run(client, spec, avid_checkpoint)
+    assert resolve(same).method.init_source == f"run:{same}"

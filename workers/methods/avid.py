@@ -40,6 +40,9 @@ class AVIDSection(MethodSection):
         "cma: the trained AVID model to start from: the MLflow run id of a finished avid run, or the path of "
         "its checkpoints/final_model.pt (or a Ray Train checkpoint.pt / its folder). Empty: a sweep trains "
         "the AVID stage first; a single training refuses it"))
+    init_from_other_experiment: bool = Field(False, exclude_if=lambda v: not v, description=(
+        "cma: accept an init_from run id of another MLflow experiment than this spec's (by default refused: a run "
+        "id pasted from elsewhere is more often a mistake than a plan)"))
     init_source: str = Field("", description=(
         "filled in by the orchestrator: where init_from came from (run:<id>, avid_stage:<id>, checkpoint)"))
     avid_stage_epochs: int = Field(0, ge=0, description=(
@@ -58,6 +61,25 @@ def start_file(path: str) -> Path:
     if not p.is_file():
         raise ValueError(f"method.init_from: no file {p} (give an AVID run id or the path of its final_model.pt)")
     return p
+
+
+MEMORY_KEYS = ("video_memory.memory", "audio_memory.memory")
+
+
+def check_banks(state: dict[str, Any], file: Path, clips: int, exact: bool, embedding_dim: int) -> None:
+    """Both memory banks of an AVID checkpoint present, one row per training clip of this spec's data (`exact`:
+    as many; else at most, when data.on_bad_media 'skip' may drop clips) and `embedding_dim` wide."""
+    criterion = state["method"]["criterion"]
+    missing = [key for key in (*MEMORY_KEYS, "partition") if key not in criterion]
+    if missing:
+        raise ValueError(f"method.init_from: {file} has no {', '.join(missing)} in its AVID criterion state: CMA "
+                         "starts from the AVID stage's memory banks and Z")
+    for key in MEMORY_KEYS:
+        shape = tuple(criterion[key].shape)
+        if len(shape) != 2 or shape[1] != embedding_dim or (shape[0] != clips if exact else shape[0] < clips):
+            raise ValueError(f"method.init_from: {file}'s {key} is {shape} (clips x embedding_dim), but this spec "
+                             f"trains on {clips} clips (data) with method.embedding_dim {embedding_dim}: CMA continues "
+                             "on the AVID stage's training set and embedding size")
 
 
 def load_avid_start(path: str) -> dict[str, Any]:
@@ -121,8 +143,13 @@ class AVID(Method):
         return ENGINE_METRICS | {"acc", "acc_audio", "acc_visual", "loss", "gap_av"}
 
     @classmethod
-    def check_start(cls, path: str) -> None:
-        load_avid_start(path)
+    def check_start(cls, path: str, spec) -> None:
+        from workers.datasets import load_records
+
+        state = load_avid_start(path)
+        data = spec.data
+        records, _ = load_records(data.root, data.layout, "train", skipped=[] if data.on_bad_media == "skip" else None)
+        check_banks(state, start_file(path), len(records), data.on_bad_media == "error", spec.method.embedding_dim)
 
     @classmethod
     def run_params(cls, spec) -> dict[str, str]:

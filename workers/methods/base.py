@@ -107,8 +107,9 @@ class Method:
         return 0
 
     @classmethod
-    def check_start(cls, path: str) -> None:
-        """Raise ValueError, naming the field, when the file ``init_from`` names cannot start this method."""
+    def check_start(cls, path: str, spec: Any) -> None:
+        """Raise ValueError, naming the field, when the file ``init_from`` names cannot start this method on
+        ``spec`` (its data resolved: called before the run exists)."""
 
     @classmethod
     def run_label(cls, section: MethodSection) -> list[str]:

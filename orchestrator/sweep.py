@@ -34,6 +34,7 @@ from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnSto
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
+    check_resources,
     config_label,
     connect_ray,
     ensure_data,
@@ -696,6 +697,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
     spec = resolve_start_point(spec, client)
+    connect_ray(address)
+    check_resources(spec)  # connected, and before the parent run exists
     state_file = sweep_state_file(spec)
     state: dict[str, Any] = {}
     if resume:
@@ -725,7 +728,6 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
 
     try:
         log_ceiling(client, parent_run_id, spec)  # before training: the data's limits do not depend on it
-        connect_ray(address)
         weights = state.get("gblend_weights")
         if weights is None and needs_gblend_estimation(spec):
             weights, source = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)

@@ -276,3 +276,47 @@ def test_a_start_run_must_be_avtunes_of_this_experiment_and_data(synth_dataset, 
         resolve(other_data)
     same = avid_run(client, spec, avid_checkpoint)
     assert resolve(same).method.init_source == f"run:{same}"
+
+
+# ---- (4) resource requests the cluster can never meet; a bounded start-up ------------------------------
+
+
+def no_runs_logged(runs_dir) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(None, runs_dir))
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"scaling": {"cpus_per_worker": 4}}, r"scaling.num_workers 1 x scaling.cpus_per_worker 4 CPUs, but the Ray cluster has 2"),
+    ({"scaling": {"num_workers": 3}, "train": {"epochs": 1, "global_batch_size": 6}},
+     r"scaling.num_workers 3 x scaling.cpus_per_worker 1 CPUs, but the Ray cluster has 2"),
+    ({"search": {"seeds": [0, 1], "trial_cpus": 1e9}}, r"\+ search.trial_cpus 1e\+09 CPUs, but the Ray cluster has 2"),
+    ({"scaling": {"use_gpu": True}}, r"scaling.use_gpu with scaling.num_workers 1: one GPU each, but the Ray cluster has 0"),
+])
+def test_resource_requests_the_cluster_cannot_meet_are_refused_before_any_run_exists(ray_local, synth_dataset, tmp_path,
+                                                                                    sections, match):
+    """Ray Train retried the worker-group start every 60 s, forever; now refused after connecting, naming the field."""
+    from orchestrator.sweep import run_sweep
+    from orchestrator.training import run_training
+
+    spec = load_spec({"name": "big", "data": {"source": "dataset", "root": str(synth_dataset)},
+                      "storage": {"runs_dir": str(tmp_path / "runs")}, **sections})
+    if ray_local.cluster_resources().get("GPU") and "use_gpu" in str(sections):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SpecError, match=rf"asks for more than the Ray cluster has.*{match}"):
+        (run_sweep if spec.search else run_training)(spec)
+    assert no_runs_logged(tmp_path / "runs")
+
+
+def test_a_train_run_gives_up_a_worker_group_that_never_starts(tmp_path):
+    """Ray Train V2 counts a worker-group start past its timeout as a controller failure, retried without limit by
+    default (controller_failure_limit -1): the run's FailureConfig bounds it."""
+    from orchestrator.training import CONTROLLER_FAILURE_LIMIT, build_trainer
+
+    trainer = build_trainer(load_spec({"storage": {"runs_dir": str(tmp_path / "runs")}}), "bounded", [])
+    failure = trainer.run_config.failure_config
+    assert failure.controller_failure_limit == CONTROLLER_FAILURE_LIMIT and 0 <= CONTROLLER_FAILURE_LIMIT <= 5

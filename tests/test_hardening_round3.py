@@ -39,7 +39,8 @@ def check_before_anything(tmp_path, spec, match: str) -> None:
      r"search.metric 'gblend_w_joint' is not reported by method normal"),
     ({"seeds": [0, 1], "scheduler": "asha", "metric": "loss_train_eval"}, {},
      r"search.metric 'loss_train_eval' is not reported by method normal"),
-    ({"compare": ["avid", "normal"], "scheduler": "asha", "metric": "shapley_visual"}, {},
+    ({"compare": ["avid", "normal"], "scheduler": "asha", "metric": "shapley_visual"},
+     {"method": {"name": "avid", "config": "Cross-N64"}},
      r"search.metric 'shapley_visual' is not reported by method avid"),
 ])
 def test_a_search_metric_some_swept_method_never_reports_is_refused(tmp_path, search, sections, match):

@@ -2,7 +2,9 @@
 dependency chain (`workers.specs`, torch-free) because every Train worker validates the spec it
 receives into them; this module only re-exports them."""
 from workers.specs import (  # noqa: F401
+    MAX_SWEEP_RUNS,
     METHOD_NAMES,
+    SEARCH_METRICS,
     DataSpec,
     DecodeParams,
     ExperimentSpec,

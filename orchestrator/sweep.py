@@ -27,13 +27,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.console import current_board
-from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
+from orchestrator.specs import SEARCH_METRICS, ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, GroupLogger, MlflowEpochLogger
 from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
 from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
+    check_resources,
     config_label,
     connect_ray,
     ensure_data,
@@ -82,10 +83,14 @@ class SweepResult:
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set `path` (`train.seed`) in `data`, copying each section on the way rather than changing it: the
+    sections of a base spec are shared by every trial spec made from it (`trial_spec_data`)."""
     node = data
     parts = path.split(".")
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        child = node.get(p)
+        node[p] = dict(child) if isinstance(child, dict) else {}
+        node = node[p]
     node[parts[-1]] = value
 
 
@@ -177,20 +182,23 @@ def group_members(spec: ExperimentSpec, stage: str) -> dict[str, dict[str, Any]]
 
 
 def trial_spec_data(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    data = copy.deepcopy(base)
+    """The plain data of the trial spec `config` makes of `base`: only the sections on a configured path are
+    copied, the rest is shared with `base` (never deep-copied: validating 10,000 combinations of a spec whose
+    search lists 10,000 seeds copied 10,000 x 10,000 seeds). Read it, do not change it."""
+    data = {**base, "search": None}
     for path, value in config.items():
         if path == "method":
-            data["method"] = copy.deepcopy(value)
+            data["method"] = value
         else:
             set_path(data, path, value)
-    data["search"] = None
     return data
 
 
 def check_search(spec: ExperimentSpec) -> None:
-    """Every trial spec the search can produce validates: each grid combination, each `choice` value and
-    both bounds of a `uniform` / `loguniform` range (paths included: a typo'd field is refused here,
-    not after data synthesis or inside a trial); one G-Blend estimation window."""
+    """Every trial spec the search can produce validates and reports `search.metric` every epoch: each grid
+    combination, each `choice` value and both bounds of a `uniform` / `loguniform` range (paths included: a
+    typo'd field is refused here, not after data synthesis or inside a trial); one G-Blend estimation window.
+    How many runs the search plans is capped before any of this (`SearchSpec.planned_runs`, at load)."""
     estimating = needs_gblend_estimation(spec)
     check_grid_combinations(spec, build_param_space(spec, {"audio": 1.0, "visual": 1.0, "joint": 1.0} if estimating else None))
     if estimating:
@@ -200,30 +208,45 @@ def check_search(spec: ExperimentSpec) -> None:
     for path, dim in spec.search.space.items():
         values = {"choice": dim.choice, "uniform": dim.uniform, "loguniform": dim.loguniform}.get(dim.kind) or []
         for value in values:
-            try:
-                validate_spec(trial_spec_data(base, {path: value}), source="(search value)")
-            except SpecError as err:
-                problems.append(f"{path}={value!r}: {str(err).splitlines()[-1].strip()}")
+            problem = trial_problem(base, {path: value}, spec.search.metric, "(search value)")
+            if problem:
+                problems.append(f"{path}={value!r}: {problem}")
     if problems:
         raise SpecError("search.space has invalid values:\n  " + "\n  ".join(problems[:20]))
 
 
+def trial_problem(base: dict[str, Any], config: dict[str, Any], metric: str, source: str) -> str | None:
+    """What is wrong with the trial spec `config` makes of `base`: its validation error, or a method that
+    never reports `metric` (Tune's scheduler and searcher end the whole sweep at the first result without
+    it, after trials trained); None when it can run."""
+    try:
+        trial = validate_spec(trial_spec_data(base, config), source=source)
+    except SpecError as err:
+        return str(err).splitlines()[-1].strip()
+    reported = get_method(trial.method.name).epoch_metrics(trial)
+    if metric not in reported:
+        return (f"search.metric {metric!r} is not reported by method {trial.method.name} (its epochs report "
+                f"{', '.join(sorted(reported & set(SEARCH_METRICS)))}): rank by a metric every swept method reports")
+    return None
+
+
 def check_grid_combinations(spec: ExperimentSpec, param_space: dict[str, Any]) -> None:
-    """Reject a grid whose combinations include invalid specs (e.g. ends <= starts), naming them."""
+    """Reject a grid whose combinations include invalid specs (e.g. ends <= starts), naming them. The seeds
+    are not crossed in: a seed's validity is its range, which `search.seeds` checks itself (`train.seed`'s)."""
     base = spec.model_dump(mode="json")
-    grids = {k: v["grid_search"] for k, v in param_space.items() if isinstance(v, dict) and "grid_search" in v}
+    grids = {k: v["grid_search"] for k, v in param_space.items()
+             if isinstance(v, dict) and "grid_search" in v and not (k == SEED_PARAM and spec.search.seeds)}
     fixed = {k: v for k, v in param_space.items() if not isinstance(v, dict) or "grid_search" not in v}
     fixed = {k: v for k, v in fixed.items() if not hasattr(v, "sample")}
-    problems = []
+    problems: dict[str, str] = {}
     for values in itertools.product(*grids.values()):
         config = {**fixed, **dict(zip(grids, values))}
-        try:
-            validate_spec(trial_spec_data(base, config), source="(search combination)")
-        except SpecError as err:
+        problem = trial_problem(base, config, spec.search.metric, "(search combination)")
+        if problem:
             shown = {k: v for k, v in config.items() if k in grids}
-            problems.append(f"{json.dumps(shown, default=str)}: {str(err).splitlines()[-1].strip()}")
+            problems.setdefault(f"{json.dumps(shown, default=str) if shown else 'every trial'}: {problem}")
     if problems:
-        raise SpecError("search.space has invalid combinations:\n  " + "\n  ".join(problems[:20]))
+        raise SpecError("search.space has invalid combinations:\n  " + "\n  ".join(list(problems)[:20]))
 
 
 # ---- the trial ----------------------------------------------------------------------------
@@ -418,11 +441,13 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
     storage = str((Path(spec.storage.runs_dir) / "ray").resolve())
     trainable = make_trainable(spec, parent_run_id, tracking_uri, name, stage)
     search_alg = None
-    if search.searcher == "optuna":
+    # A stage (G-Blend's estimation, AVID before CMA) trains fixed configurations: no searcher and no scheduler,
+    # which would also demand search.metric of heads that never report it (an audio-only head's acc_visual).
+    if scheduler_on and search.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric=search.metric, mode=search.mode, seed=spec.train.seed)
-    elif search.searcher == "random":
+    elif scheduler_on and search.searcher == "random":
         from ray.tune.search import BasicVariantGenerator
 
         search_alg = BasicVariantGenerator(random_state=spec.train.seed)
@@ -672,6 +697,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
     spec = resolve_start_point(spec, client)
+    connect_ray(address)
+    check_resources(spec)  # connected, and before the parent run exists
     state_file = sweep_state_file(spec)
     state: dict[str, Any] = {}
     if resume:
@@ -701,7 +728,6 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
 
     try:
         log_ceiling(client, parent_run_id, spec)  # before training: the data's limits do not depend on it
-        connect_ray(address)
         weights = state.get("gblend_weights")
         if weights is None and needs_gblend_estimation(spec):
             weights, source = run_gblend_estimation(spec, client, parent_run_id, tracking_uri, name, max_concurrent)

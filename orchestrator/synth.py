@@ -62,7 +62,14 @@ from workers.layouts import (
     derive_validation,
     round_half_up,
 )
-from workers.specs import CONTENT_DEFAULTS, DIFFICULTY_DEFAULTS, UNINFORMATIVE_CONTENT, drop_added_defaults
+from workers.specs import (
+    CONTENT_DEFAULTS,
+    DIFFICULTY_DEFAULTS,
+    UNINFORMATIVE_CONTENT,
+    SynthSpec,
+    drop_added_defaults,
+    field_bounds,
+)
 
 __all__ = [
     "synthesize_dataset",
@@ -805,6 +812,7 @@ def _validate(**params: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(value) or value < 0:
             fail(field, "must be a finite number >= 0")
+    _within_spec_bounds(params, fail)
     fractions = tuple(float(f) for f in params["split_fractions"])
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         fail("split_fractions", "must be three non-negative shares (train, val, test) summing to 1")
@@ -816,6 +824,23 @@ def _validate(**params: Any) -> dict[str, Any]:
         out[field] = float(params[field])
     out["fps"] = float(params["fps"]) if not float(params["fps"]).is_integer() else int(params["fps"])
     return out
+
+
+# The generator's numbers bounded as the spec's data.synth bounds them (one source of truth for `avtune data synth`,
+# the Python API and a spec): without them `--height 100000` or `--clip-seconds 1e6` started encoding, and a
+# negative seed failed half-way through, leaving a half-made folder.
+BOUNDED_PARAMS = ("classes", "clips_per_class", "clip_seconds", "fps", "height", "width", "sample_rate_hz", "seed")
+
+
+def _within_spec_bounds(params: dict[str, Any], fail) -> None:
+    if not isinstance(params["seed"], (int, np.integer)) or isinstance(params["seed"], bool):
+        fail("seed", "must be an integer")
+    for field in BOUNDED_PARAMS:
+        low, high = field_bounds(SynthSpec, field)
+        if field == "seed" and params[field] < low:
+            fail(field, f"must be at least {low}")
+        if high is not None and params[field] > high:
+            fail(field, f"must be at most {high} (the bound of a spec's data.synth.{field})")
 
 
 # ---- inspection -----------------------------------------------------------------------------

@@ -81,6 +81,36 @@ def connect_ray(address: str | None = None) -> None:
         start_local_ray(log_to_driver=True)
 
 
+# Ray Train V2 retries a worker group that did not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) as a
+# controller failure, by default without limit: a request the cluster can never meet waited forever. Bounded here
+# (about 5 minutes at the default timeout: room for an autoscaler to add a node); what can never fit is refused
+# before the run starts (`check_resources`).
+CONTROLLER_FAILURE_LIMIT = 4
+
+
+def check_resources(spec: ExperimentSpec) -> None:
+    """The spec's resource requests against the connected cluster's (`ray.cluster_resources()`), naming the field:
+    a Train run starts only when all its workers fit at once, and a sweep's trial actor beside them."""
+    total = ray.cluster_resources()
+    cpus, gpus, memory = total.get("CPU", 0.0), total.get("GPU", 0.0), total.get("memory", 0.0)
+    s = spec.scaling
+    trial_cpus = spec.search.trial_cpus if spec.search else 0.0
+    problems = []
+    if s.num_workers * s.cpus_per_worker + trial_cpus > cpus:
+        what = f"scaling.num_workers {s.num_workers} x scaling.cpus_per_worker {s.cpus_per_worker:g}"
+        what += f" + search.trial_cpus {trial_cpus:g}" if trial_cpus else ""
+        problems.append(f"{what} CPUs, but the Ray cluster has {cpus:g}")
+    if s.use_gpu and s.num_workers > gpus:
+        problems.append(f"scaling.use_gpu with scaling.num_workers {s.num_workers}: one GPU each, but the Ray cluster "
+                        f"has {gpus:g}")
+    if spec.search and spec.search.trial_memory_mb * 2**20 > memory:
+        problems.append(f"search.trial_memory_mb {spec.search.trial_memory_mb}, but the Ray cluster has "
+                        f"{memory / 2**20:.0f} MB of memory for tasks")
+    if problems:
+        raise SpecError("the spec asks for more than the Ray cluster has, so its run could never start: "
+                        + "; ".join(problems))
+
+
 def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
     """The spec with absolute paths, its generated data synthesised on first use.
 
@@ -129,6 +159,33 @@ def fetch_final_checkpoint(client: MlflowClient, run_id: str, expected_method: s
         raise SpecError(f"method.init_from: run {run_id} has no checkpoints/final_model.pt artifact ({err})") from None
 
 
+def check_start_run(client: MlflowClient, run_id: str, spec: ExperimentSpec) -> None:
+    """A start run named by id (`method.init_from`) is an avtune run of this spec's experiment (or
+    `method.init_from_other_experiment`) trained on this spec's data (the digest of its MLflow training dataset):
+    its memory banks are per training clip, so a run of other clips would start CMA on the wrong memory."""
+    from orchestrator.tracking import training_dataset
+
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
+        raise SpecError(f"method.init_from: no MLflow run {run_id} at {client.tracking_uri} ({err})") from None
+    if "avtune.method" not in run.data.tags:
+        raise SpecError(f"method.init_from: run {run_id} was not made by avtune (no avtune.method tag): start from an "
+                        "avtune avid run, or give the path of its checkpoint")
+    name = spec.tracking.experiment or spec.name
+    here = client.get_experiment_by_name(name)
+    if (here is None or run.info.experiment_id != here.experiment_id) and not spec.method.init_from_other_experiment:
+        other = client.get_experiment(run.info.experiment_id).name
+        raise SpecError(f"method.init_from: run {run_id} belongs to experiment {other!r}, not this spec's {name!r}; "
+                        "set method.init_from_other_experiment: true to start from it anyway")
+    ours = training_dataset(spec.data)
+    theirs = [i.dataset for i in run.inputs.dataset_inputs if i.dataset.digest]
+    if ours is not None and [d.digest for d in theirs] != [ours.digest]:
+        trained = ", ".join(f"{d.name} (digest {d.digest})" for d in theirs) or "no logged dataset"
+        raise SpecError(f"method.init_from: run {run_id} trained on {trained}, this spec's data is {ours.name} "
+                        f"(digest {ours.digest}): its memory banks hold other clips")
+
+
 def resolve_start_point(spec: ExperimentSpec, client: MlflowClient) -> ExperimentSpec:
     """A method that starts from a trained model (CMA from AVID) gets its start point as a checked local
     file before anything is logged: an MLflow run id becomes that run's final checkpoint."""
@@ -139,12 +196,13 @@ def resolve_start_point(spec: ExperimentSpec, client: MlflowClient) -> Experimen
     stage = cls.start_stage(m.model_copy(update={"init_from": ""}))
     init_from, source = m.init_from, m.init_source
     if is_run_id(init_from) and not Path(init_from).exists():
+        check_start_run(client, init_from, spec)
         init_from = fetch_final_checkpoint(client, init_from, stage["name"] if stage else m.name, spec.storage.runs_dir)
         source = source or f"run:{m.init_from}"
     else:
         init_from = str(Path(init_from).resolve())
     try:
-        cls.check_start(init_from)
+        cls.check_start(init_from, spec)
     except ValueError as err:
         raise SpecError(str(err)) from None
     return spec.model_copy(update={"method": m.model_copy(update={"init_from": init_from, "init_source": source})})
@@ -279,7 +337,8 @@ def build_trainer(spec: ExperimentSpec, ray_run_name: str, callbacks: list,
         run_config=RunConfig(
             name=ray_run_name,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures,
+                                         controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[*callbacks, ReleaseLeftPlacementGroups()],
         ),
@@ -394,6 +453,8 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
     spec = resolve_start_point(spec, client)
+    connect_ray(address)
+    check_resources(spec)  # connected, and before the run exists
     if resume_run_id:
         run_id = resume_run_id
         experiment_id = client.get_run(run_id).info.experiment_id
@@ -407,7 +468,6 @@ def run_training(spec: ExperimentSpec, address: str | None = None,
         poller = threading.Thread(target=_poll_progress, args=(client, run_id, on_epoch, stop), daemon=True)
         poller.start()
     try:
-        connect_ray(address)
         trainer = build_trainer(spec, f"{spec.name}-{run_id[:12]}", [logger])
         result = trainer.fit()
         state = finish_train_run(client, run_id, logger, result)

@@ -15,7 +15,7 @@ import torch
 
 from workers.engine import fit
 from workers.methods import get_method, method_names
-from workers.specs import load_spec
+from workers.specs import SEARCH_METRICS, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,8 @@ def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tm
     cls = get_method(name)
     straight = Recorder()
     start = start_point(request, name)
-    history = fit(engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start), report=straight)
+    straight_spec = engine_spec(synth_dataset, tmp_path / "cache", name, epochs=3, **start)
+    history = fit(straight_spec, report=straight)
     assert [m["epoch"] for m in straight.metrics] == [0.0, 1.0, 2.0]
     assert history == straight.metrics
     for metrics in straight.metrics:
@@ -117,6 +118,10 @@ def test_method_trains_reports_every_epoch_and_resumes_exactly(synth_dataset, tm
         expected |= {"k_audio", "k_visual", "ratio_av", "modulation_active"} if "alpha" in cls.label_fields else set()
         expected |= {"gblend_w_audio", "gblend_w_visual", "gblend_w_joint"} if name == "gblend" else set()
         assert expected <= set(metrics), expected - set(metrics)
+        # What the method declares (a sweep's search.metric is checked against it) is what its epochs report.
+        declared = cls.epoch_metrics(straight_spec)
+        assert declared <= set(metrics), declared - set(metrics)
+        assert set(metrics) & set(SEARCH_METRICS) == declared & set(SEARCH_METRICS)
         assert all(math.isfinite(v) for v in metrics.values())
         assert 0.0 <= metrics["acc"] <= 1.0
     # Held-out test numbers come once, at the end, for classifiers; self-supervised methods have none.
@@ -236,7 +241,7 @@ sys.path.insert(0, {str(tmp_path)!r})
 import unimodal_aux  # one file: registering it is all a method needs
 from models import AVOutput
 from workers.engine import Batch, Runtime, fit
-from workers.specs import load_spec
+from workers.specs import SEARCH_METRICS, load_spec
 
 spec = load_spec({{
     "data": {{"source": "dataset", "root": {str(synth_dataset)!r}, "cache_dir": {str(tmp_path / 'cache')!r},

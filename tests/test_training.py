@@ -171,7 +171,7 @@ def test_cma_start_point_is_checked_and_resolved_before_anything_is_logged(base_
     """A single CMA training without an AVID start is refused (official CMA restores a trained AVID model);
     a run id is resolved to that run's final checkpoint only if it is a finished avid run; the start
     point is logged as `cma_init_from`."""
-    from orchestrator.training import resolve_start_point, run_training
+    from orchestrator.training import resolve_start_point, run_training, start_mlflow_run
     from workers.methods import get_method
 
     cma = {"name": "cma", "config": "InstX-N64-PosW-N8-Top2", "probe_epochs": 20, "embedding_dim": 16}
@@ -181,11 +181,11 @@ def test_cma_start_point_is_checked_and_resolved_before_anything_is_logged(base_
     assert not runs.exists(), "nothing is generated or logged for a refused spec"
 
     client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
-    experiment = client.create_experiment("starts", artifact_location=str(tmp_path / "artifacts"))
 
     def logged_run(method: str, status: str = "FINISHED") -> str:
-        run_id = client.create_run(experiment).info.run_id
-        client.log_param(run_id, "method.name", method)
+        # An avtune run of this spec's experiment and data (what a start run must be: tests/test_hardening_round3.py).
+        section = {"name": method, "config": "Cross-N64", "embedding_dim": 16} if method == "avid" else {"name": method}
+        _, run_id = start_mlflow_run(client, load_spec(merge(base_spec, {"method": section})))
         (tmp_path / "final_model.pt").write_bytes(Path(avid_checkpoint).read_bytes())
         client.log_artifact(run_id, str(tmp_path / "final_model.pt"), artifact_path="checkpoints")
         client.set_terminated(run_id, status)

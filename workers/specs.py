@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -43,6 +44,15 @@ CONTENT_DEFAULTS = {"audio_uninformative": "other_class", "visual_uninformative"
 ADDED_DEFAULTS = {**DIFFICULTY_DEFAULTS, **CONTENT_DEFAULTS}
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch takes it too
+# Runs (MLflow child runs: trials x grouped seeds) one sweep may plan: each is a Ray Train run, an MLflow run and a
+# row of every report, so more is a typo (100,000 seeds), not a study; refused before any trial spec is built.
+MAX_SWEEP_RUNS = 10_000
+# What one decoded clip (its uint8 frame pool, float32 frames, waveform, STFT and audio feature) and one batch
+# of clips (the global batch: evaluation loaders take it whole on every worker) may take in memory. Each decode
+# field has its own cap, but the caps multiply out (256 frames of 1024 x 1024, 60 s at 96 kHz with a 1-sample
+# hop: 15 GB per clip); these bound the products, so a typo is refused here, not found as a killed worker.
+MAX_CLIP_BYTES = 1 << 30
+MAX_BATCH_BYTES = 16 << 30
 # Per-epoch metrics a search can rank trials by (every classifier reports the first ones; the rest are
 # the heads', OGM's and G-Blend's): a typo is refused here, not found when no best trial is tagged.
 SEARCH_METRICS = ("acc", "loss", "best_acc", "acc_audio", "acc_visual", "loss_audio", "loss_visual", "loss_train",
@@ -159,12 +169,53 @@ class DecodeParams(StrictModel):
         """Frames decoded (and cached) per clip: ``pool_frames``, else ``num_frames``."""
         return self.pool_frames or self.num_frames
 
+    @property
+    def fft_size(self) -> int:
+        """Samples of the STFT: ``n_fft``, else the window (spectrogram) or its next power of two."""
+        if self.n_fft:
+            return self.n_fft
+        return self.window_samples if self.audio_feature == "spectrogram" else 1 << (self.window_samples - 1).bit_length()
+
+    def clip_bytes(self) -> dict[str, tuple[int, str]]:
+        """Memory one decoded clip takes, per part, as (bytes, how it multiplies out)."""
+        samples = int(round(self.clip_seconds * self.sample_rate_hz))
+        stft_frames = 1 + samples // self.hop_length
+        frames = self.audio_frames or stft_frames
+        bins = self.fft_size // 2 + 1 if self.audio_feature == "spectrogram" else self.n_mels
+        pixels = self.frame_height * self.frame_width * 3
+        return {
+            "audio": (samples * 4 + stft_frames * (self.fft_size // 2 + 1) * 8 + frames * bins * 4,
+                      f"clip_seconds {self.clip_seconds:g} x sample_rate_hz {self.sample_rate_hz} / a "
+                      f"{self.hop_length}-sample hop (hop_ms / hop_samples) = {stft_frames:,} STFT frames of "
+                      f"{self.fft_size // 2 + 1} bins, a {frames:,} x {bins} feature (n_mels / n_fft / audio_frames)"),
+            "video": (self.decoded_frames * pixels + self.num_frames * pixels * 4,
+                      f"{self.decoded_frames} frames (num_frames / pool_frames) of frame_height {self.frame_height} "
+                      f"x frame_width {self.frame_width} x 3 colours"),
+        }
+
+    def item_bytes(self) -> int:
+        """Bytes of one clip in a batch: its float32 audio feature and frames."""
+        samples = int(round(self.clip_seconds * self.sample_rate_hz))
+        frames = self.audio_frames or 1 + samples // self.hop_length
+        bins = self.fft_size // 2 + 1 if self.audio_feature == "spectrogram" else self.n_mels
+        return 4 * (frames * bins + self.num_frames * self.frame_height * self.frame_width * 3)
+
+    @model_validator(mode="after")
+    def _clip_fits_in_memory(self) -> "DecodeParams":
+        parts = self.clip_bytes()
+        total = sum(size for size, _ in parts.values())
+        if total > MAX_CLIP_BYTES:
+            detail = "; ".join(f"{name} {size / 1e9:.3g} GB: {how}" for name, (size, how) in parts.items())
+            raise ValueError(f"one clip decodes to {total / 1e9:.3g} GB ({detail}), more than the "
+                             f"{MAX_CLIP_BYTES / 1e9:.3g} GB a clip may take: lower those fields")
+        return self
+
 
 class SynthSpec(_Strict):
     """Parameters of the generated clips (see `avtune data synth`)."""
 
     classes: int = Field(6, ge=2, le=64)
-    clips_per_class: int = Field(50, ge=3)
+    clips_per_class: int = Field(50, ge=3, le=10000)
     clip_seconds: float = Field(1.0, gt=0, le=30)
     fps: int = Field(10, ge=1, le=60)
     height: int = Field(64, ge=16, le=512)
@@ -172,7 +223,7 @@ class SynthSpec(_Strict):
     sample_rate_hz: int = Field(16000, ge=4000, le=48000)
     audio_informative: float = Field(0.9, ge=0, le=1)
     visual_informative: float = Field(0.6, ge=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # Difficulty of recognising each modality's signature (orchestrator.synth module docstring).
     audio_noise_std: float = Field(DIFFICULTY_DEFAULTS["audio_noise_std"], ge=0, le=10,
                                    description="white noise std on the waveform (full scale 1)")
@@ -202,6 +253,16 @@ class SynthSpec(_Strict):
             del params["split_fractions"]
         blob = json.dumps(params, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def field_bounds(model: type[StrictModel], name: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) value `model`'s field `name` allows (its ge / gt and le / lt), None where unbounded: for
+    code that takes the same values outside the model (the generator's keyword arguments, `avtune data synth`)."""
+    low = high = None
+    for rule in model.model_fields[name].metadata:
+        low = next((getattr(rule, k) for k in ("ge", "gt") if getattr(rule, k, None) is not None), low)
+        high = next((getattr(rule, k) for k in ("le", "lt") if getattr(rule, k, None) is not None), high)
+    return low, high
 
 
 class AugmentSpec(_Strict):
@@ -431,6 +492,7 @@ class SearchSpec(_Strict):
     def _consistent(self) -> "SearchSpec":
         if not self.space and not self.compare and not self.seeds:
             raise ValueError("search.space is empty: give at least one field to search, a compare list or seeds")
+        self._within_run_cap()
         if self.seeds and "train.seed" in self.space:
             raise ValueError("search.seeds and search.space['train.seed'] both set the seed: keep one")
         if len(set(self.seeds)) != len(self.seeds):
@@ -443,6 +505,32 @@ class SearchSpec(_Strict):
             if grids:
                 raise ValueError(f"search.searcher optuna cannot sample grid dimensions {grids}: use choice")
         return self
+
+
+    def planned_runs(self) -> tuple[int, int, str]:
+        """(trials, MLflow child runs, how they multiply out) of the main stage, by arithmetic on the
+        search section alone: counted before any trial spec is built or validated. An upper bound where
+        `compare` lists methods whose configurations coincide (the sweep runs those once)."""
+        grids = {path: len(dim.grid) for path, dim in self.space.items() if dim.kind == "grid"}
+        method_grids = {path.split(".", 1)[1]: n for path, n in grids.items() if path.startswith("method.")}
+        other = math.prod(n for path, n in grids.items() if not path.startswith("method."))
+        if self.compare:
+            configs = sum(math.prod(n for key, n in method_grids.items() if key in get_method(name).Section.model_fields)
+                          for name in dict.fromkeys(self.compare))
+        else:
+            configs = math.prod(method_grids.values())
+        grouped = self.group_seeds and len(self.seeds) >= 2
+        seeds = max(len(self.seeds), 1)
+        trials = self.num_samples * other * configs * (1 if grouped else seeds)
+        how = (f"num_samples {self.num_samples} x {other} grid combination(s) of search.space x {configs} method "
+               f"configuration(s) x {seeds} seed(s)")
+        return trials, trials * (seeds if grouped else 1), how
+
+    def _within_run_cap(self) -> None:
+        trials, runs, how = self.planned_runs()
+        if runs > MAX_SWEEP_RUNS:
+            raise ValueError(f"search plans {runs:,} runs ({how}; {trials:,} trials), more than the {MAX_SWEEP_RUNS:,} "
+                             "a sweep may run: fewer search.seeds, grid values or search.num_samples")
 
 
 class ExperimentSpec(_Strict):
@@ -462,6 +550,12 @@ class ExperimentSpec(_Strict):
         if self.train.batch_size_per_worker is None and batch % workers:
             raise ValueError(f"train.global_batch_size {batch} does not divide over scaling.num_workers {workers}: "
                              "give a multiple of the workers, or train.batch_size_per_worker")
+        batch_bytes = self.global_batch * self.data.decode.item_bytes()
+        if batch_bytes > MAX_BATCH_BYTES:
+            raise ValueError(f"a batch of {self.global_batch} clips (train.global_batch_size / batch_size_per_worker x "
+                             f"scaling.num_workers; evaluation takes the global batch on each worker) of "
+                             f"{self.data.decode.item_bytes() / 1e6:.3g} MB each (data.decode) is "
+                             f"{batch_bytes / 1e9:.3g} GB, more than the {MAX_BATCH_BYTES / 1e9:.3g} GB a batch may take")
         problems = get_method(self.method.name).spec_problems(self)
         if problems:
             raise ValueError("; ".join(problems))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from workers.methods.base import Method, MethodSection, lazy_module, register_method
+from workers.methods.base import ENGINE_METRICS, Method, MethodSection, lazy_module, register_method
 
 torch = lazy_module("torch")
 models = lazy_module("models")
@@ -40,6 +40,9 @@ class AVIDSection(MethodSection):
         "cma: the trained AVID model to start from: the MLflow run id of a finished avid run, or the path of "
         "its checkpoints/final_model.pt (or a Ray Train checkpoint.pt / its folder). Empty: a sweep trains "
         "the AVID stage first; a single training refuses it"))
+    init_from_other_experiment: bool = Field(False, exclude_if=lambda v: not v, description=(
+        "cma: accept an init_from run id of another MLflow experiment than this spec's (by default refused: a run "
+        "id pasted from elsewhere is more often a mistake than a plan)"))
     init_source: str = Field("", description=(
         "filled in by the orchestrator: where init_from came from (run:<id>, avid_stage:<id>, checkpoint)"))
     avid_stage_epochs: int = Field(0, ge=0, description=(
@@ -60,6 +63,25 @@ def start_file(path: str) -> Path:
     return p
 
 
+MEMORY_KEYS = ("video_memory.memory", "audio_memory.memory")
+
+
+def check_banks(state: dict[str, Any], file: Path, clips: int, exact: bool, embedding_dim: int) -> None:
+    """Both memory banks of an AVID checkpoint present, one row per training clip of this spec's data (`exact`:
+    as many; else at most, when data.on_bad_media 'skip' may drop clips) and `embedding_dim` wide."""
+    criterion = state["method"]["criterion"]
+    missing = [key for key in (*MEMORY_KEYS, "partition") if key not in criterion]
+    if missing:
+        raise ValueError(f"method.init_from: {file} has no {', '.join(missing)} in its AVID criterion state: CMA "
+                         "starts from the AVID stage's memory banks and Z")
+    for key in MEMORY_KEYS:
+        shape = tuple(criterion[key].shape)
+        if len(shape) != 2 or shape[1] != embedding_dim or (shape[0] != clips if exact else shape[0] < clips):
+            raise ValueError(f"method.init_from: {file}'s {key} is {shape} (clips x embedding_dim), but this spec "
+                             f"trains on {clips} clips (data) with method.embedding_dim {embedding_dim}: CMA continues "
+                             "on the AVID stage's training set and embedding size")
+
+
 def load_avid_start(path: str) -> dict[str, Any]:
     """The AVID model and criterion state saved at `path`; a clear error when it is not an AVID checkpoint."""
     file = start_file(path)
@@ -74,6 +96,25 @@ def load_avid_start(path: str) -> dict[str, Any]:
         raise ValueError(f"method.init_from: {file} is {what}, not an AVID one with its memory banks "
                          f"(CMA starts from the model, memory and Z of a trained avid run)")
     return state
+
+
+def negatives_problems(spec, negatives: int, config: str) -> list[str]:
+    """The negatives a step draws per clip must exist (no more than the clips: generated data says how many
+    before it exists; a dataset's training split is counted before the run starts, `check_data`) and fit in
+    memory (the global batch x negatives x embedding_dim scores of each modality pair)."""
+    from workers.specs import MAX_BATCH_BYTES
+
+    problems = []
+    synth = spec.data.synth
+    if spec.data.source == "generated" and negatives >= synth.classes * synth.clips_per_class:
+        problems.append(f"method.config {config}: {negatives:,} negatives per clip, but data.synth makes only "
+                        f"{synth.classes * synth.clips_per_class} clips (classes x clips_per_class)")
+    size = spec.global_batch * negatives * spec.method.embedding_dim * 4 * 2
+    if size > MAX_BATCH_BYTES:
+        problems.append(f"method.config {config}: {negatives:,} negatives x method.embedding_dim {spec.method.embedding_dim} x "
+                        f"a batch of {spec.global_batch} clips is {size / 1e9:.3g} GB per step, more than "
+                        f"{MAX_BATCH_BYTES / 1e9:.3g} GB")
+    return problems
 
 
 @register_method
@@ -96,8 +137,19 @@ class AVID(Method):
         return section.avid_stage_epochs
 
     @classmethod
-    def check_start(cls, path: str) -> None:
-        load_avid_start(path)
+    def epoch_metrics(cls, spec) -> frozenset[str]:
+        # Linear probes on frozen features (evaluate) and end_epoch's loss and gap: no heads' losses, no
+        # Shapley values, no training-split loss.
+        return ENGINE_METRICS | {"acc", "acc_audio", "acc_visual", "loss", "gap_av"}
+
+    @classmethod
+    def check_start(cls, path: str, spec) -> None:
+        from workers.datasets import load_records
+
+        state = load_avid_start(path)
+        data = spec.data
+        records, _ = load_records(data.root, data.layout, "train", skipped=[] if data.on_bad_media == "skip" else None)
+        check_banks(state, start_file(path), len(records), data.on_bad_media == "error", spec.method.embedding_dim)
 
     @classmethod
     def run_params(cls, spec) -> dict[str, str]:
@@ -112,6 +164,9 @@ class AVID(Method):
         problems = []
         if m.name == "avid" and (m.init_from or m.init_source or m.avid_stage_epochs):
             problems.append("method.init_from / init_source / avid_stage_epochs: only cma starts from a trained AVID model")
+        if not m.config:  # the official default criterion draws its negatives too
+            default = DEFAULT_CONFIG[m.name]
+            problems += negatives_problems(spec, models.parse_avid_config(default).num_negatives, f"(default {default})")
         if m.config:
             try:  # a typo'd official name is found here, not when a trial builds its criterion
                 config = models.parse_avid_config(m.config)
@@ -119,6 +174,7 @@ class AVID(Method):
             except ValueError as err:
                 problems.append(f"method.config: {err}")
             else:
+                problems += negatives_problems(spec, config.num_negatives, m.config)
                 if config.uses_positives != (m.name == "cma"):
                     problems.append(f"method.config: {m.config!r} is a{' CMA' if config.uses_positives else 'n AVID'} "
                                     f"criterion; method {m.name} needs {'an InstX-...-Pos' if m.name == 'cma' else 'a Cross-/Joint-'} name")

@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 _REGISTRY: dict[str, type["Method"]] = {}
+# What the engine adds to every epoch's metrics, whatever the method (workers.engine.train_epochs).
+ENGINE_METRICS = frozenset({"lr", "loss_train", "best_acc", "best_epoch", "epoch_seconds", "train_seconds"})
 
 
 class lazy_module:
@@ -105,8 +107,9 @@ class Method:
         return 0
 
     @classmethod
-    def check_start(cls, path: str) -> None:
-        """Raise ValueError, naming the field, when the file ``init_from`` names cannot start this method."""
+    def check_start(cls, path: str, spec: Any) -> None:
+        """Raise ValueError, naming the field, when the file ``init_from`` names cannot start this method on
+        ``spec`` (its data resolved: called before the run exists)."""
 
     @classmethod
     def run_label(cls, section: MethodSection) -> list[str]:
@@ -118,6 +121,22 @@ class Method:
         """Params logged on the run beside the spec's own: how this method ran where the spec alone
         does not say (e.g. which scores OGM used), so runs are never compared unknowingly."""
         return {}
+
+    @classmethod
+    def epoch_metrics(cls, spec: Any) -> frozenset[str]:
+        """The metrics every epoch of a run of ``spec`` with this method reports. A sweep's
+        ``search.metric`` must be one of them for every swept method: Tune's scheduler and searcher stop
+        the whole sweep at the first result without it, after trials have trained
+        (``tests/test_engine.py`` checks each method's declaration against what its epochs report).
+        The default: the engine's own metrics and ``evaluate``'s (loss and accuracy of each head the
+        model has; a joint model's gap and Shapley values; the training split's loss when measured)."""
+        heads = ("audio", "visual") if cls.modality is None else (cls.modality,)
+        names = {"acc", "loss", *(f"{k}_{h}" for k in ("acc", "loss") for h in heads)}
+        if cls.modality is None:
+            names |= {"gap_av", "shapley_audio", "shapley_visual"}
+        if spec.train.train_split_loss:
+            names |= {"loss_train_eval", *(f"loss_train_eval_{h}" for h in heads)}
+        return frozenset(names | ENGINE_METRICS)
 
     @classmethod
     def spec_problems(cls, spec: Any) -> list[str]:

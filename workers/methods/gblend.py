@@ -64,6 +64,14 @@ class GBlend(Method):
             source += "+online"
         return {"gblend_weights_source": source}
 
+    @classmethod
+    def epoch_metrics(cls, spec) -> frozenset[str]:
+        names = super().epoch_metrics(spec) | {f"gblend_w_{h}" for h in HEADS}
+        if spec.method.mode == "online" and spec.method.estimate_window_epochs == 1:
+            # Online G-Blend measures the training split's loss at every super-epoch's end: every epoch here.
+            names |= {"loss_train_eval", "loss_train_eval_audio", "loss_train_eval_visual"}
+        return names
+
     def build_model(self, num_classes: int):
         m = self.spec.model
         return models.build_gblend_classifier(num_classes, audio_arch=m.audio_arch, visual_arch=m.visual_arch,

@@ -49,6 +49,11 @@ class OGM(Normal):
         return [f"a{section.alpha:g}", f"w{section.modulation_starts}-{section.modulation_ends}"]
 
     @classmethod
+    def epoch_metrics(cls, spec) -> frozenset[str]:
+        # The epoch means of the coefficients (after_backward), inside the modulation window or not.
+        return super().epoch_metrics(spec) | {"k_audio", "k_visual", "ratio_av", "modulation_active"}
+
+    @classmethod
     def run_params(cls, spec) -> dict[str, str]:
         # Official OGM-GE scores each modality with its own slice of the fused classifier (sum / concat);
         # FiLM and gated fusion have none, so avtune scores them with detached probe heads.

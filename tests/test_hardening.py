@@ -158,8 +158,9 @@ def test_a_run_that_fails_while_it_is_described_is_not_left_running(tmp_path, sy
 
 
 def test_the_resume_file_names_the_new_parent_as_soon_as_it_exists(tmp_path, synth_dataset, monkeypatch):
-    """A crash before the first trial (here: Ray cannot be reached) must leave a resume file that names
-    this sweep's parent run, not an older sweep's; `--resume-run` takes a parent id and checks it."""
+    """A crash before the first trial (here: the tracking server lost while the data's ceiling is logged, the
+    first thing after the parent run exists) must leave a resume file that names this sweep's parent run, not
+    an older sweep's; `--resume-run` takes a parent id and checks it."""
     import json
 
     import orchestrator.sweep as sweep
@@ -171,10 +172,13 @@ def test_the_resume_file_names_the_new_parent_as_soon_as_it_exists(tmp_path, syn
     state_file.parent.mkdir(parents=True)
     state_file.write_text(json.dumps({"parent_run_id": "an-older-sweep"}))
 
-    def unreachable(address=None):
-        raise ConnectionError("no Ray cluster at the address")
+    def unreachable(*args):
+        raise ConnectionError("tracking server unreachable")
 
-    monkeypatch.setattr(sweep, "connect_ray", unreachable)
+    # No Ray needed up to there: its connection and resource check come before the parent run.
+    monkeypatch.setattr(sweep, "connect_ray", lambda address=None: None)
+    monkeypatch.setattr(sweep, "check_resources", lambda spec: None)
+    monkeypatch.setattr(sweep, "log_ceiling", unreachable)
     with pytest.raises(ConnectionError):
         sweep.run_sweep(spec)
     parent = json.loads(state_file.read_text())["parent_run_id"]

@@ -15,8 +15,12 @@ from orchestrator.tracking import resolve_tracking_uri
 
 
 def schema(db: Path) -> tuple[list, list]:
+    """Tables, indexes and their definitions; the lines of a definition as a set, since MLflow's own migrations
+    write a table's constraints in an order that differs from one run to the next."""
     with closing(sqlite3.connect(db)) as con:
-        tables = sorted(con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        tables = sorted((kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+                        for kind, name, sql in rows)
         head = list(con.execute("SELECT version_num FROM alembic_version"))
     return tables, head
 

@@ -10,11 +10,14 @@ from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(width=None if sys.stdout.isatty() else 150)
+# markup off: names from specs, MLflow and the command line ("[/]", "[bold]") are printed as they are; the
+# few styled words are marked where they are printed (markup=True, the values escaped).
+console = Console(width=None if sys.stdout.isatty() else 150, markup=False)
 # MLflow draws a progress bar per artifact download (the report reads every trial's predictions.csv).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -34,7 +37,7 @@ METRIC_COLUMNS = ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "k_visual
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(2)
 
 
@@ -308,6 +311,7 @@ def submit(
     """Submit a spec to a Ray cluster with Ray Jobs (token auth on)."""
     from orchestrator.jobs import SubmitError, submit_spec
     from orchestrator.specs import SpecError
+    from orchestrator.tracking import redact_uri
 
     exp = _load(spec, set_ or [])
     command = "train" if train_only or exp.search is None else "sweep"
@@ -316,7 +320,7 @@ def submit(
                              allow_insecure_http=allow_insecure_http)
     except (SubmitError, SpecError) as err:
         _fail(str(err))
-    console.print(f"submitted [bold]{job_id}[/] ({command} {exp.name}) to {address}")
+    console.print(f"submitted [bold]{escape(job_id)}[/] ({command} {exp.name}) to {escape(redact_uri(address))}", markup=True)
     console.print(f"follow it: avtune jobs logs {job_id} --address {address}")
 
 
@@ -511,7 +515,7 @@ def ui(
                               f"{'' if clean else '; SIGKILL after --stop-timeout'})")
             else:
                 console.print(f"[bold red]error:[/] mlflow server ended by itself (exit code {proc.returncode}; "
-                              f"its output is above, e.g. port {port} already in use)")
+                              f"its output is above, e.g. port {port} already in use)", markup=True)
         except OSError:  # the terminal is gone (SIGHUP)
             pass
     finally:
@@ -585,7 +589,7 @@ def print_leaderboard(report_dir: Path) -> None:
     for _, row in board.iterrows():
         table.add_row(*row.tolist())
     # One line per method: piped output (a file, CI) is not cut to 150 columns.
-    (console if console.is_terminal else Console(file=console.file, width=300)).print(table)
+    (console if console.is_terminal else Console(file=console.file, width=300, markup=False)).print(table)
     console.print(READING_LEADERBOARD, markup=False, highlight=False)
 
 

@@ -31,7 +31,7 @@ from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, valid
 from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, GroupLogger, MlflowEpochLogger
 from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
-from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
+from orchestrator.tracking import finish_run, log_summary_once, redact_text, redact_uri, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
     config_label,
@@ -681,7 +681,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
             try:
                 parent = client.get_run(resume)
             except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
-                raise SpecError(f"--resume-run: no run {resume} at {tracking_uri} ({err})") from None
+                raise SpecError(f"--resume-run: no run {resume} at {redact_uri(tracking_uri)} "
+                                f"({redact_text(str(err), tracking_uri)})") from None
             if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
                 raise SpecError(f"--resume-run: run {resume} is not a sweep's parent run")
         elif not saved:

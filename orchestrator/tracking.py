@@ -162,7 +162,9 @@ def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = 
         client.set_tag(run_id, "avtune.stopped_by", "interrupt")
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
     else:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        # A message may quote the URI of a client built outside avtune (the API): its secrets stay out of the tag.
+        text = redact_text(f"{type(error).__name__}: {error}", client.tracking_uri)
+        client.set_tag(run_id, "error", text[:5000])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 

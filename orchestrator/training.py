@@ -27,6 +27,8 @@ from orchestrator.tracking import (
     log_training_data,
     metric_history_frame,
     reopen_run,
+    redact_text,
+    redact_uri,
     resolve_tracking_uri,
 )
 from orchestrator.synth import synthesize_dataset
@@ -76,9 +78,23 @@ def connect_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=credentials_runtime_env())
     else:
         start_local_ray(log_to_driver=True)
+
+
+# MLflow's credential variables (`orchestrator.tracking.resolve_tracking_uri` moves a URI's credentials there).
+MLFLOW_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def credentials_runtime_env() -> dict[str, Any] | None:
+    """A cluster's trials log to MLflow from other machines: the driver's MLflow credentials go with the job
+    as environment variables (not inside the tracking URI, which is printed and logged). Inside a Ray Jobs
+    job they already are the job's (`avtune submit`), and Ray refuses the same variable twice."""
+    found = {k: os.environ[k] for k in MLFLOW_CREDENTIAL_VARS if os.environ.get(k)}
+    if not found or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return None
+    return {"env_vars": found}
 
 
 def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
@@ -115,7 +131,9 @@ def fetch_final_checkpoint(client: MlflowClient, run_id: str, expected_method: s
     try:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
-        raise SpecError(f"method.init_from: no MLflow run {run_id} at {client.tracking_uri} ({err})") from None
+        where = client.tracking_uri
+        raise SpecError(f"method.init_from: no MLflow run {run_id} at {redact_uri(where)} "
+                        f"({redact_text(str(err), where)})") from None
     method = run.data.params.get("method.name") or run.data.tags.get("avtune.method")
     if method != expected_method:
         raise SpecError(f"method.init_from: run {run_id} is a {method!r} run; it must be a finished {expected_method!r} run")
@@ -341,7 +359,7 @@ def finish_train_run(client: MlflowClient, run_id: str, logger: MlflowEpochLogge
 def finish_from_checkpoint(client: MlflowClient, run_id: str, logger: MlflowEpochLogger, checkpoint_dir: str | Path) -> dict[str, Any]:
     state = log_final_artifacts(client, run_id, str(checkpoint_dir))
     if not logger.reconcile(state["history"]):
-        raise RuntimeError(f"tracking server {logger.tracking_uri} unreachable: some epochs could not be logged")
+        raise RuntimeError(f"tracking server {redact_uri(logger.tracking_uri)} unreachable: some epochs could not be logged")
     finish_run(client, run_id)
     return state
 

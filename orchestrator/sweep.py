@@ -42,6 +42,7 @@ from orchestrator.training import (
     finish_train_run,
     resolve_start_point,
     run_name_for,
+    run_params,
     start_mlflow_run,
 )
 from workers.engine import seed_member
@@ -658,6 +659,38 @@ def log_ceiling(client: MlflowClient, parent_run_id: str, spec: ExperimentSpec) 
     return ceiling
 
 
+# Fields a resume may change: how many trials run at once is the machine's business, not the sweep's.
+RESUME_MAY_CHANGE = ("search.max_concurrent_trials",)
+
+
+def check_resumable(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, how: str) -> str:
+    """The experiment id of the sweep `parent_run_id` if `spec` may resume it: a sweep's parent run, in the
+    spec's experiment, not FINISHED, started from this same spec (its params; a resume file is keyed by the
+    spec's name only, which two specs can share). A SpecError naming `how` (--resume / --resume-run) else."""
+    uri = client.tracking_uri
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
+        raise SpecError(f"{how}: no run {parent_run_id} at {redact_uri(uri)} ({redact_text(str(err), uri)})") from None
+    if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
+        raise SpecError(f"{how}: run {parent_run_id} is not a sweep's parent run")
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    wanted = spec.tracking.experiment or spec.name
+    if experiment != wanted:
+        raise SpecError(f"{how}: run {parent_run_id} is a sweep of experiment {experiment!r}, not of this spec's "
+                        f"{wanted!r}; only a spec's own sweep is resumed")
+    if parent.info.status == "FINISHED":
+        raise SpecError(f"{how}: sweep {parent_run_id} is FINISHED, nothing to resume (run `avtune sweep` without "
+                        "--resume for a new sweep)")
+    logged, expected = parent.data.params, {k: str(v)[:6000] for k, v in run_params(spec).items()}
+    differs = [key for key, value in expected.items() if key not in RESUME_MAY_CHANGE and logged.get(key) != value]
+    if differs:
+        shown = ", ".join(f"{k} ({logged.get(k)!r} then, {expected[k][:60]!r} now)" for k in differs[:5])
+        raise SpecError(f"{how}: sweep {parent_run_id} was started from another spec: {shown}; resume it with the "
+                        "spec it was started with")
+    return parent.info.experiment_id
+
+
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
               resume: bool | str = False) -> SweepResult:
     """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow.
@@ -666,8 +699,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     exists); `resume="<parent run id>"` continues that sweep."""
     if spec.search is None:
         raise SpecError("search: this spec has no search section; use `avtune train` for a single run")
-    if not resume:
-        check_search(spec)  # before any data is generated or anything logged
+    check_search(spec)  # before any data is generated or anything logged (a resume too: the spec may be edited)
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -678,19 +710,13 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         saved = json.loads(state_file.read_text()) if state_file.exists() else {}
         if isinstance(resume, str):
             state = saved if saved.get("parent_run_id") == resume else {"parent_run_id": resume}
-            try:
-                parent = client.get_run(resume)
-            except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
-                raise SpecError(f"--resume-run: no run {resume} at {redact_uri(tracking_uri)} "
-                                f"({redact_text(str(err), tracking_uri)})") from None
-            if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
-                raise SpecError(f"--resume-run: run {resume} is not a sweep's parent run")
         elif not saved:
             raise FileNotFoundError(f"nothing to resume: no sweep named {spec.name!r} under {state_file.parent}")
         else:
             state = saved
         parent_run_id = state["parent_run_id"]
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        # Only this spec's own interrupted sweep is reopened: never a finished one, or another experiment's.
+        experiment_id = check_resumable(client, spec, parent_run_id, "--resume-run" if isinstance(resume, str) else "--resume")
         reopen_run(client, parent_run_id)
     else:
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},

@@ -566,7 +566,7 @@ def report(
     try:
         sweep_id = resolve_sweep(MlflowClient(uri), experiment, sweep_id)
         path = build_report(experiment, sweep_id, uri, out_dir=out or default_report_dir(runs_dir, experiment, sweep_id))
-    except ValueError as err:
+    except (ValueError, FileExistsError) as err:
         _fail(str(err))
     print_leaderboard(path.parent)
     console.print(f"report: {path}", soft_wrap=True)

@@ -8,7 +8,9 @@ sub-folder on the way to a file (a planted `clips -> ~/elsewhere` would have cli
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Callable
@@ -71,3 +73,24 @@ def make_parents_inside(root: Path, path: Path) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     check_inside(root, path)  # a link made meanwhile is caught before the file is written
     return Path(path)
+
+
+REPORT_MARKER = ".avtune-report"
+# What a report folder holds (plots, tables, the page, findings.json, a half-written .partial).
+_REPORT_NAME = re.compile(r"^(?:[\w.-]+\.(?:png|csv)|report\.html|findings\.json|\.[\w.-]+\.partial)$")
+
+
+def claim_report_folder(out: Path, sweep_run_id: str) -> None:
+    """`avtune report --out` / `build_report(out_dir=)` write only into a new or empty folder or one avtune's
+    report made (its marker; or, from before the marker, nothing but report files with this sweep's
+    findings.json): the report deletes its plot names there and replaces its page and tables."""
+    def old_report(folder: Path) -> bool:
+        try:
+            same = json.loads((folder / "findings.json").read_text()).get("parent_run_id") == sweep_run_id
+        except (OSError, ValueError, AttributeError):
+            return False
+        return same and all(_REPORT_NAME.match(p.name) and is_regular_file(p) for p in folder.iterdir())
+
+    claim_folder(out, REPORT_MARKER, "--out", legacy=old_report, refusal=(
+        "avtune report, so no report is written into it (its report.html, CSVs and plots would be replaced): "
+        "give a new or empty folder"))

@@ -61,6 +61,7 @@ from orchestrator.runs import (
     TRIAL_COLUMNS,
     TRIAL_TAG,
     child_runs,
+    csv_safe,
     trial_row,
 )
 # G-Blend estimation: each head of the blended model is trained alone as its own method.
@@ -765,7 +766,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
                     summary[f"best_{key}"] = float(best[key])
         log_summary_once(client, parent_run_id, summary)
         with tempfile.TemporaryDirectory() as tmp:
-            trials.to_csv(Path(tmp) / "trials.csv", index=False)
+            csv_safe(trials).to_csv(Path(tmp) / "trials.csv", index=False)
             client.log_artifact(parent_run_id, str(Path(tmp) / "trials.csv"))
         from orchestrator.report import log_sweep_imbalance
 

@@ -18,7 +18,7 @@ from ray.train.backend import BackendConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE
+from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_safe
 from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
 from orchestrator.tracking import (
     finish_run,
@@ -333,7 +333,7 @@ def log_predictions(client: MlflowClient, run_id: str, rows: list[dict[str, Any]
     if not rows:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        pd.DataFrame(rows, columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
+        csv_safe(pd.DataFrame(rows, columns=PREDICTION_COLUMNS)).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
         client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
 
 

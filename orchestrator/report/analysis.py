@@ -37,6 +37,7 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from orchestrator.runs import csv_safe
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
 from orchestrator.tracking import log_summary_once, redact_text, redact_uri
@@ -385,7 +386,7 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
     parent_metrics.update(reference_metrics(table, references))
     log_summary_once(client, parent_run_id, parent_metrics)
     with tempfile.TemporaryDirectory() as tmp:
-        table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
+        csv_safe(table).to_csv(Path(tmp) / SUMMARY_FILE, index=False)
         summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)
         tests_table(tests).to_csv(Path(tmp) / TESTS_FILE, index=False)
         for name in (SUMMARY_FILE, CONFIG_SUMMARY_FILE, TESTS_FILE):

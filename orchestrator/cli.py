@@ -13,7 +13,34 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
+class AvtuneApp(typer.Typer):
+    """The `avtune` command (the console script calls the app itself). Ctrl-C anywhere, also where Ray or
+    click turned it into SystemExit(1) or Abort, exits 130 as a shell expects of SIGINT and says so."""
+
+    def __call__(self, *args, **kwargs):
+        import signal
+
+        interrupted: list[int] = []
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return super().__call__(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit) as err:
+            if interrupted or isinstance(err, KeyboardInterrupt):
+                print("avtune: interrupted (Ctrl-C)", file=sys.stderr)
+                raise SystemExit(130) from None
+            raise
+
+
+app = AvtuneApp(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 # markup off: names from specs, MLflow and the command line ("[/]", "[bold]") are printed as they are; the
 # few styled words are marked where they are printed (markup=True, the values escaped).
@@ -393,6 +420,21 @@ def runs(
     console.print(table)
 
 
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
+
+
+def _die_with_parent() -> None:
+    """In the `mlflow server` child before it runs (Linux): SIGTERM when `avtune ui` dies, even by SIGKILL, which
+    no handler sees; `mlflow server` ends its own workers on SIGTERM."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the handlers in `ui` still stop it on SIGINT / SIGTERM / SIGHUP / SIGQUIT
+        pass
+
+
 UI_STOP_TIMEOUT_S = 15.0  # SIGTERM to the UI's process group, then SIGKILL after this long
 
 
@@ -485,18 +527,22 @@ def ui(
     if uri.startswith(("http://", "https://")):
         _fail(f"MLFLOW_TRACKING_URI is a tracking server ({_redact(uri)}): open it in a browser; "
               "`avtune ui` serves a local store (unset MLFLOW_TRACKING_URI to use the one under --runs-dir)")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     root = artifact_root(uri, runs_dir)
     if root:
         cmd += ["--default-artifact-root", root]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The store's URI (a database URI may hold its password) in the environment, not in argv, which every
+    # user of the machine can read (ps, /proc/PID/cmdline).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": uri}
+    if host not in LOOPBACK_BINDS:
+        console.print(f"warning: --host {host} serves the MLflow UI, which has no login, to every machine that can "
+                      "reach this one; every run, param and artifact can be read and changed there", soft_wrap=True)
     received: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in stops}
     try:
         console.print(f"MLflow UI for {_redact(uri)} at http://{host}:{port} (Ctrl-C stops it)", soft_wrap=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         while not received and proc.poll() is None:
             try:
                 proc.wait(timeout=0.5)
@@ -593,7 +639,7 @@ def print_leaderboard(report_dir: Path) -> None:
     console.print(READING_LEADERBOARD, markup=False, highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:  # pragma: no cover - run by the tests as a subprocess
     app()
 
 

@@ -94,3 +94,20 @@ def claim_report_folder(out: Path, sweep_run_id: str) -> None:
     claim_folder(out, REPORT_MARKER, "--out", legacy=old_report, refusal=(
         "avtune report, so no report is written into it (its report.html, CSVs and plots would be replaced): "
         "give a new or empty folder"))
+
+
+def check_owned(path: Path, why: str) -> None:
+    """`path` (a file avtune will unpickle, e.g. Tune's tuner.pkl on --resume) and its folder are owned by this
+    user and writable by no one else, and `path` is a regular file: unpickling runs whatever code the file
+    names, so only a file the user wrote may be read. PermissionError naming the file otherwise."""
+    path = Path(path)
+    for item in (path.parent, path):
+        info = os.lstat(item)
+        if item == path and not stat.S_ISREG(info.st_mode):
+            raise PermissionError(f"{path}: not a regular file; {why} reads only a file this user wrote")
+        if info.st_uid != os.geteuid():
+            raise PermissionError(f"{item} is owned by uid {info.st_uid}, not by you (uid {os.geteuid()}); {why} "
+                                  "unpickles it, which would run code of that user's choosing: move it away")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (item == path.parent and info.st_mode & stat.S_ISVTX):
+            raise PermissionError(f"{item} is writable by other users (mode {stat.filemode(info.st_mode)}); {why} "
+                                  f"unpickles {path.name}, which would run code anyone could put there: chmod go-w it")

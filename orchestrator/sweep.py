@@ -27,6 +27,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.console import current_board
+from orchestrator.folders import check_owned
 from orchestrator.specs import ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, GroupLogger, MlflowEpochLogger
@@ -743,6 +744,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         param_space = build_param_space(spec, weights, starts, state.get("gblend_weights_source", "estimation_stage"))
         trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
         if resume and tune.Tuner.can_restore(trainable_path):
+            check_owned(Path(trainable_path) / "tuner.pkl", "--resume")  # Tune unpickles it
             trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)
             tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
             path = trainable_path

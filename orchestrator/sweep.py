@@ -399,6 +399,11 @@ def count_trials(param_space: Any, samples: int) -> int:
 # ---- the sweep ----------------------------------------------------------------------------
 
 
+def sweep_ray_path(spec: ExperimentSpec, parent_run_id: str) -> Path:
+    """Where Tune keeps the main stage of the sweep `parent_run_id` (its tuner.pkl, which a resume unpickles)."""
+    return (Path(spec.storage.runs_dir) / "ray" / f"{spec.name}-{parent_run_id[:8]}").resolve()
+
+
 def sweep_state_file(spec: ExperimentSpec) -> Path:
     return (Path(spec.storage.runs_dir) / "sweeps" / f"{spec.name}.json").resolve()
 
@@ -718,7 +723,11 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
             state = saved
         parent_run_id = state["parent_run_id"]
         # Only this spec's own interrupted sweep is reopened: never a finished one, or another experiment's.
-        experiment_id = check_resumable(client, spec, parent_run_id, "--resume-run" if isinstance(resume, str) else "--resume")
+        how = "--resume-run" if isinstance(resume, str) else "--resume"
+        experiment_id = check_resumable(client, spec, parent_run_id, how)
+        pickled = sweep_ray_path(spec, parent_run_id) / "tuner.pkl"
+        if pickled.exists():
+            check_owned(pickled, how)  # Tuner.restore unpickles it: only a file this user wrote
         reopen_run(client, parent_run_id)
     else:
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
@@ -726,7 +735,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         state = {"parent_run_id": parent_run_id}
     # Right away: a crash in a stage before the main trials must resume this sweep, not an older one.
     write_state(state_file, state)
-    name = f"{spec.name}-{parent_run_id[:8]}"
+    name = sweep_ray_path(spec, parent_run_id).name
 
     try:
         log_ceiling(client, parent_run_id, spec)  # before training: the data's limits do not depend on it
@@ -742,9 +751,8 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
                                                               max_concurrent)
             write_state(state_file, state)
         param_space = build_param_space(spec, weights, starts, state.get("gblend_weights_source", "estimation_stage"))
-        trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
+        trainable_path = str(sweep_ray_path(spec, parent_run_id))
         if resume and tune.Tuner.can_restore(trainable_path):
-            check_owned(Path(trainable_path) / "tuner.pkl", "--resume")  # Tune unpickles it
             trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)
             tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
             path = trainable_path

@@ -42,9 +42,21 @@ def claim_folder(root: Path, marker: str, what: str, refusal: str,
         raise FileExistsError(f"{what}: {root} is a file, not a folder avtune can write into")
     if root.is_dir() and any(root.iterdir()) and not holds_marker(root, marker) and not (legacy and legacy(root)):
         raise FileExistsError(f"{what}: {root} is not empty and was not made by {refusal}")
+    if root.is_dir() and (link := first_symlink(root)) is not None:
+        raise FileExistsError(f"{what}: {link} is a symbolic link inside {root}: avtune does not write through it "
+                              "(remove the link, or give a new folder)")
     root.mkdir(parents=True, exist_ok=True)
     check_inside(root, root / marker)
     write_marker(root / marker)
+
+
+def first_symlink(root: Path) -> Path | None:
+    """A symlink anywhere under `root` (not followed), or None."""
+    for folder, dirs, files in os.walk(root):  # followlinks=False: a linked folder is listed, not entered
+        for name in dirs + files:
+            if (Path(folder) / name).is_symlink():
+                return Path(folder) / name
+    return None
 
 
 def write_marker(path: Path) -> None:

@@ -43,13 +43,15 @@ def read_token_file(path: Path, what: str) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise SubmitError(f"{what}: cannot read {path}: {err.strerror or err}") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SubmitError(f"{what}: {path} is not a regular file (a FIFO, device or folder); give the token's file")
         if info.st_size > MAX_TOKEN_BYTES:
             raise SubmitError(f"{what}: {path} is {info.st_size} bytes, not a token (at most {MAX_TOKEN_BYTES})")
-        data = handle.read(MAX_TOKEN_BYTES + 1)
+        data = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
         return data.decode().strip()
     except UnicodeDecodeError:

@@ -114,8 +114,10 @@ def csv_safe(frame):
     def cell(value: Any) -> Any:
         return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
+    from pandas.api.types import is_numeric_dtype
+
     out = frame.copy()
     for column in out.columns:
-        if out[column].dtype == object:
+        if not is_numeric_dtype(out[column]):  # object or pandas' own string dtype
             out[column] = out[column].map(cell)
     return out

@@ -92,16 +92,17 @@ REPORT_MARKER = ".avtune-report"
 _REPORT_NAME = re.compile(r"^(?:[\w.-]+\.(?:png|csv)|report\.html|findings\.json|\.[\w.-]+\.partial)$")
 
 
-def claim_report_folder(out: Path, sweep_run_id: str) -> None:
+def claim_report_folder(out: Path) -> None:
     """`avtune report --out` / `build_report(out_dir=)` write only into a new or empty folder or one avtune's
-    report made (its marker; or, from before the marker, nothing but report files with this sweep's
+    report made (its marker; or, from before the marker, nothing but report files, among them a report's
     findings.json): the report deletes its plot names there and replaces its page and tables."""
     def old_report(folder: Path) -> bool:
         try:
-            same = json.loads((folder / "findings.json").read_text()).get("parent_run_id") == sweep_run_id
-        except (OSError, ValueError, AttributeError):
+            findings = json.loads((folder / "findings.json").read_text())
+        except (OSError, ValueError):
             return False
-        return same and all(_REPORT_NAME.match(p.name) and is_regular_file(p) for p in folder.iterdir())
+        return (isinstance(findings, dict) and "parent_run_id" in findings and "findings" in findings
+                and all(_REPORT_NAME.match(p.name) and is_regular_file(p) for p in folder.iterdir()))
 
     claim_folder(out, REPORT_MARKER, "--out", legacy=old_report, refusal=(
         "avtune report, so no report is written into it (its report.html, CSVs and plots would be replaced): "

@@ -244,7 +244,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, Path("runs")))
     sweep_run_id = resolve_sweep(client, experiment, sweep_run_id)
     out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
-    claim_report_folder(out, sweep_run_id)  # first: never a user's folder, whose files would be deleted or replaced
+    claim_report_folder(out)  # first: never a user's folder, whose files would be deleted or replaced
     sweep = load_sweep(client, sweep_run_id)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)

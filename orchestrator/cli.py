@@ -10,11 +10,41 @@ from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
+class AvtuneApp(typer.Typer):
+    """The `avtune` command (the console script calls the app itself). Ctrl-C anywhere, also where Ray or
+    click turned it into SystemExit(1) or Abort, exits 130 as a shell expects of SIGINT and says so."""
+
+    def __call__(self, *args, **kwargs):
+        import signal
+
+        interrupted: list[int] = []
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return super().__call__(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit) as err:
+            if interrupted or isinstance(err, KeyboardInterrupt):
+                print("avtune: interrupted (Ctrl-C)", file=sys.stderr)
+                raise SystemExit(130) from None
+            raise
+
+
+app = AvtuneApp(help="avtune: balanced audio-visual learning experiments on Ray, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(width=None if sys.stdout.isatty() else 150)
+# markup off: names from specs, MLflow and the command line ("[/]", "[bold]") are printed as they are; the
+# few styled words are marked where they are printed (markup=True, the values escaped).
+console = Console(width=None if sys.stdout.isatty() else 150, markup=False)
 # MLflow draws a progress bar per artifact download (the report reads every trial's predictions.csv).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -34,7 +64,7 @@ METRIC_COLUMNS = ("acc", "acc_audio", "acc_visual", "loss", "k_audio", "k_visual
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(2)
 
 
@@ -308,6 +338,7 @@ def submit(
     """Submit a spec to a Ray cluster with Ray Jobs (token auth on)."""
     from orchestrator.jobs import SubmitError, submit_spec
     from orchestrator.specs import SpecError
+    from orchestrator.tracking import redact_uri
 
     exp = _load(spec, set_ or [])
     command = "train" if train_only or exp.search is None else "sweep"
@@ -316,7 +347,7 @@ def submit(
                              allow_insecure_http=allow_insecure_http)
     except (SubmitError, SpecError) as err:
         _fail(str(err))
-    console.print(f"submitted [bold]{job_id}[/] ({command} {exp.name}) to {address}")
+    console.print(f"submitted [bold]{escape(job_id)}[/] ({command} {exp.name}) to {escape(redact_uri(address))}", markup=True)
     console.print(f"follow it: avtune jobs logs {job_id} --address {address}")
 
 
@@ -387,6 +418,21 @@ def runs(
                       run.data.tags.get("avtune.method", ""),
                       *(f"{m[c]:.3f}" if c in m else "" for c in METRIC_COLUMNS))
     console.print(table)
+
+
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
+
+
+def _die_with_parent() -> None:
+    """In the `mlflow server` child before it runs (Linux): SIGTERM when `avtune ui` dies, even by SIGKILL, which
+    no handler sees; `mlflow server` ends its own workers on SIGTERM."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the handlers in `ui` still stop it on SIGINT / SIGTERM / SIGHUP / SIGQUIT
+        pass
 
 
 UI_STOP_TIMEOUT_S = 15.0  # SIGTERM to the UI's process group, then SIGKILL after this long
@@ -481,18 +527,22 @@ def ui(
     if uri.startswith(("http://", "https://")):
         _fail(f"MLFLOW_TRACKING_URI is a tracking server ({_redact(uri)}): open it in a browser; "
               "`avtune ui` serves a local store (unset MLFLOW_TRACKING_URI to use the one under --runs-dir)")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     root = artifact_root(uri, runs_dir)
     if root:
         cmd += ["--default-artifact-root", root]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The store's URI (a database URI may hold its password) in the environment, not in argv, which every
+    # user of the machine can read (ps, /proc/PID/cmdline).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": uri}
+    if host not in LOOPBACK_BINDS:
+        console.print(f"warning: --host {host} serves the MLflow UI, which has no login, to every machine that can "
+                      "reach this one; every run, param and artifact can be read and changed there", soft_wrap=True)
     received: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in stops}
     try:
         console.print(f"MLflow UI for {_redact(uri)} at http://{host}:{port} (Ctrl-C stops it)", soft_wrap=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         while not received and proc.poll() is None:
             try:
                 proc.wait(timeout=0.5)
@@ -511,7 +561,7 @@ def ui(
                               f"{'' if clean else '; SIGKILL after --stop-timeout'})")
             else:
                 console.print(f"[bold red]error:[/] mlflow server ended by itself (exit code {proc.returncode}; "
-                              f"its output is above, e.g. port {port} already in use)")
+                              f"its output is above, e.g. port {port} already in use)", markup=True)
         except OSError:  # the terminal is gone (SIGHUP)
             pass
     finally:
@@ -562,7 +612,7 @@ def report(
     try:
         sweep_id = resolve_sweep(MlflowClient(uri), experiment, sweep_id)
         path = build_report(experiment, sweep_id, uri, out_dir=out or default_report_dir(runs_dir, experiment, sweep_id))
-    except ValueError as err:
+    except (ValueError, FileExistsError) as err:
         _fail(str(err))
     print_leaderboard(path.parent)
     console.print(f"report: {path}", soft_wrap=True)
@@ -585,11 +635,11 @@ def print_leaderboard(report_dir: Path) -> None:
     for _, row in board.iterrows():
         table.add_row(*row.tolist())
     # One line per method: piped output (a file, CI) is not cut to 150 columns.
-    (console if console.is_terminal else Console(file=console.file, width=300)).print(table)
+    (console if console.is_terminal else Console(file=console.file, width=300, markup=False)).print(table)
     console.print(READING_LEADERBOARD, markup=False, highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:  # pragma: no cover - run by the tests as a subprocess
     app()
 
 

@@ -165,11 +165,13 @@ def synth(
                 visual_noise_std=visual_noise_std, audio_uninformative=audio_uninformative,
                 visual_uninformative=visual_uninformative, seed=seed,
             )
+    except FileExistsError as err:  # a folder the generator does not write into: named, no traceback
+        _fail(str(err).replace("data.root:", "--out:", 1))
     except ValueError as err:
         _fail(str(err))
     console.print(
         f"[green]wrote[/] {card['num_clips']} clips ({card['num_classes']} classes, {layout.value} layout) "
-        f"to {out} in {time.perf_counter() - started:.1f} s"
+        f"to {escape(str(out))} in {time.perf_counter() - started:.1f} s"
     )
     _print_card_summary(card)
 

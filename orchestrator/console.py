@@ -199,7 +199,7 @@ class LiveView:
         colours = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "STOPPED": "yellow", "RUNNING": "cyan"}
         for t in self.board.rows():
             cells = [f"{t.metrics[k]:.3f}" if k in t.metrics else "" for k, _ in SHOWN_METRICS]
-            table.add_row(t.label, f"[{colours.get(t.status, 'white')}]{t.status}[/]", f"{t.epoch}/{t.epochs}", *cells,
+            table.add_row(t.label, Text(t.status, style=colours.get(t.status, "white")), f"{t.epoch}/{t.epochs}", *cells,
                           clock(t.elapsed()), Text(t.error[:120], style="red"))
         notes = [Text("warning: " + note, style="bold yellow") for note in list(self.board.notes)]
         return Group(table, *notes, Text(self.board.overall(), style="bold"))

@@ -100,3 +100,24 @@ def trial_row(run: Run) -> dict[str, Any]:
         "gap_av": m["acc_audio"] - m["acc_visual"] if have_heads else None,
         "shapley_audio": m.get("shapley_audio"), "shapley_visual": m.get("shapley_visual"),
     }
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (`=HYPERLINK(...)` in a clip id or
+# a run name): OWASP's CSV-injection list.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(frame):
+    """`frame` (pandas) with every text cell that a spreadsheet would run as a formula prefixed with "'",
+    which spreadsheets show as text; numbers (-0.5 is a float, not text) are left alone. For every CSV avtune
+    writes for people: predictions.csv, trials.csv, imbalance_summary.csv."""
+    def cell(value: Any) -> Any:
+        return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+    from pandas.api.types import is_numeric_dtype
+
+    out = frame.copy()
+    for column in out.columns:
+        if not is_numeric_dtype(out[column]):  # object or pandas' own string dtype
+            out[column] = out[column].map(cell)
+    return out

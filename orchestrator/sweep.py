@@ -27,11 +27,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.console import current_board
+from orchestrator.folders import check_owned
 from orchestrator.specs import SEARCH_METRICS, ExperimentSpec, SearchDimension, SpecError, validate_spec
 from orchestrator.synth import CARD_FILE, made_by_generator
 from orchestrator.train_callbacks import ControllerHandle, GroupLogger, MlflowEpochLogger
 from orchestrator.trial_actor import STOPPED_BY_TUNE, TRAIN_RUN, AbortTrainOnStop, sweep_trial
-from orchestrator.tracking import finish_run, log_summary_once, reopen_run, resolve_tracking_uri
+from orchestrator.tracking import finish_run, log_summary_once, redact_text, redact_uri, reopen_run, resolve_tracking_uri
 from orchestrator.training import (
     build_trainer,
     check_resources,
@@ -43,6 +44,7 @@ from orchestrator.training import (
     finish_train_run,
     resolve_start_point,
     run_name_for,
+    run_params,
     start_mlflow_run,
 )
 from workers.engine import seed_member
@@ -61,6 +63,7 @@ from orchestrator.runs import (
     TRIAL_COLUMNS,
     TRIAL_TAG,
     child_runs,
+    csv_safe,
     trial_row,
 )
 # G-Blend estimation: each head of the blended model is trained alone as its own method.
@@ -419,6 +422,11 @@ def count_trials(param_space: Any, samples: int) -> int:
 # ---- the sweep ----------------------------------------------------------------------------
 
 
+def sweep_ray_path(spec: ExperimentSpec, parent_run_id: str) -> Path:
+    """Where Tune keeps the main stage of the sweep `parent_run_id` (its tuner.pkl, which a resume unpickles)."""
+    return (Path(spec.storage.runs_dir) / "ray" / f"{spec.name}-{parent_run_id[:8]}").resolve()
+
+
 def sweep_state_file(spec: ExperimentSpec) -> Path:
     return (Path(spec.storage.runs_dir) / "sweeps" / f"{spec.name}.json").resolve()
 
@@ -683,6 +691,38 @@ def log_ceiling(client: MlflowClient, parent_run_id: str, spec: ExperimentSpec) 
     return ceiling
 
 
+# Fields a resume may change: how many trials run at once is the machine's business, not the sweep's.
+RESUME_MAY_CHANGE = ("search.max_concurrent_trials",)
+
+
+def check_resumable(client: MlflowClient, spec: ExperimentSpec, parent_run_id: str, how: str) -> str:
+    """The experiment id of the sweep `parent_run_id` if `spec` may resume it: a sweep's parent run, in the
+    spec's experiment, not FINISHED, started from this same spec (its params; a resume file is keyed by the
+    spec's name only, which two specs can share). A SpecError naming `how` (--resume / --resume-run) else."""
+    uri = client.tracking_uri
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
+        raise SpecError(f"{how}: no run {parent_run_id} at {redact_uri(uri)} ({redact_text(str(err), uri)})") from None
+    if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
+        raise SpecError(f"{how}: run {parent_run_id} is not a sweep's parent run")
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    wanted = spec.tracking.experiment or spec.name
+    if experiment != wanted:
+        raise SpecError(f"{how}: run {parent_run_id} is a sweep of experiment {experiment!r}, not of this spec's "
+                        f"{wanted!r}; only a spec's own sweep is resumed")
+    if parent.info.status == "FINISHED":
+        raise SpecError(f"{how}: sweep {parent_run_id} is FINISHED, nothing to resume (run `avtune sweep` without "
+                        "--resume for a new sweep)")
+    logged, expected = parent.data.params, {k: str(v)[:6000] for k, v in run_params(spec).items()}
+    differs = [key for key, value in expected.items() if key not in RESUME_MAY_CHANGE and logged.get(key) != value]
+    if differs:
+        shown = ", ".join(f"{k} ({logged.get(k)!r} then, {expected[k][:60]!r} now)" for k in differs[:5])
+        raise SpecError(f"{how}: sweep {parent_run_id} was started from another spec: {shown}; resume it with the "
+                        "spec it was started with")
+    return parent.info.experiment_id
+
+
 def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: int | None = None,
               resume: bool | str = False) -> SweepResult:
     """Run (or, with `resume`, continue) the spec's search as Ray Tune trials tracked in MLflow.
@@ -691,8 +731,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     exists); `resume="<parent run id>"` continues that sweep."""
     if spec.search is None:
         raise SpecError("search: this spec has no search section; use `avtune train` for a single run")
-    if not resume:
-        check_search(spec)  # before any data is generated or anything logged
+    check_search(spec)  # before any data is generated or anything logged (a resume too: the spec may be edited)
     spec = ensure_data(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -705,18 +744,17 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         saved = json.loads(state_file.read_text()) if state_file.exists() else {}
         if isinstance(resume, str):
             state = saved if saved.get("parent_run_id") == resume else {"parent_run_id": resume}
-            try:
-                parent = client.get_run(resume)
-            except Exception as err:  # noqa: BLE001 - MLflow's RestException / MlflowException
-                raise SpecError(f"--resume-run: no run {resume} at {tracking_uri} ({err})") from None
-            if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
-                raise SpecError(f"--resume-run: run {resume} is not a sweep's parent run")
         elif not saved:
             raise FileNotFoundError(f"nothing to resume: no sweep named {spec.name!r} under {state_file.parent}")
         else:
             state = saved
         parent_run_id = state["parent_run_id"]
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        # Only this spec's own interrupted sweep is reopened: never a finished one, or another experiment's.
+        how = "--resume-run" if isinstance(resume, str) else "--resume"
+        experiment_id = check_resumable(client, spec, parent_run_id, how)
+        pickled = sweep_ray_path(spec, parent_run_id) / "tuner.pkl"
+        if pickled.exists():
+            check_owned(pickled, how)  # Tuner.restore unpickles it: only a file this user wrote
         reopen_run(client, parent_run_id)
     else:
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},
@@ -724,7 +762,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         state = {"parent_run_id": parent_run_id}
     # Right away: a crash in a stage before the main trials must resume this sweep, not an older one.
     write_state(state_file, state)
-    name = f"{spec.name}-{parent_run_id[:8]}"
+    name = sweep_ray_path(spec, parent_run_id).name
 
     try:
         log_ceiling(client, parent_run_id, spec)  # before training: the data's limits do not depend on it
@@ -739,7 +777,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
                                                               max_concurrent)
             write_state(state_file, state)
         param_space = build_param_space(spec, weights, starts, state.get("gblend_weights_source", "estimation_stage"))
-        trainable_path = str((Path(spec.storage.runs_dir) / "ray" / name).resolve())
+        trainable_path = str(sweep_ray_path(spec, parent_run_id))
         if resume and tune.Tuner.can_restore(trainable_path):
             trainable = make_trainable(spec, parent_run_id, tracking_uri, name, MAIN_STAGE)
             tuner = tune.Tuner.restore(trainable_path, trainable=trainable, resume_errored=True, param_space=param_space)
@@ -764,7 +802,7 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
                     summary[f"best_{key}"] = float(best[key])
         log_summary_once(client, parent_run_id, summary)
         with tempfile.TemporaryDirectory() as tmp:
-            trials.to_csv(Path(tmp) / "trials.csv", index=False)
+            csv_safe(trials).to_csv(Path(tmp) / "trials.csv", index=False)
             client.log_artifact(parent_run_id, str(Path(tmp) / "trials.csv"))
         from orchestrator.report import log_sweep_imbalance
 

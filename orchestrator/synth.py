@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import av
 import numpy as np
 
+from orchestrator.folders import claim_folder, holds_marker, make_parents_inside
 from workers.layouts import (
     AVE_HEADER,
     CREMAD_EMOTIONS,
@@ -465,9 +466,11 @@ def _render_clip(job: _RenderJob) -> None:
                             job.audio_noise_std)
     root = Path(job.root)
     common = dict(fps=job.fps, sample_rate_hz=job.sample_rate_hz)
-    _write_media(root / job.video_rel, frames=frames, samples=samples if job.video_has_audio else None, **common)
+    # Sub-folders (clips/<class>/, AudioWAV/, ...) made here, never through a symlink planted in the set.
+    video = make_parents_inside(root, root / job.video_rel)
+    _write_media(video, frames=frames, samples=samples if job.video_has_audio else None, **common)
     if job.audio_rel != job.video_rel:
-        _write_media(root / job.audio_rel, frames=None, samples=samples, **common)
+        _write_media(make_parents_inside(root, root / job.audio_rel), frames=None, samples=samples, **common)
 
 
 # ---- card ---------------------------------------------------------------------------------
@@ -487,30 +490,47 @@ def best_achievable_accuracy(labels: Sequence[int], signatures: Sequence[Sequenc
     return sum(max(counter.values()) for counter in table.values()) / len(labels)
 
 
+# Files a generated set has besides its clips (the layouts' official lists included).
+GENERATED_FILES = {CARD_FILE, MANIFEST_FILE, SIGNATURES_FILE, CLASSES_FILE, GENERATOR_MARKER, "train.csv", "test.csv",
+                   "stat.csv", "vggsound.csv", "stat.txt", "my_train.txt", "my_test.txt", "Annotations.txt",
+                   "trainSet.txt", "valSet.txt", "testSet.txt"}
+
+
 def made_by_generator(root: Path) -> bool:
-    """The folder holds the generator's marker (written before anything else), or is a complete set made
-    before the marker existed (a card with the generator's params)."""
-    if (root / GENERATOR_MARKER).is_file():
-        return True
+    """The folder holds the generator's marker as a regular file (written before anything else; a symlink
+    does not count), or is a complete set made before the marker existed (`complete_old_set`)."""
+    return holds_marker(root, GENERATOR_MARKER) or complete_old_set(root)
+
+
+def complete_old_set(root: Path) -> bool:
+    """A set from before the marker: a card with the generator's params, and nothing in the folder but what
+    such a set holds (its manifest's clips and the generator's files; no symlink). A card copied into a
+    folder of other files does not make that folder the generator's."""
     try:
         card = json.loads((root / CARD_FILE).read_text())
-    except (OSError, ValueError):
+        with open(root / MANIFEST_FILE, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, ValueError, csv.Error):
         return False
-    return isinstance(card, dict) and isinstance(card.get("params"), dict) and "audio_informative" in card["params"]
+    if not (isinstance(card, dict) and isinstance(card.get("params"), dict) and "audio_informative" in card["params"]):
+        return False
+    allowed = GENERATED_FILES | {row.get(k) or "" for row in rows for k in ("path", "audio_path")}
+    for folder, dirs, files in os.walk(root):  # followlinks=False: a linked folder is listed in dirs, not entered
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() or (name in files and path.relative_to(root).as_posix() not in allowed):
+                return False
+    return True
 
 
 def claim_output_folder(root: Path) -> None:
-    """Make `root` the generator's, or refuse: it must be new, empty, or made by the generator. Never write
-    into a folder the generator did not create (a real dataset's files share names with generated ones)."""
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"data.root: {root} is a file, not a folder the generator can write into")
-    if root.is_dir() and any(root.iterdir()) and not made_by_generator(root):
-        raise FileExistsError(
-            f"data.root: {root} is not empty and was not made by the clip generator, so nothing is generated into "
-            "it (its files could be a real dataset's). To train on a dataset there, set data.source: dataset and "
-            "data.layout; to generate clips, give an empty or new folder (or leave data.root unset)")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / GENERATOR_MARKER).write_text("made by avtune's clip generator (orchestrator/synth.py)\n")
+    """Make `root` the generator's, or refuse: it must be new, empty, or made by the generator, and no symlink
+    (`orchestrator.folders.claim_folder`). Never write into a folder the generator did not create (a real
+    dataset's files share names with generated ones)."""
+    claim_folder(root, GENERATOR_MARKER, "data.root", legacy=complete_old_set, refusal=(
+        "the clip generator, so nothing is generated into it (its files could be a real dataset's). To train on "
+        "a dataset there, set data.source: dataset and data.layout; to generate clips, give an empty or new "
+        "folder (or leave data.root unset)"))
 
 
 def _expected_best(p: float, k: int, uninformative: str) -> float:

@@ -8,8 +8,6 @@ driver resumes. MLflow itself is the tracker; nothing here stores metrics of its
 """
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit, urlunsplit
-
 import os
 import time
 from pathlib import Path
@@ -19,16 +17,26 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 from orchestrator.sqlite_store import prepare_sqlite_store
+from workers.uris import redact_text, redact_uri, split_credentials  # noqa: F401 - re-exported: avtune's one place
 
 
 def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
-    """Spec field, then MLFLOW_TRACKING_URI, then a SQLite store under the runs folder (a new SQLite store
-    is copied from a migrated template: `orchestrator.sqlite_store`)."""
-    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        runs_dir = Path(runs_dir).resolve()
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
+    """Spec field (or an API / CLI argument), then MLFLOW_TRACKING_URI, then a SQLite store under the runs
+    folder. An http(s) URI comes back without its credentials, which move into MLflow's own variables in
+    this process's environment (`split_credentials`; Ray workers started from here inherit them): every
+    MLflow client, error text, run tag and MLflow's own "View run ... at" line then sees only the clean URI.
+    A new SQLite store is copied from a migrated template (`orchestrator.sqlite_store`)."""
+    for uri in (spec_uri, os.environ.get("MLFLOW_TRACKING_URI")):
+        if uri:
+            clean, credentials = split_credentials(uri)
+            os.environ.update(credentials)
+            if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+                os.environ["MLFLOW_TRACKING_URI"] = clean  # what MLflow itself would read next
+            prepare_sqlite_store(clean)
+            return clean
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
     prepare_sqlite_store(uri)
     return uri
 
@@ -146,29 +154,6 @@ def log_summary_once(client: MlflowClient, run_id: str, values: dict[str, float]
         client.log_batch(run_id, metrics=fresh[i : i + 500])
 
 
-def redact_uri(uri: str) -> str:
-    """A tracking URI fit to print or put in a report: a password in it becomes ***."""
-    parsed = urlsplit(uri)
-    if parsed.password is None:
-        return uri
-    host = parsed.hostname or ""
-    netloc = f"{parsed.username}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
-    return urlunsplit(parsed._replace(netloc=netloc))
-
-
-def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
-    """The URI without user:password, and MLflow's own variables for them (MLFLOW_TRACKING_USERNAME /
-    _PASSWORD), so the credentials never travel inside a URI that gets printed or logged."""
-    parsed = urlsplit(uri)
-    if parsed.username is None:
-        return uri, {}
-    host = (parsed.hostname or "") + (f":{parsed.port}" if parsed.port else "")
-    env = {"MLFLOW_TRACKING_USERNAME": unquote(parsed.username)}
-    if parsed.password is not None:
-        env["MLFLOW_TRACKING_PASSWORD"] = unquote(parsed.password)
-    return urlunsplit(parsed._replace(netloc=host)), env
-
-
 # Stopped by the user (Ctrl-C, `kill`), not failed: MLflow's KILLED.
 INTERRUPTS = (KeyboardInterrupt, SystemExit)
 
@@ -182,7 +167,9 @@ def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = 
         client.set_tag(run_id, "avtune.stopped_by", "interrupt")
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
     else:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        # A message may quote the URI of a client built outside avtune (the API): its secrets stay out of the tag.
+        text = redact_text(f"{type(error).__name__}: {error}", client.tracking_uri)
+        client.set_tag(run_id, "error", text[:5000])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 

@@ -18,7 +18,7 @@ from ray.train.backend import BackendConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE
+from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_safe
 from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
 from orchestrator.tracking import (
     finish_run,
@@ -27,6 +27,8 @@ from orchestrator.tracking import (
     log_training_data,
     metric_history_frame,
     reopen_run,
+    redact_text,
+    redact_uri,
     resolve_tracking_uri,
 )
 from orchestrator.synth import synthesize_dataset
@@ -76,7 +78,7 @@ def connect_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=credentials_runtime_env())
     else:
         start_local_ray(log_to_driver=True)
 
@@ -109,6 +111,20 @@ def check_resources(spec: ExperimentSpec) -> None:
     if problems:
         raise SpecError("the spec asks for more than the Ray cluster has, so its run could never start: "
                         + "; ".join(problems))
+
+
+# MLflow's credential variables (`orchestrator.tracking.resolve_tracking_uri` moves a URI's credentials there).
+MLFLOW_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def credentials_runtime_env() -> dict[str, Any] | None:
+    """A cluster's trials log to MLflow from other machines: the driver's MLflow credentials go with the job
+    as environment variables (not inside the tracking URI, which is printed and logged). Inside a Ray Jobs
+    job they already are the job's (`avtune submit`), and Ray refuses the same variable twice."""
+    found = {k: os.environ[k] for k in MLFLOW_CREDENTIAL_VARS if os.environ.get(k)}
+    if not found or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return None
+    return {"env_vars": found}
 
 
 def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
@@ -145,7 +161,9 @@ def fetch_final_checkpoint(client: MlflowClient, run_id: str, expected_method: s
     try:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
-        raise SpecError(f"method.init_from: no MLflow run {run_id} at {client.tracking_uri} ({err})") from None
+        where = client.tracking_uri
+        raise SpecError(f"method.init_from: no MLflow run {run_id} at {redact_uri(where)} "
+                        f"({redact_text(str(err), where)})") from None
     method = run.data.params.get("method.name") or run.data.tags.get("avtune.method")
     if method != expected_method:
         raise SpecError(f"method.init_from: run {run_id} is a {method!r} run; it must be a finished {expected_method!r} run")
@@ -241,14 +259,18 @@ def run_tags(spec: ExperimentSpec) -> dict[str, str]:
     }
 
 
+def run_params(spec: ExperimentSpec) -> dict[str, Any]:
+    """The params a run of `spec` is logged with: every spec field (flattened) and the method's own."""
+    return {**flatten(spec.model_dump(mode="json")), **get_method(spec.method.name).run_params(spec)}
+
+
 def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str, str] | None = None,
                      run_name: str | None = None) -> tuple[str, str]:
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, spec.storage.runs_dir)
     run = client.create_run(experiment_id, run_name=run_name or run_name_for(spec), tags={**run_tags(spec), **(tags or {})})
     run_id = run.info.run_id
     try:  # a run that exists is never left RUNNING by a failure while it is being described
-        log_params_batched(client, run_id, {**flatten(spec.model_dump(mode="json")),
-                                            **get_method(spec.method.name).run_params(spec)})
+        log_params_batched(client, run_id, run_params(spec))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
             client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))
@@ -370,7 +392,7 @@ def log_predictions(client: MlflowClient, run_id: str, rows: list[dict[str, Any]
     if not rows:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        pd.DataFrame(rows, columns=PREDICTION_COLUMNS).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
+        csv_safe(pd.DataFrame(rows, columns=PREDICTION_COLUMNS)).to_csv(Path(tmp) / PREDICTIONS_FILE, index=False)
         client.log_artifact(run_id, str(Path(tmp) / PREDICTIONS_FILE))
 
 
@@ -400,7 +422,7 @@ def finish_train_run(client: MlflowClient, run_id: str, logger: MlflowEpochLogge
 def finish_from_checkpoint(client: MlflowClient, run_id: str, logger: MlflowEpochLogger, checkpoint_dir: str | Path) -> dict[str, Any]:
     state = log_final_artifacts(client, run_id, str(checkpoint_dir))
     if not logger.reconcile(state["history"]):
-        raise RuntimeError(f"tracking server {logger.tracking_uri} unreachable: some epochs could not be logged")
+        raise RuntimeError(f"tracking server {redact_uri(logger.tracking_uri)} unreachable: some epochs could not be logged")
     finish_run(client, run_id)
     return state
 

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from workers.methods import StrictModel, get_method, method_names, method_sections
 from workers.methods.supervised import NormalSection
+from workers.uris import redact_uri, secret_in_uri
 
 LAYOUTS = ("avtune", "cremad", "vggsound", "kinetics-sounds", "ave")
 FUSIONS = ("sum", "concat", "film", "gated")
@@ -418,6 +419,20 @@ class TrackingSpec(_Strict):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else sqlite under storage.runs_dir")
     experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
                                    description="None: the spec's name (also a folder name: letters, digits, . _ -)")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        # A spec is logged as run params and a spec.yaml artifact (neither can be edited afterwards) and
+        # uploaded by `avtune submit`: a credential in it would be stored in clear for good.
+        found = secret_in_uri(uri) if uri else None
+        if found:
+            raise ValueError(
+                f"{redact_uri(uri)} holds {found}, which would be stored in clear in every run's params and "
+                "spec.yaml: give the URI without it and the credentials in MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or the whole URI in MLFLOW_TRACKING_URI / "
+                "--tracking-uri, whose credentials avtune moves into those variables")
+        return uri
 
 
 class StorageSpec(_Strict):

@@ -37,9 +37,10 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from orchestrator.runs import csv_safe
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
                                trial_row)
-from orchestrator.tracking import log_summary_once
+from orchestrator.tracking import log_summary_once, redact_text, redact_uri
 from orchestrator.report.comparisons import (baseline_method, config_summary, describe, load_predictions, power,
                                              report_tests, find_test, tests_table, verdict, weak_modality)
 from orchestrator.report.references import (CEILING, KINDS, References, build_references, describe_ratio, headroom,
@@ -193,7 +194,7 @@ def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
 def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | None = None) -> str:
     """The sweep's parent run id: `sweep_run_id` checked to belong to `experiment`, or the
     experiment's latest sweep. Raises ValueError naming what was not found."""
-    uri = client.tracking_uri
+    uri = redact_uri(client.tracking_uri)  # a client made elsewhere (the API) may hold credentials
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"experiment {experiment!r} not found at tracking URI {uri}")
@@ -206,7 +207,8 @@ def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | Non
     try:
         run = client.get_run(sweep_run_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException / RestException
-        raise ValueError(f"sweep run {sweep_run_id!r} not found at tracking URI {uri}: {err}") from None
+        raise ValueError(f"sweep run {sweep_run_id!r} not found at tracking URI {uri}: "
+                         f"{redact_text(str(err), client.tracking_uri)}") from None
     if run.info.experiment_id != exp.experiment_id:
         raise ValueError(f"sweep run {sweep_run_id} belongs to another experiment than {experiment!r}")
     return sweep_run_id
@@ -384,7 +386,7 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
     parent_metrics.update(reference_metrics(table, references))
     log_summary_once(client, parent_run_id, parent_metrics)
     with tempfile.TemporaryDirectory() as tmp:
-        table.to_csv(Path(tmp) / SUMMARY_FILE, index=False)
+        csv_safe(table).to_csv(Path(tmp) / SUMMARY_FILE, index=False)
         summary.to_csv(Path(tmp) / CONFIG_SUMMARY_FILE, index=False)
         tests_table(tests).to_csv(Path(tmp) / TESTS_FILE, index=False)
         for name in (SUMMARY_FILE, CONFIG_SUMMARY_FILE, TESTS_FILE):

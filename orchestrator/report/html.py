@@ -23,6 +23,8 @@ from orchestrator.report.comparisons import (config_summary, find_test, format_i
                                              tests_table, verdict, weak_modality)
 from orchestrator.report.references import CEILING, KINDS, format_ratio, reference_summary
 from orchestrator.report.leaderboard import LEADERBOARD_FILE, LEADERBOARD_NUMBERS_FILE, display_rows, leaderboard
+from orchestrator.folders import claim_report_folder
+from orchestrator.runs import csv_safe
 from orchestrator.tracking import redact_uri
 from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
                                        plot_shapley, plot_utilisation)
@@ -241,6 +243,8 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, Path("runs")))
     sweep_run_id = resolve_sweep(client, experiment, sweep_run_id)
+    out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
+    claim_report_folder(out)  # first: never a user's folder, whose files would be deleted or replaced
     sweep = load_sweep(client, sweep_run_id)
     util, per_epoch = utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
@@ -255,8 +259,6 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     if (blend := gblend_finding(sweep, table)) is not None:
         items.append(blend)
 
-    out = Path(out_dir) if out_dir is not None else default_report_dir(Path("runs"), experiment, sweep_run_id)
-    out.mkdir(parents=True, exist_ok=True)
     weights = gblend_weights(sweep)
     scores_note = ogm_scores_note(sweep)
     planned = [
@@ -281,7 +283,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         path = plot(out / name)
         if path is not None:
             figures.append((path, caption))
-    table.to_csv(out / SUMMARY_FILE, index=False)
+    csv_safe(table).to_csv(out / SUMMARY_FILE, index=False)
     summary.to_csv(out / CONFIG_SUMMARY_FILE, index=False)
     tests_table(tests).to_csv(out / TESTS_FILE, index=False)
     _write_atomic(out / "findings.json", json.dumps(

@@ -127,6 +127,13 @@ class Board:
         if line and self.on_line:
             self.on_line(line)
 
+    def epochs_recorded(self, key: str, epochs: int) -> None:
+        """The trial's epochs as its tracking runs logged them: what the end line shows (not the reports seen)."""
+        with self._lock:
+            trial = self.trials.get(key)
+            if trial is not None:
+                trial.epoch = epochs
+
     def trial_ended(self, key: str, status: str, error: str = "") -> None:
         with self._lock:
             trial = self.trials.get(key)

@@ -346,11 +346,29 @@ class TrialProgress(tune.Callback):
     Holds only the base spec (Tune pickles callbacks with its experiment state); the board is looked up."""
 
     def __init__(self, base_spec: dict[str, Any], stage: str, seeds: list[int] | None = None,
-                 label: str | None = None):
+                 label: str | None = None, tracking_uri: str | None = None, parent_run_id: str | None = None):
         self.base_spec = base_spec
         self.stage = stage
         self.seeds = seeds
         self.label = label  # a fixed label for every trial of the stage (the estimation group)
+        self.tracking_uri = tracking_uri  # where the trial's end is read from: its MLflow runs
+        self.parent_run_id = parent_run_id
+
+    def _mlflow_end(self, trial) -> tuple[str, int] | None:
+        """The trial's end as MLflow records it (ChildRunStatus, called before this callback, has closed the runs a
+        scheduler stopped): STOPPED when a run of the trial is KILLED, else FINISHED, and the epochs its runs
+        logged. None when MLflow cannot say (no runs found, tracking unreachable): the board's own count stands."""
+        if self.tracking_uri is None or self.parent_run_id is None:
+            return None
+        try:
+            runs = child_runs(MlflowClient(tracking_uri=self.tracking_uri), self.parent_run_id, trial_id=trial.trial_id)
+        except Exception:  # noqa: BLE001 - the console only
+            return None
+        if not runs:
+            return None
+        stopped = any(run.info.status == "KILLED" for run in runs)
+        epochs = max(int(run.data.metrics.get("epoch", -1)) + 1 for run in runs)
+        return ("STOPPED" if stopped else "FINISHED"), epochs
 
     def _label(self, trial) -> tuple[str, int]:
         try:
@@ -378,9 +396,14 @@ class TrialProgress(tune.Callback):
         if board is not None:
             # A trial restored from a resumed sweep may end without a new report: its last result counts.
             board.epoch_done(trial.trial_id, trial.last_result or {})
-            state = board.trials.get(trial.trial_id)
-            stopped = state is not None and state.epoch < state.epochs
-            board.trial_ended(trial.trial_id, "STOPPED" if stopped else "FINISHED")
+            recorded = self._mlflow_end(trial)
+            if recorded is not None:  # the console says what MLflow says
+                status, epochs = recorded
+                board.epochs_recorded(trial.trial_id, epochs)
+            else:
+                state = board.trials.get(trial.trial_id)
+                status = "STOPPED" if state is not None and state.epoch < state.epochs else "FINISHED"
+            board.trial_ended(trial.trial_id, status)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         board = current_board()
@@ -490,7 +513,7 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
             failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
             callbacks=[ChildRunStatus(tracking_uri, parent_run_id),
                        TrialProgress(spec.model_dump(mode="json"), stage, seed_group(spec) if stage == MAIN_STAGE else None,
-                                     label)],
+                                     label, tracking_uri, parent_run_id)],
             verbose=0,
         ),
     )

@@ -4,6 +4,7 @@ side by side at the same time. Real Ray, real MLflow, real clips; `tools/ray_kil
 same fault as a script, for longer runs."""
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import placement_group_table
 
 from orchestrator import load_spec
+from orchestrator.console import Board, watching
 from orchestrator.sweep import run_sweep
 from orchestrator.training import build_trainer
 
@@ -28,6 +30,10 @@ sys.path.insert(0, str(REPO / "tools"))
 from ray_kill_stress import Killer, check_failures, raylet_pid  # noqa: E402
 from test_faults import logged_steps  # noqa: E402
 from test_sweep import children  # noqa: E402
+
+
+def trial_of(run) -> str:
+    return run.data.tags["avtune.trial_id"]
 
 
 def child_runs(client: MlflowClient, parent_run_id: str):
@@ -141,8 +147,10 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
     })
     killer = Killer(("ray::RayTrainWorker", "ray::Bystander", "ray::Bystander", "ray::Bystander"),
                     every_s=1.0, root=raylet, limit=KILLS)
+    board = Board("stress")  # the console's board, as `avtune sweep` shows it
     try:
-        result = run_sweep(spec)
+        with watching(board):
+            result = run_sweep(spec)
     finally:
         kills = killer.stop()
         for bystander in bystanders:
@@ -178,6 +186,12 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
             counts = logged_steps(client, kid.info.run_id, key)
             last = EPOCHS if kid.info.status == "FINISHED" else max(counts) + 1
             assert counts == Counter(range(last)), (kid.info.run_name, key, counts)
+    # The console says what MLflow says: each trial's end (STOPPED for KILLED runs) and the epochs its runs logged.
+    for trial_id, runs in itertools.groupby(sorted(kids, key=trial_of), key=trial_of):
+        runs = list(runs)
+        shown = board.trials[trial_id]
+        assert shown.status == ("STOPPED" if runs[0].info.status == "KILLED" else "FINISHED"), (trial_id, shown)
+        assert shown.epoch == max(len(logged_steps(client, r.info.run_id, "acc")) for r in runs), (trial_id, shown)
 
     for command, output, path in zip(commands, outputs, specs):
         assert command.returncode == 0, output[-3000:]

@@ -154,6 +154,7 @@ def _custom_root(tmp_path: Path, synth_dataset: Path, rows: list[list[str]]) -> 
         ("dotdot", "contains '..'"),
         ("absolute", "outside the dataset root"),
         ("symlink", "is a symlink that resolves outside the dataset root"),
+        ("loop", "cannot be resolved: Symlink loop"),
         ("label", "unknown label 'class_07'"),
     ],
 )
@@ -164,10 +165,12 @@ def test_manifest_rows_outside_the_root_or_with_unknown_labels(tmp_path, synth_d
         "dotdot": ["../outside.mp4", "class_00", "train"],
         "absolute": [str(outside), "class_00", "train"],
         "symlink": ["clips/link.mp4", "class_00", "train"],
+        "loop": ["clips/loop.mp4", "class_00", "train"],
         "label": ["clips/good0.mp4", "class_07", "train"],
     }[kind]
     root = _custom_root(tmp_path, synth_dataset, [row])
     (root / "clips" / "link.mp4").symlink_to(outside)
+    (root / "clips" / "loop.mp4").symlink_to(root / "clips" / "loop.mp4")  # a link to itself: ELOOP
     manifest = root / "manifest.csv"
     with pytest.raises(ManifestError) as caught:
         load_records(root, "avtune", "train")

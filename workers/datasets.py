@@ -64,7 +64,10 @@ def _confine(root: Path, relative: str, row: ManifestRow, what: str) -> Path:
     if ".." in candidate.parts:
         raise ManifestError(row.manifest, row.line, f"{what} path {relative!r} contains '..'")
     full = candidate if candidate.is_absolute() else root / candidate
-    resolved = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    try:
+        resolved = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError on Python 3.11, OSError from 3.13)
+        raise ManifestError(row.manifest, row.line, f"{what} path {relative!r} cannot be resolved: {err}") from None
     if not resolved.is_relative_to(root):
         reason = "is a symlink that resolves" if resolved != full.absolute() else "is"
         raise ManifestError(

@@ -148,7 +148,26 @@ def ensure_data(spec: ExperimentSpec) -> ExperimentSpec:
                 synthesize_dataset(root, layout=spec.data.layout, **spec.data.synth.model_dump())
             except FileExistsError as err:  # a folder the generator did not make: never written into
                 raise SpecError(str(err)) from None
+        else:
+            check_generated_matches(root, spec)
     return spec.model_copy(update={"storage": storage, "data": data.model_copy(update={"root": root})})
+
+
+def check_generated_matches(root: Path, spec: ExperimentSpec) -> None:
+    """A generated set found at `data.root` was made with this spec's `data.synth` and `data.layout`: training on
+    a set generated with other settings while the spec says otherwise would be a silent mismatch."""
+    import json
+
+    try:
+        made_with = json.loads((root / "card.json").read_text()).get("params") or {}
+    except (OSError, ValueError) as err:
+        raise SpecError(f"data.root: {root / 'card.json'} cannot be read ({err})") from None
+    wanted = {"layout": spec.data.layout, **spec.data.synth.model_dump(mode="json")}
+    differ = [f"{key} {made_with[key]!r} there, {value!r} in the spec" for key, value in wanted.items()
+              if key in made_with and made_with[key] != value]
+    if differ:
+        raise SpecError(f"data.root: {root} holds a set generated with other data.synth settings ("
+                        + "; ".join(differ) + "): point data.root at a new folder, or set data.synth as it was made")
 
 
 def has_start_point(section) -> bool:

@@ -321,3 +321,24 @@ def test_a_train_run_gives_up_a_worker_group_that_never_starts(tmp_path):
     trainer = build_trainer(load_spec({"storage": {"runs_dir": str(tmp_path / "runs")}}), "bounded", [])
     failure = trainer.run_config.failure_config
     assert failure.controller_failure_limit == CONTROLLER_FAILURE_LIMIT and 0 <= CONTROLLER_FAILURE_LIMIT <= 5
+
+
+def test_a_generated_set_at_data_root_made_with_other_synth_settings_is_refused(tmp_path):
+    """`data.root` holding a generated set is used only when it was made with the spec's `data.synth`: a set of
+    other settings is named with the settings that differ, before anything is trained or logged."""
+    from orchestrator.synth import synthesize_dataset
+    from orchestrator.training import ensure_data
+
+    synth = {"classes": 2, "clips_per_class": 3, "clip_seconds": 0.5, "fps": 4, "height": 32, "width": 32, "seed": 0}
+    root = tmp_path / "made"
+    synthesize_dataset(root, layout="avtune", **synth)
+
+    def spec(**changes):
+        return load_spec({"data": {"source": "generated", "root": str(root), "synth": {**synth, **changes}},
+                          "storage": {"runs_dir": str(tmp_path / "runs")}})
+
+    assert ensure_data(spec()).data.root == root.resolve()  # the same settings: the set is used as it is
+    with pytest.raises(SpecError, match=r"data.root: .*other data.synth settings \(seed 0 there, 3 in the spec; "
+                                        r"clips_per_class 3 there, 5 in the spec|clips_per_class 3 there, 5 in the spec; seed"):
+        ensure_data(spec(seed=3, clips_per_class=5))
+    assert no_runs_logged(tmp_path / "runs")

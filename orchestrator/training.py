@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -335,6 +336,23 @@ class WithoutUnusedHelpers:
         if os.environ.get(EMBEDDED_RAY_ENV) == "1":
             unused.append(PlacementGroupCleanerCallback)
         return [c for c in super()._create_default_callbacks() if not isinstance(c, tuple(unused))]
+
+    def _register_sigint_handler(self, controller) -> None:
+        """Ctrl-C during `fit()` in the main thread (a single `avtune train`): Ray Train 2.60's own handler waits for
+        the controller's `abort()`, which a controller still waiting for its worker group (no free CPU) never
+        answers, so the command went on after "Gracefully aborting" until SIGTERM. Here the abort is sent
+        without waiting and the interrupt raised at once: the run ends KILLED and the command exits 130; the
+        controller stops its workers by itself, and the driver's Ray (or the job, on a cluster) goes with it.
+        Ray Train's own hook (private; tests/test_training.py checks it is still called)."""
+        def abort_and_interrupt(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                controller.abort.remote()
+            except Exception:  # noqa: BLE001 - a controller already gone needs no abort
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, abort_and_interrupt)
 
 
 class ClipTrainer(WithoutUnusedHelpers, TorchTrainer):

@@ -342,3 +342,65 @@ def test_a_generated_set_at_data_root_made_with_other_synth_settings_is_refused(
                                         r"clips_per_class 3 there, 5 in the spec|clips_per_class 3 there, 5 in the spec; seed"):
         ensure_data(spec(seed=3, clips_per_class=5))
     assert no_runs_logged(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_worker_group_waits_for_cpus_ends_the_command_at_once(ray_local, ray_address, synth_dataset,
+                                                                                 tmp_path):
+    """`avtune train` on a cluster whose CPUs are all taken (here by an actor of this test): its Train controller waits
+    for the worker group. Ray Train's own Ctrl-C handler waited for an abort that controller never answered; now
+    the command ends within seconds, exit 130, the run KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import resolve_tracking_uri
+
+    @ray_local.remote(num_cpus=ray_local.cluster_resources()["CPU"])
+    class TakesEveryCpu:
+        def ready(self) -> bool:
+            return True
+
+    holder = TakesEveryCpu.remote()
+    ray_local.get(holder.ready.remote(), timeout=120)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "waits", "data": {"source": "dataset", "root": str(synth_dataset), "cache_dir": str(tmp_path / "cache")},
+        "train": {"epochs": 1}, "storage": {"runs_dir": str(tmp_path / "runs")}}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(spec_file)], cwd=tmp_path,
+                               env={**env, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(resolve_tracking_uri(None, tmp_path / "runs"))
+        deadline = time.monotonic() + 120
+        runs = []
+        while not runs and time.monotonic() < deadline and command.poll() is None:
+            time.sleep(1)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert runs and command.poll() is None, "the run never started"
+        time.sleep(8)  # the controller has asked for its worker group by now, and waits
+        command.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        output, _ = command.communicate(timeout=60)
+        assert time.monotonic() - interrupted < 30, output[-2000:]
+    finally:
+        if command.poll() is None:
+            command.kill()
+        ray_local.kill(holder)
+    assert command.returncode == 130, output[-2000:]
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+def test_ray_train_still_registers_its_sigint_handler_through_the_hook_avtune_overrides():
+    """`ClipTrainer._register_sigint_handler` replaces Ray Train 2.60's (private) hook: an upgrade that renames it
+    would silently bring back the Ctrl-C that never returns."""
+    import inspect
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "self._register_sigint_handler(controller)" in inspect.getsource(DataParallelTrainer._initialize_and_run_controller)

@@ -759,8 +759,6 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
     tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, spec.storage.runs_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
     spec = resolve_start_point(spec, client)
-    connect_ray(address)
-    check_resources(spec)  # connected, and before the parent run exists
     state_file = sweep_state_file(spec)
     state: dict[str, Any] = {}
     if resume:
@@ -778,6 +776,9 @@ def run_sweep(spec: ExperimentSpec, address: str | None = None, max_concurrent: 
         pickled = sweep_ray_path(spec, parent_run_id) / "tuner.pkl"
         if pickled.exists():
             check_owned(pickled, how)  # Tuner.restore unpickles it: only a file this user wrote
+    connect_ray(address)
+    check_resources(spec)  # connected, and before the parent run exists or is reopened
+    if resume:
         reopen_run(client, parent_run_id)
     else:
         experiment_id, parent_run_id = start_mlflow_run(client, spec, tags={SWEEP_KIND_TAG: "sweep"},

@@ -296,11 +296,11 @@ def test_report_words_state_the_hand_numbers(hand3_sweep, tmp_path):
 def test_bad_names_give_clear_errors(hand_sweep, tmp_path):
     uri, client, parent, ids = hand_sweep
     with pytest.raises(ValueError, match="experiment 'nope' not found"):
-        build_report("nope", tracking_uri=uri, out_dir=tmp_path)
+        build_report("nope", tracking_uri=uri, out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="not a sweep's parent run"):
-        build_report("hand", sweep_run_id=ids["normal_s0"], tracking_uri=uri, out_dir=tmp_path)
+        build_report("hand", sweep_run_id=ids["normal_s0"], tracking_uri=uri, out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="sweep run 'deadbeef' not found"):
-        build_report("hand", sweep_run_id="deadbeef", tracking_uri=uri, out_dir=tmp_path)
+        build_report("hand", sweep_run_id="deadbeef", tracking_uri=uri, out_dir=tmp_path / "out")
 
 
 # ---- the report of the real shared sweep (conftest.shared_sweep) ----------------------------

@@ -7,10 +7,13 @@ read the same way. No Ray, no torch: the report and the CLI import this without 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:  # training.py imports this module too; pandas is imported where a table is built
+    import pandas as pd
 
 # MLflow's own nesting tag: the UI shows a sweep's children under their parent run by it.
 PARENT_TAG = "mlflow.parentRunId"
@@ -100,3 +103,26 @@ def trial_row(run: Run) -> dict[str, Any]:
         "gap_av": m["acc_audio"] - m["acc_visual"] if have_heads else None,
         "shapley_audio": m.get("shapley_audio"), "shapley_visual": m.get("shapley_visual"),
     }
+
+
+def trials_frame_of(runs: list[Run], metric: str = "acc", mode: str = "max") -> pd.DataFrame:
+    """One row per run, best `metric` first: the columns of `trial_row` plus `metric`."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        row = trial_row(run)
+        row.setdefault(metric, run.data.metrics.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*TRIAL_COLUMNS, metric])))
+    if not frame.empty:
+        frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+    return frame
+
+
+def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
+                 stage: str | None = MAIN_STAGE) -> pd.DataFrame:
+    """One row per child run of `stage` (all stages when None), best `metric` first: the columns of
+    `trial_row` (method, alpha, window, fusion, accuracies, gap_av, status, ...). Lives here, not in
+    `orchestrator.sweep`, so `avtune results` reads a sweep without importing torch and Ray."""
+    return trials_frame_of(child_runs(client, parent_run_id, stage=stage or None), metric, mode)

@@ -61,6 +61,7 @@ from orchestrator.runs import (
     TRIAL_TAG,
     child_runs,
     trial_row,
+    trials_frame,
 )
 # G-Blend estimation: each head of the blended model is trained alone as its own method.
 GBLEND_HEADS = {**unimodal_methods(), "joint": "normal"}
@@ -462,21 +463,6 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
         ),
     )
     return tuner, path
-
-
-def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
-                 stage: str | None = MAIN_STAGE) -> pd.DataFrame:
-    """One row per child run of `stage` (all stages when None), best `metric` first: the columns of
-    `orchestrator.runs.trial_row` (method, alpha, window, fusion, accuracies, gap_av, status, ...)."""
-    rows = []
-    for run in child_runs(client, parent_run_id, stage=stage or None):
-        row = trial_row(run)
-        row.setdefault(metric, run.data.metrics.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*TRIAL_COLUMNS, metric])))
-    if not frame.empty:
-        frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
-    return frame
 
 
 # How the stage picks its measuring window (README "Implementation notes", G-Blend).

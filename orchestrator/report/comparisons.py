@@ -72,7 +72,12 @@ def load_predictions(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
             path = client.download_artifacts(run_id, PREDICTIONS_FILE, tmp)
         except Exception:  # noqa: BLE001 - no such artifact (older or foreign runs): fall back to seeds
             return None
-        frame = pd.read_csv(Path(path), dtype={"clip_id": str})
+        return read_predictions(path, run_id)
+
+
+def read_predictions(path: str | Path, run_id: str) -> pd.DataFrame | None:
+    """The per-clip validation predictions of the final model in a run's `predictions.csv` at `path`."""
+    frame = pd.read_csv(Path(path), dtype={"clip_id": str})
     frame = frame[(frame["split"] == "val") & (frame["model"] == "final")]
     return check_predictions(frame.set_index("clip_id"), run_id) if not frame.empty else None
 

@@ -78,6 +78,16 @@ def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = Non
     return [r for r in runs if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
 
 
+def logged_params(spec) -> dict[str, Any]:
+    """The params a run of `spec` logs: its flattened spec (``method.*``, ``model.*``, ``train.*``, ...) and its
+    method's derived run params (`Method.run_params`, e.g. OGM's ``ogm_scores_from``), which describe how the
+    run went and are no setting (the report matches baselines on settings only)."""
+    from orchestrator.specs import flatten
+    from workers.methods import get_method
+
+    return {**flatten(spec.model_dump(mode="json")), **get_method(spec.method.name).run_params(spec)}
+
+
 def _window(params: dict[str, str]) -> str:
     """OGM's modulation window as "<starts>-<ends>" (epochs [starts, ends)); "" for other methods."""
     if "method.modulation_starts" not in params:

@@ -212,21 +212,24 @@ def results(
         sweep_id = resolve_sweep(client, experiment, sweep_id)
     except ValueError as err:
         _fail(str(err))
+    from orchestrator.report import load_sweep
+
     runs = child_runs(client, sweep_id, stage=MAIN_STAGE)  # one search for both tables
     print_trials(trials_frame_of(runs, metric), f"{experiment}: sweep {sweep_id}")
-    print_configurations(client, sweep_id, runs)
+    # Final values only (no per-epoch histories); the runs themselves are not kept once read.
+    sweep = load_sweep(client, sweep_id, runs=runs, histories=False)
+    del runs
+    print_configurations(sweep)
 
 
-def print_configurations(client, sweep_id: str, runs: list | None = None) -> None:
-    """Per configuration: mean [95% interval] over seeds, the paired difference from normal and the share of
-    the headroom recovered; then the references (uni-modal ensemble, ceiling) against normal. `runs`: the
-    sweep's main-stage child runs when the caller has searched them."""
-    from orchestrator.report import config_summary, imbalance_summary, load_sweep
+def print_configurations(sweep) -> None:
+    """Per configuration of `sweep` (``orchestrator.report.load_sweep``): mean [95% interval] over seeds, the
+    paired difference from normal and the share of the headroom recovered; then the references (uni-modal
+    ensemble, ceiling) against normal."""
+    from orchestrator.report import config_summary, imbalance_summary
     from orchestrator.report.comparisons import format_interval, report_tests
     from orchestrator.report.html import READING_INTERVALS, READING_REFERENCES, comparison_cell
     from orchestrator.report.references import reference_summary
-
-    sweep = load_sweep(client, sweep_id, runs=runs, histories=False)  # the tables use final values only
     trials = imbalance_summary(sweep)[0]
     references = sweep.references()
     tests = report_tests(trials, sweep.predictions, references)

@@ -61,6 +61,10 @@ def number(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
+# Runs per search request of `child_runs`.
+SEARCH_PAGE = 250
+
+
 def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = None, trial_id: str | None = None,
                max_results: int = 10000, experiment_id: str | None = None) -> list[Run]:
     """The child runs of a sweep's parent run, in MLflow's default order (newest first).
@@ -74,8 +78,18 @@ def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = Non
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     if trial_id is not None:
         query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=max_results)
-    return [r for r in runs if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
+    out: list[Run] = []
+    token, seen = None, 0
+    while seen < max_results:
+        # Pages of SEARCH_PAGE runs: the store's row objects of one page at a time, not of a thousand runs.
+        page = client.search_runs([experiment_id], filter_string=query, page_token=token,
+                                  max_results=min(SEARCH_PAGE, max_results - seen))
+        seen += len(page)
+        out += [r for r in page if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
+        token = page.token
+        if not token:
+            break
+    return out
 
 
 def logged_params(spec) -> dict[str, Any]:

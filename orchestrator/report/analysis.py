@@ -40,9 +40,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, PREDICTIONS_FILE, PROBABILITIES_FILE, SEED_PARAM,
                                SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number, trial_row)
 from orchestrator.tracking import log_summary_once
-from orchestrator.report.comparisons import (baseline_method, config_summary, describe, power, read_predictions,
+from orchestrator.report.comparisons import (baseline_method, config_summary, describe, parse_predictions, power,
                                              report_tests, find_test, tests_table, verdict, weak_modality)
-from orchestrator.report.reading import artifact_files, metric_histories
+from orchestrator.report.reading import artifact_bytes, artifact_files, metric_histories
 from orchestrator.report.references import (CEILING, KINDS, References, build_references, describe_ratio, headroom,
                                             read_probabilities, reference_summary)
 from workers.methods import get_method, run_param_keys, unimodal_methods
@@ -167,7 +167,7 @@ def load_sweep(client: MlflowClient, parent_run_id: str, runs: list[Run] | None 
     params = {r.info.run_id: dict(r.data.params) for r in runs}
     trials = _trials(runs, params)
     history = metric_histories(client, runs, HISTORY_KEYS) if histories else {r.info.run_id: pd.DataFrame() for r in runs}
-    predictions = artifact_files(client, runs, PREDICTIONS_FILE, read_predictions)
+    predictions = parse_predictions(artifact_bytes(client, runs, PREDICTIONS_FILE))
     # Only the baselines' probabilities: the ensemble needs nothing else, and a large sweep stays cheap.
     baselines = [r for r in runs if is_unimodal(params[r.info.run_id].get("method.name", ""))]
     probabilities = artifact_files(client, baselines, PROBABILITIES_FILE, read_probabilities)
@@ -294,6 +294,19 @@ def baseline_curve(sweep: SweepData, run_ids: list[str],
     return curve, float(pd.Series([finals[r] for r in run_ids], dtype=float).mean())
 
 
+def _util_curve(head: pd.Series, baseline: pd.Series) -> pd.Series:
+    """Per epoch of `head` (a joint trial's head accuracy): its ratio to `baseline`'s accuracy at that epoch; an
+    epoch the baseline never reached (e.g. stopped early), or where it has no value, uses its last epoch; a
+    baseline at 0 gives no ratio. In numpy: it runs once per joint trial and modality."""
+    last = baseline.iloc[-1]
+    positions = baseline.index.get_indexer(head.index)
+    reference = np.where(positions >= 0, baseline.to_numpy()[positions], np.nan)
+    reference = np.where(np.isnan(reference), last, reference)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = head.to_numpy(dtype=float) / np.where(reference > 0, reference, np.nan)
+    return pd.Series(ratio, index=head.index)
+
+
 UTIL_COLUMNS = ("util_audio", "util_visual", "baseline_audio", "baseline_visual", "match_audio", "match_visual")
 
 
@@ -325,10 +338,7 @@ def utilisation(sweep: SweepData) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
             if final > 0:
                 out[f"util_{m}"] = float(row[f"acc_{m}"]) / final
             if f"acc_{m}" in hist and not curve.empty:
-                # Epochs the baseline never reached (e.g. stopped early) use its last epoch.
-                reference = curve.reindex(hist.index).fillna(curve.iloc[-1])
-                ratio = hist[f"acc_{m}"] / reference.where(reference > 0)
-                curves[f"util_{m}"] = ratio
+                curves[f"util_{m}"] = _util_curve(hist[f"acc_{m}"], curve)
         finals[run_id] = out
         if curves:
             per_epoch[run_id] = pd.DataFrame(curves).dropna(how="all")

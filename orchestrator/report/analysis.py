@@ -26,6 +26,7 @@ Definitions (also written into the report):
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def load_sweep(client: MlflowClient, parent_run_id: str, runs: list[Run] | None 
     experiment = client.get_experiment(parent.info.experiment_id)
     if runs is None:
         runs = child_runs(client, parent_run_id, stage=MAIN_STAGE, experiment_id=parent.info.experiment_id)
-    params = {r.info.run_id: dict(r.data.params) for r in runs}
+    params = {r.info.run_id: _shared(r.data.params) for r in runs}
     trials = _trials(runs, params)
     history = metric_histories(client, runs, HISTORY_KEYS) if histories else {r.info.run_id: pd.DataFrame() for r in runs}
     predictions = parse_predictions(artifact_bytes(client, runs, PREDICTIONS_FILE))
@@ -174,6 +175,12 @@ def load_sweep(client: MlflowClient, parent_run_id: str, runs: list[Run] | None 
     return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
                      parent_metrics=dict(parent.data.metrics), trials=trials, histories=history, params=params,
                      predictions=predictions, probabilities=probabilities, with_histories=histories)
+
+
+def _shared(params: dict[str, str]) -> dict[str, str]:
+    """`params` with its keys and values interned: a thousand runs share one copy of each name and of each value
+    that repeats (most of a flattened spec), instead of a thousand."""
+    return {sys.intern(k): sys.intern(v) for k, v in params.items()}
 
 
 def _trials(runs: list[Run], params: dict[str, dict[str, str]]) -> pd.DataFrame:
@@ -224,6 +231,14 @@ def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | Non
 
 
 # ---- utilisation and balance --------------------------------------------------------------
+
+
+def joint_mask(table: pd.DataFrame) -> pd.Series:
+    """Per row of `table`: a joint trial (not a uni-modal baseline, both heads' accuracies known); `_is_joint`
+    for a whole table at once."""
+    unimodal = list(unimodal_methods().values())
+    heads = [pd.to_numeric(table[f"acc_{m}"], errors="coerce").notna() for m in MODALITIES]
+    return ~table["method"].isin(unimodal) & heads[0] & heads[1]
 
 
 def _is_joint(row: pd.Series) -> bool:
@@ -320,9 +335,7 @@ def utilisation(sweep: SweepData) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
     # Trials of one seed share their baselines: each distinct set is averaged once (this call only).
     baselines_of: dict[tuple[str, ...], tuple[pd.Series, float]] = {}
     finals, per_epoch = {}, {}
-    for row in sweep.trials.to_dict("records"):
-        if not _is_joint(row):
-            continue
+    for row in sweep.trials[joint_mask(sweep.trials)].to_dict("records"):
         run_id, out, curves = row["run_id"], {}, {}
         hist = sweep.histories[run_id]
         for m in MODALITIES:
@@ -365,7 +378,7 @@ def imbalance_summary(sweep: SweepData, util: pd.DataFrame | None = None) -> tup
         util, _ = utilisation(sweep)
     table = sweep.trials.merge(util, how="left", left_on="run_id", right_index=True)
     table["gap"] = table["acc_audio"].astype(float) - table["acc_visual"].astype(float)
-    joint = table.apply(_is_joint, axis=1)
+    joint = joint_mask(table)
     have_util = joint & table["util_audio"].notna() & table["util_visual"].notna()
     if have_util.any():
         definition = BALANCE_UTIL
@@ -383,7 +396,7 @@ def imbalance_summary(sweep: SweepData, util: pd.DataFrame | None = None) -> tup
 
 def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
     """The joint trial with the highest `key`, ties broken by joint accuracy."""
-    joint = table[table.apply(_is_joint, axis=1) & table[key].notna()]
+    joint = table[joint_mask(table) & table[key].notna()]
     if joint.empty:
         return None
     return joint.sort_values([key, "acc"], ascending=False, kind="stable").iloc[0]
@@ -463,9 +476,10 @@ def log_utilisation_curves(client: MlflowClient, sweep: SweepData, per_epoch: di
     for run_id, curves in per_epoch.items():
         history, metrics = sweep.histories[run_id], []
         for key in curves.columns:
-            logged = set(history[key].dropna().index.astype(int)) if key in history else set()
-            metrics += [Metric(key, float(v), ts, int(epoch)) for epoch, v in curves[key].dropna().items()
-                        if int(epoch) not in logged]
+            todo = curves[key].dropna()
+            if key in history:
+                todo = todo[~todo.index.isin(history[key].dropna().index)]
+            metrics += [Metric(key, float(v), ts, int(epoch)) for epoch, v in todo.items()]
         for i in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[i : i + 500])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.report.analysis import (MODALITIES, SweepData, _is_joint, baseline_method, config_means,
+from orchestrator.report.analysis import (MODALITIES, SweepData, baseline_method, config_means, joint_mask,
                                           ogm_rows)
 from orchestrator.report.references import CONFIDENCE
 from orchestrator.report.stats import t_interval
@@ -119,7 +119,7 @@ def _column(key: str):
 
 
 def _joint_trials(sweep: SweepData) -> pd.DataFrame:
-    return sweep.trials[sweep.trials.apply(_is_joint, axis=1).astype(bool)]
+    return sweep.trials[joint_mask(sweep.trials)]
 
 
 def modality_curves_figure(sweep: SweepData):

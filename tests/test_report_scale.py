@@ -230,3 +230,54 @@ def test_results_and_report_import_neither_torch_nor_ray(tmp_path, command):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loaded: []" in out.stdout, out.stdout[-2000:]
+
+
+
+def log_clip_files(client: MlflowClient, run_id: str, seed: int, tmp: Path) -> None:
+    """predictions.csv and probabilities.npz of 30 validation clips (and 5 test rows the report skips)."""
+    rng = np.random.default_rng(seed)
+    clips = [f"clip{c:02d}" for c in range(30)]
+    labels = rng.integers(0, 3, 30)
+    rows = pd.DataFrame({"split": "val", "model": "final", "clip_id": clips, "label": labels,
+                         "pred": rng.integers(0, 3, 30), "pred_audio": rng.integers(0, 3, 30),
+                         "pred_visual": rng.integers(0, 3, 30)})
+    test_rows = rows.head(5).assign(split="test", model="best")
+    folder = tmp / run_id
+    folder.mkdir()
+    pd.concat([rows, test_rows]).to_csv(folder / "predictions.csv", index=False)
+    probs = rng.dirichlet(np.ones(3), 30).astype(np.float16)
+    np.savez(folder / "probabilities.npz", clip_id=np.array(clips), split=np.array(["val"] * 30),
+             model=np.array(["final"] * 30), probs=probs)
+    client.log_artifacts(run_id, str(folder))
+
+
+def test_a_sweep_read_over_http_equals_the_same_sweep_read_from_its_store(mlflow_server, tmp_path):
+    """Over a real `mlflow server` (no bulk history query: one request per run and key; artifacts proxied) a
+    sweep reads the same as from its SQLite store directly: histories, predictions, probabilities."""
+    client, experiment_id, parent = new_sweep(mlflow_server.uri, "http")
+    for seed in range(3):
+        for name in ("audio_only", "visual_only", "normal"):
+            metrics = {"acc": [0.3 + 0.1 * seed, 0.5]}
+            if name == "normal":
+                metrics |= {"acc_audio": [0.2, 0.4], "acc_visual": [0.1, 0.3]}
+            run_id = log_trial(client, experiment_id, parent, f"{name}_s{seed}",
+                               {"method.name": name, "train.seed": seed}, metrics)
+            log_clip_files(client, run_id, seed, tmp_path)
+    from orchestrator.report.comparisons import read_predictions
+    from orchestrator.report.references import read_probabilities
+
+    over_http = load_sweep(client, parent)
+    # The server's own SQLite store, read directly: one bulk query per key (its artifacts need the server).
+    direct = load_sweep(MlflowClient(f"sqlite:///{mlflow_server.folder / 'm.db'}"), parent)
+    assert len(over_http.trials) == 9
+    for run_id in over_http.params:
+        pd.testing.assert_frame_equal(over_http.histories[run_id], direct.histories[run_id])
+        # Parsed in one pass with the other runs' files, as one file alone gives it.
+        pd.testing.assert_frame_equal(over_http.predictions[run_id],
+                                      read_predictions(tmp_path / run_id / "predictions.csv", run_id))
+        assert len(over_http.predictions[run_id]) == 30
+    assert len(over_http.probabilities) == 6  # the baselines' only
+    for run_id, (clips, probs) in over_http.probabilities.items():
+        clips_file, probs_file = read_probabilities(tmp_path / run_id / "probabilities.npz", run_id)
+        assert list(clips) == list(clips_file)
+        np.testing.assert_array_equal(probs, probs_file)

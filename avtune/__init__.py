@@ -126,7 +126,7 @@ def results(experiment: str, sweep_run_id: str | None = None, *, tracking_uri: s
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import resolve_sweep
-    from orchestrator.sweep import trials_frame
+    from orchestrator.runs import trials_frame
     from orchestrator.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri, Path(runs_dir)))

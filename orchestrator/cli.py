@@ -231,8 +231,10 @@ def results(
     """Print a sweep's trials table (method, alpha, window, fusion, accuracies, gap), sorted by the metric."""
     from mlflow.tracking import MlflowClient
 
+    # orchestrator.runs and orchestrator.report, not orchestrator.sweep: reading a sweep imports neither
+    # torch nor Ray (tests/test_report.py checks it).
     from orchestrator.report import resolve_sweep
-    from orchestrator.sweep import trials_frame
+    from orchestrator.runs import MAIN_STAGE, child_runs, trials_frame_of
     from orchestrator.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri, runs_dir))
@@ -240,19 +242,24 @@ def results(
         sweep_id = resolve_sweep(client, experiment, sweep_id)
     except ValueError as err:
         _fail(str(err))
-    print_trials(trials_frame(client, sweep_id, metric), f"{experiment}: sweep {sweep_id}")
-    print_configurations(client, sweep_id)
+    from orchestrator.report import load_sweep
+
+    runs = child_runs(client, sweep_id, stage=MAIN_STAGE)  # one search for both tables
+    print_trials(trials_frame_of(runs, metric), f"{experiment}: sweep {sweep_id}")
+    # Final values only (no per-epoch histories); the runs themselves are not kept once read.
+    sweep = load_sweep(client, sweep_id, runs=runs, histories=False)
+    del runs
+    print_configurations(sweep)
 
 
-def print_configurations(client, sweep_id: str) -> None:
-    """Per configuration: mean [95% interval] over seeds, the paired difference from normal and the share of
-    the headroom recovered; then the references (uni-modal ensemble, ceiling) against normal."""
-    from orchestrator.report import config_summary, imbalance_summary, load_sweep
+def print_configurations(sweep) -> None:
+    """Per configuration of `sweep` (``orchestrator.report.load_sweep``): mean [95% interval] over seeds, the
+    paired difference from normal and the share of the headroom recovered; then the references (uni-modal
+    ensemble, ceiling) against normal."""
+    from orchestrator.report import config_summary, imbalance_summary
     from orchestrator.report.comparisons import format_interval, report_tests
     from orchestrator.report.html import READING_INTERVALS, READING_REFERENCES, comparison_cell
     from orchestrator.report.references import reference_summary
-
-    sweep = load_sweep(client, sweep_id)
     trials = imbalance_summary(sweep)[0]
     references = sweep.references()
     tests = report_tests(trials, sweep.predictions, references)

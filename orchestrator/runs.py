@@ -7,10 +7,13 @@ read the same way. No Ray, no torch: the report and the CLI import this without 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:  # training.py imports this module too; pandas is imported where a table is built
+    import pandas as pd
 
 # MLflow's own nesting tag: the UI shows a sweep's children under their parent run by it.
 PARENT_TAG = "mlflow.parentRunId"
@@ -58,6 +61,10 @@ def number(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
+# Runs per search request of `child_runs`.
+SEARCH_PAGE = 250
+
+
 def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = None, trial_id: str | None = None,
                max_results: int = 10000, experiment_id: str | None = None) -> list[Run]:
     """The child runs of a sweep's parent run, in MLflow's default order (newest first).
@@ -71,8 +78,28 @@ def child_runs(client: MlflowClient, parent_run_id: str, stage: str | None = Non
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     if trial_id is not None:
         query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=max_results)
-    return [r for r in runs if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
+    out: list[Run] = []
+    token, seen = None, 0
+    while seen < max_results:
+        # Pages of SEARCH_PAGE runs: the store's row objects of one page at a time, not of a thousand runs.
+        page = client.search_runs([experiment_id], filter_string=query, page_token=token,
+                                  max_results=min(SEARCH_PAGE, max_results - seen))
+        seen += len(page)
+        out += [r for r in page if stage is None or r.data.tags.get(STAGE_TAG, MAIN_STAGE) == stage]
+        token = page.token
+        if not token:
+            break
+    return out
+
+
+def logged_params(spec) -> dict[str, Any]:
+    """The params a run of `spec` logs: its flattened spec (``method.*``, ``model.*``, ``train.*``, ...) and its
+    method's derived run params (`Method.run_params`, e.g. OGM's ``ogm_scores_from``), which describe how the
+    run went and are no setting (the report matches baselines on settings only)."""
+    from orchestrator.specs import flatten
+    from workers.methods import get_method
+
+    return {**flatten(spec.model_dump(mode="json")), **get_method(spec.method.name).run_params(spec)}
 
 
 def _window(params: dict[str, str]) -> str:
@@ -121,3 +148,26 @@ def csv_safe(frame):
         if not is_numeric_dtype(out[column]):  # object or pandas' own string dtype
             out[column] = out[column].map(cell)
     return out
+
+
+def trials_frame_of(runs: list[Run], metric: str = "acc", mode: str = "max") -> pd.DataFrame:
+    """One row per run, best `metric` first: the columns of `trial_row` plus `metric`."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        row = trial_row(run)
+        row.setdefault(metric, run.data.metrics.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*TRIAL_COLUMNS, metric])))
+    if not frame.empty:
+        frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+    return frame
+
+
+def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
+                 stage: str | None = MAIN_STAGE) -> pd.DataFrame:
+    """One row per child run of `stage` (all stages when None), best `metric` first: the columns of
+    `trial_row` (method, alpha, window, fusion, accuracies, gap_av, status, ...). Lives here, not in
+    `orchestrator.sweep`, so `avtune results` reads a sweep without importing torch and Ray."""
+    return trials_frame_of(child_runs(client, parent_run_id, stage=stage or None), metric, mode)

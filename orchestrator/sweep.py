@@ -44,7 +44,6 @@ from orchestrator.training import (
     finish_train_run,
     resolve_start_point,
     run_name_for,
-    run_params,
     start_mlflow_run,
 )
 from workers.engine import seed_member
@@ -63,8 +62,10 @@ from orchestrator.runs import (
     TRIAL_COLUMNS,
     TRIAL_TAG,
     child_runs,
+    logged_params,
     csv_safe,
     trial_row,
+    trials_frame,
 )
 # G-Blend estimation: each head of the blended model is trained alone as its own method.
 GBLEND_HEADS = {**unimodal_methods(), "joint": "normal"}
@@ -520,21 +521,6 @@ def make_tuner(spec: ExperimentSpec, param_space: dict[str, Any], name: str, par
     return tuner, path
 
 
-def trials_frame(client: MlflowClient, parent_run_id: str, metric: str = "acc", mode: str = "max",
-                 stage: str | None = MAIN_STAGE) -> pd.DataFrame:
-    """One row per child run of `stage` (all stages when None), best `metric` first: the columns of
-    `orchestrator.runs.trial_row` (method, alpha, window, fusion, accuracies, gap_av, status, ...)."""
-    rows = []
-    for run in child_runs(client, parent_run_id, stage=stage or None):
-        row = trial_row(run)
-        row.setdefault(metric, run.data.metrics.get(metric))  # the search metric (e.g. ASHA on "loss") is always a column
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*TRIAL_COLUMNS, metric])))
-    if not frame.empty:
-        frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
-    return frame
-
-
 # How the stage picks its measuring window (README "Implementation notes", G-Blend).
 GBLEND_WINDOW_RULE = ("the latest N <= estimate_epochs at which every head's validation loss still falls over the "
                       "next estimate_window_epochs epochs; none: uniform weights (uniform_fallback), announced")
@@ -737,7 +723,7 @@ def check_resumable(client: MlflowClient, spec: ExperimentSpec, parent_run_id: s
     if parent.info.status == "FINISHED":
         raise SpecError(f"{how}: sweep {parent_run_id} is FINISHED, nothing to resume (run `avtune sweep` without "
                         "--resume for a new sweep)")
-    logged, expected = parent.data.params, {k: str(v)[:6000] for k, v in run_params(spec).items()}
+    logged, expected = parent.data.params, {k: str(v)[:6000] for k, v in logged_params(spec).items()}
     differs = [key for key, value in expected.items() if key not in RESUME_MAY_CHANGE and logged.get(key) != value]
     if differs:
         shown = ", ".join(f"{k} ({logged.get(k)!r} then, {expected[k][:60]!r} now)" for k in differs[:5])

@@ -19,8 +19,8 @@ from ray.train.backend import BackendConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_safe
-from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml, flatten
+from orchestrator.runs import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_safe, logged_params
+from orchestrator.specs import ExperimentSpec, SpecError, dump_spec_yaml
 from orchestrator.tracking import (
     finish_run,
     get_or_create_experiment,
@@ -279,18 +279,13 @@ def run_tags(spec: ExperimentSpec) -> dict[str, str]:
     }
 
 
-def run_params(spec: ExperimentSpec) -> dict[str, Any]:
-    """The params a run of `spec` is logged with: every spec field (flattened) and the method's own."""
-    return {**flatten(spec.model_dump(mode="json")), **get_method(spec.method.name).run_params(spec)}
-
-
 def start_mlflow_run(client: MlflowClient, spec: ExperimentSpec, tags: dict[str, str] | None = None,
                      run_name: str | None = None) -> tuple[str, str]:
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, spec.storage.runs_dir)
     run = client.create_run(experiment_id, run_name=run_name or run_name_for(spec), tags={**run_tags(spec), **(tags or {})})
     run_id = run.info.run_id
     try:  # a run that exists is never left RUNNING by a failure while it is being described
-        log_params_batched(client, run_id, run_params(spec))
+        log_params_batched(client, run_id, logged_params(spec))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "spec.yaml").write_text(dump_spec_yaml(spec))
             client.log_artifact(run_id, str(Path(tmp) / "spec.yaml"))

@@ -26,6 +26,7 @@ Definitions (also written into the report):
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,17 +35,17 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runs import csv_safe
-from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, SEED_PARAM, SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, number,
-                               trial_row)
+from orchestrator.runs import (FUSION_PARAM, MAIN_STAGE, PREDICTIONS_FILE, PROBABILITIES_FILE, SEED_PARAM,
+                               SWEEP_KIND_TAG, TRIAL_COLUMNS, child_runs, csv_safe, number, trial_row)
 from orchestrator.tracking import log_summary_once, redact_text, redact_uri
-from orchestrator.report.comparisons import (baseline_method, config_summary, describe, load_predictions, power,
+from orchestrator.report.comparisons import (baseline_method, config_summary, describe, parse_predictions, power,
                                              report_tests, find_test, tests_table, verdict, weak_modality)
+from orchestrator.report.reading import artifact_bytes, artifact_files, metric_histories
 from orchestrator.report.references import (CEILING, KINDS, References, build_references, describe_ratio, headroom,
-                                            load_probabilities, reference_summary)
+                                            read_probabilities, reference_summary)
 from workers.methods import get_method, run_param_keys, unimodal_methods
 
 MODALITIES = ("audio", "visual")
@@ -108,18 +109,13 @@ class SweepData:
     predictions: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
     # run_id -> (clip ids, joint softmax) of the uni-modal baselines only (the ensemble reference's inputs).
     probabilities: dict[str, tuple[pd.Index, np.ndarray] | None] = field(default_factory=dict, repr=False)
+    # False when read without the per-epoch histories (`load_sweep(..., histories=False)`): final values only.
+    with_histories: bool = True
 
     def references(self) -> References:
         """The sweep's references (``orchestrator.report.references``): its uni-modal ensembles and, on
         generated clips, the ceiling logged on the parent run."""
         return build_references(self.trials, self.predictions, self.probabilities, self.parent_metrics)
-
-
-def _history(client: MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataFrame:
-    columns = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
-    frame = pd.DataFrame(columns, dtype=float).sort_index()
-    frame.index.name = "epoch"
-    return frame
 
 
 def _config(row: dict[str, Any], group: str, labels: dict[str, str] | None = None) -> str:
@@ -156,39 +152,60 @@ def _varying_label_fields(runs: list, params: dict[str, dict[str, str]]) -> dict
     return out
 
 
-def load_sweep(client: MlflowClient, parent_run_id: str) -> SweepData:
-    """Read a sweep's parent run and its main-stage child runs (their histories included)."""
+def load_sweep(client: MlflowClient, parent_run_id: str, runs: list[Run] | None = None,
+               histories: bool = True) -> SweepData:
+    """Read a sweep's parent run and its main-stage child runs: their params, final metrics, per-epoch
+    histories (`histories`; False leaves every history empty, for a caller that needs only final values),
+    predictions and the baselines' probabilities. `runs`: the main-stage child runs when the caller has
+    just searched them (``orchestrator.runs.child_runs``). Everything is read now: nothing is cached
+    between two reads of a running sweep."""
     parent = client.get_run(parent_run_id)
     if parent.data.tags.get(SWEEP_KIND_TAG) != "sweep":
         raise ValueError(f"run {parent_run_id} is not a sweep's parent run (no tag {SWEEP_KIND_TAG}=sweep)")
     experiment = client.get_experiment(parent.info.experiment_id)
-    runs = child_runs(client, parent_run_id, stage=MAIN_STAGE, experiment_id=parent.info.experiment_id)
-    params = {r.info.run_id: dict(r.data.params) for r in runs}
+    if runs is None:
+        runs = child_runs(client, parent_run_id, stage=MAIN_STAGE, experiment_id=parent.info.experiment_id)
+    params = {r.info.run_id: _shared(r.data.params) for r in runs}
+    trials = _trials(runs, params)
+    history = metric_histories(client, runs, HISTORY_KEYS) if histories else {r.info.run_id: pd.DataFrame() for r in runs}
+    predictions = parse_predictions(artifact_bytes(client, runs, PREDICTIONS_FILE))
+    # Only the baselines' probabilities: the ensemble needs nothing else, and a large sweep stays cheap.
+    baselines = [r for r in runs if is_unimodal(params[r.info.run_id].get("method.name", ""))]
+    probabilities = artifact_files(client, baselines, PROBABILITIES_FILE, read_probabilities)
+    return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
+                     parent_metrics=dict(parent.data.metrics), trials=trials, histories=history, params=params,
+                     predictions=predictions, probabilities=probabilities, with_histories=histories)
+
+
+def _shared(params: dict[str, str]) -> dict[str, str]:
+    """`params` with its keys and values interned: a thousand runs share one copy of each name and of each value
+    that repeats (most of a flattened spec), instead of a thousand."""
+    return {sys.intern(k): sys.intern(v) for k, v in params.items()}
+
+
+def _trials(runs: list[Run], params: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """The sweep's trial rows (`trial_row` plus ``config`` and ``group``), sorted by group, method and settings."""
     # Settings that differ between trials (besides the method and the seed) name configurations.
     all_keys = sorted({k for p in params.values() for k in p})
     varying = [k for k in all_keys if len({p.get(k, "") for p in params.values()}) > 1]
-    # Methods' derived run params (e.g. OGM's score source) describe a run, they are not settings.
-    derived = run_param_keys()
-    context_keys = [k for k in varying if not k.startswith("method.") and k != SEED_PARAM and k not in derived]
-    rows, histories = [], {}
+    context_keys = [k for k in varying if is_setting(k) and k != SEED_PARAM]
+    rows = []
     label_keys = _varying_label_fields(runs, params)
     for run in runs:
-        row, p, m = trial_row(run), params[run.info.run_id], run.data.metrics
+        row, p = trial_row(run), params[run.info.run_id]
         row["group"] = ", ".join(f"{k.split('.', 1)[-1]}={p.get(k, '')}" for k in context_keys)
         labels = {k: p.get(f"method.{k}", "") for k in label_keys.get(row["method"], ())}
         row["config"] = _config(row, row["group"], labels)
-        keys = [k for k in HISTORY_KEYS if k in m]
-        histories[run.info.run_id] = _history(client, run.info.run_id, keys) if keys else pd.DataFrame()
         rows.append(row)
     trials = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "config", "group"])
-    trials = trials.sort_values(["group", "method", "alpha", "window", "seed"], na_position="first").reset_index(drop=True)
-    predictions = {run.info.run_id: load_predictions(client, run.info.run_id) for run in runs}
-    # Only the baselines' probabilities: the ensemble needs nothing else, and a large sweep stays cheap.
-    probabilities = {run.info.run_id: load_probabilities(client, run.info.run_id) for run in runs
-                     if is_unimodal(params[run.info.run_id].get("method.name", ""))}
-    return SweepData(parent_run_id=parent_run_id, experiment_name=experiment.name, tracking_uri=client.tracking_uri,
-                     parent_metrics=dict(parent.data.metrics), trials=trials, histories=histories, params=params,
-                     predictions=predictions, probabilities=probabilities)
+    return trials.sort_values(["group", "method", "alpha", "window", "seed"], na_position="first").reset_index(drop=True)
+
+
+def is_setting(key: str) -> bool:
+    """A run param that is a non-method setting (data, model, train, ...): not a method field (``method.*``) and
+    not a method's derived run param (`Method.run_param_keys`, e.g. OGM's ``ogm_scores_from``), which describes
+    how a run went, never what it was asked to do. Groups and same-seed baselines are matched on settings."""
+    return not key.startswith("method.") and key not in run_param_keys()
 
 
 def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | None = None) -> str:
@@ -217,69 +234,130 @@ def resolve_sweep(client: MlflowClient, experiment: str, sweep_run_id: str | Non
 # ---- utilisation and balance --------------------------------------------------------------
 
 
+def joint_mask(table: pd.DataFrame) -> pd.Series:
+    """Per row of `table`: a joint trial (not a uni-modal baseline, both heads' accuracies known); `_is_joint`
+    for a whole table at once."""
+    unimodal = list(unimodal_methods().values())
+    heads = [pd.to_numeric(table[f"acc_{m}"], errors="coerce").notna() for m in MODALITIES]
+    return ~table["method"].isin(unimodal) & heads[0] & heads[1]
+
+
 def _is_joint(row: pd.Series) -> bool:
     return not is_unimodal(row["method"]) and number(row["acc_audio"]) is not None \
         and number(row["acc_visual"]) is not None
 
 
-def matching_baselines(sweep: SweepData, run_id: str, modality: str) -> tuple[list[str], str]:
-    """Run ids of the uni-modal baselines of `modality` that a trial is compared with, and how
-    they were matched: "same seed" (same params apart from the method, fusion aside when the
-    baselines were not crossed with it), "mean over seeds" (same params apart from the seed),
-    "mean over all baselines", or "none"."""
-    trials = sweep.trials
-    candidates = trials[(trials["method"] == baseline_method(modality)) & trials["acc"].notna()]["run_id"].tolist()
-    if not candidates:
+# How a joint trial finds its uni-modal baselines, first rule that finds any: the same settings apart from the
+# method (so the same seed); the same with the fusion aside (baselines not crossed with it); the same apart
+# from the seed too (mean over seeds). Each rule: the params it drops from the context, and its name.
+MATCH_RULES = (((), "same seed"), ((FUSION_PARAM,), "same seed"), ((FUSION_PARAM, SEED_PARAM), "mean over seeds"))
+
+
+@dataclass
+class BaselineIndex:
+    """The sweep's finished uni-modal baselines, per modality, keyed by their context under each rule of
+    `MATCH_RULES`: a trial's baselines are one lookup per rule, not a comparison with every baseline."""
+
+    candidates: dict[str, list[str]]
+    by_context: dict[tuple[str, int, tuple], list[str]]
+
+
+def _context(params: dict[str, str], drop: tuple[str, ...], derived: frozenset[str]) -> tuple:
+    """A run's settings (`is_setting`, `derived`: the methods' derived run params) without `drop`, hashable."""
+    return tuple(sorted((k, v) for k, v in params.items()
+                        if not k.startswith("method.") and k not in derived and k not in drop))
+
+
+def baseline_index(sweep: SweepData) -> BaselineIndex:
+    """The index of `sweep`'s baselines (built from the sweep as read: nothing outlives one report)."""
+    derived, trials = run_param_keys(), sweep.trials
+    candidates, by_context = {}, {}
+    for m in MODALITIES:
+        done = trials[(trials["method"] == baseline_method(m)) & trials["acc"].notna()]["run_id"].tolist()
+        candidates[m] = done
+        for run_id in done:
+            for rule, (drop, _) in enumerate(MATCH_RULES):
+                by_context.setdefault((m, rule, _context(sweep.params[run_id], drop, derived)), []).append(run_id)
+    return BaselineIndex(candidates, by_context)
+
+
+def matching_baselines(sweep: SweepData, run_id: str, modality: str,
+                       index: BaselineIndex | None = None) -> tuple[list[str], str]:
+    """Run ids of the uni-modal baselines of `modality` that a trial is compared with, and how they were
+    matched: "same seed" (same settings apart from the method, fusion aside when the baselines were not
+    crossed with it), "mean over seeds" (same settings apart from the seed), "mean over all baselines", or
+    "none". Settings are `is_setting` params: a method's derived run params never keep a trial from its
+    baselines. `index`: `baseline_index(sweep)` when the caller matches many trials."""
+    index = index if index is not None else baseline_index(sweep)
+    if not index.candidates[modality]:
         return [], "none"
-    mine = sweep.params[run_id]
-
-    def context(params: dict[str, str], drop: tuple[str, ...]) -> dict[str, str]:
-        return {k: v for k, v in params.items() if not k.startswith("method.") and k not in drop}
-
-    for drop, how in (((), "same seed"), ((FUSION_PARAM,), "same seed"), ((FUSION_PARAM, SEED_PARAM), "mean over seeds")):
-        found = [c for c in candidates if context(sweep.params[c], drop) == context(mine, drop)]
+    derived, mine = run_param_keys(), sweep.params[run_id]
+    for rule, (drop, how) in enumerate(MATCH_RULES):
+        found = index.by_context.get((modality, rule, _context(mine, drop, derived)))
         if found:
-            return found, how
-    return candidates, "mean over all baselines"
+            return list(found), how
+    return list(index.candidates[modality]), "mean over all baselines"
 
 
-def baseline_curve(sweep: SweepData, run_ids: list[str]) -> tuple[pd.Series, float]:
-    """Per-epoch accuracy (mean over `run_ids`) and the mean of their final accuracies."""
+def baseline_curve(sweep: SweepData, run_ids: list[str],
+                   finals: dict[str, float] | None = None) -> tuple[pd.Series, float]:
+    """Per-epoch accuracy (mean over `run_ids`) and the mean of their final accuracies (`finals`: run_id ->
+    final accuracy, when the caller has it)."""
     curves = [sweep.histories[r]["acc"] for r in run_ids if "acc" in sweep.histories[r]]
     curve = pd.concat(curves, axis=1).mean(axis=1) if curves else pd.Series(dtype=float)
-    finals = sweep.trials.set_index("run_id").loc[run_ids, "acc"].astype(float)
-    return curve, float(finals.mean())
+    if finals is None:
+        finals = dict(zip(sweep.trials["run_id"], sweep.trials["acc"]))
+    return curve, float(pd.Series([finals[r] for r in run_ids], dtype=float).mean())
+
+
+def _util_curve(head: pd.Series, baseline: pd.Series) -> pd.Series:
+    """Per epoch of `head` (a joint trial's head accuracy): its ratio to `baseline`'s accuracy at that epoch; an
+    epoch the baseline never reached (e.g. stopped early), or where it has no value, uses its last epoch; a
+    baseline at 0 gives no ratio. In numpy: it runs once per joint trial and modality."""
+    last = baseline.iloc[-1]
+    positions = baseline.index.get_indexer(head.index)
+    reference = np.where(positions >= 0, baseline.to_numpy()[positions], np.nan)
+    reference = np.where(np.isnan(reference), last, reference)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = head.to_numpy(dtype=float) / np.where(reference > 0, reference, np.nan)
+    return pd.Series(ratio, index=head.index)
+
+
+UTIL_COLUMNS = ("util_audio", "util_visual", "baseline_audio", "baseline_visual", "match_audio", "match_visual")
 
 
 def utilisation(sweep: SweepData) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Final utilisation per joint trial (columns util_audio, util_visual, baseline_audio,
     baseline_visual, match_audio, match_visual; index run_id) and per-epoch utilisation
-    (run_id -> DataFrame with util_audio / util_visual, index epoch). See the module docstring."""
+    (run_id -> DataFrame with util_audio / util_visual, index epoch). See the module docstring.
+    Compute it once per report and pass it on (`imbalance_summary`, `log_sweep_imbalance`)."""
+    index = baseline_index(sweep)
+    finals_acc = dict(zip(sweep.trials["run_id"], sweep.trials["acc"]))
+    # Trials of one seed share their baselines: each distinct set is averaged once (this call only).
+    baselines_of: dict[tuple[str, ...], tuple[pd.Series, float]] = {}
     finals, per_epoch = {}, {}
-    for _, row in sweep.trials.iterrows():
-        if not _is_joint(row):
-            continue
+    for row in sweep.trials[joint_mask(sweep.trials)].to_dict("records"):
         run_id, out, curves = row["run_id"], {}, {}
         hist = sweep.histories[run_id]
         for m in MODALITIES:
-            baselines, how = matching_baselines(sweep, run_id, m)
+            baselines, how = matching_baselines(sweep, run_id, m, index)
             out[f"match_{m}"] = how
             if not baselines:
                 continue
-            curve, final = baseline_curve(sweep, baselines)
+            key = tuple(baselines)
+            if key not in baselines_of:
+                baselines_of[key] = baseline_curve(sweep, baselines, finals_acc)
+            curve, final = baselines_of[key]
             out[f"baseline_{m}"] = final
             if final > 0:
                 out[f"util_{m}"] = float(row[f"acc_{m}"]) / final
             if f"acc_{m}" in hist and not curve.empty:
-                # Epochs the baseline never reached (e.g. stopped early) use its last epoch.
-                reference = curve.reindex(hist.index).fillna(curve.iloc[-1])
-                ratio = hist[f"acc_{m}"] / reference.where(reference > 0)
-                curves[f"util_{m}"] = ratio
+                curves[f"util_{m}"] = _util_curve(hist[f"acc_{m}"], curve)
         finals[run_id] = out
         if curves:
             per_epoch[run_id] = pd.DataFrame(curves).dropna(how="all")
     frame = pd.DataFrame.from_dict(finals, orient="index")
-    for col in ("util_audio", "util_visual", "baseline_audio", "baseline_visual", "match_audio", "match_visual"):
+    for col in UTIL_COLUMNS:
         if col not in frame:
             frame[col] = np.nan if not col.startswith("match") else "none"
     frame.index.name = "run_id"
@@ -301,7 +379,7 @@ def imbalance_summary(sweep: SweepData, util: pd.DataFrame | None = None) -> tup
         util, _ = utilisation(sweep)
     table = sweep.trials.merge(util, how="left", left_on="run_id", right_index=True)
     table["gap"] = table["acc_audio"].astype(float) - table["acc_visual"].astype(float)
-    joint = table.apply(_is_joint, axis=1)
+    joint = joint_mask(table)
     have_util = joint & table["util_audio"].notna() & table["util_visual"].notna()
     if have_util.any():
         definition = BALANCE_UTIL
@@ -319,7 +397,7 @@ def imbalance_summary(sweep: SweepData, util: pd.DataFrame | None = None) -> tup
 
 def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
     """The joint trial with the highest `key`, ties broken by joint accuracy."""
-    joint = table[table.apply(_is_joint, axis=1) & table[key].notna()]
+    joint = table[joint_mask(table) & table[key].notna()]
     if joint.empty:
         return None
     return joint.sort_values([key, "acc"], ascending=False, kind="stable").iloc[0]
@@ -327,7 +405,8 @@ def _best(table: pd.DataFrame, key: str) -> pd.Series | None:
 
 def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepData | None = None,
                         summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None,
-                        tests: pd.DataFrame | None = None, references: References | None = None) -> pd.DataFrame:
+                        tests: pd.DataFrame | None = None, references: References | None = None,
+                        util: tuple[pd.DataFrame, dict[str, pd.DataFrame]] | None = None) -> pd.DataFrame:
     """Log utilisation into each joint child run (``util_audio`` / ``util_visual``, step = epoch;
     epochs already logged are skipped, so calling it twice is harmless) and, on the parent,
     ``imbalance_summary.csv`` plus tags and metrics for the best trial by joint accuracy
@@ -339,23 +418,17 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
     `sweep`: the sweep as already read with :func:`load_sweep` (read here when None); `summary`: its
     :func:`config_summary` when the caller has it (its paired bootstraps are the costly part); `board`:
     its leaderboard (``orchestrator.report.leaderboard``) when the caller has it; `references`: its
-    references (``sweep.references()``) when the caller has them.
+    references (``sweep.references()``) when the caller has them; `util`: its :func:`utilisation` when the
+    caller has it (computed once per report).
     """
-    if sweep is None:
+    if sweep is None or not sweep.with_histories:
         sweep = load_sweep(client, parent_run_id)
+        util = None  # computed from another reading of the sweep
     if references is None:
         references = sweep.references()
-    util, per_epoch = utilisation(sweep)
+    util, per_epoch = util if util is not None else utilisation(sweep)
     table, definition = imbalance_summary(sweep, util)
-    ts = int(time.time() * 1000)
-    for run_id, curves in per_epoch.items():
-        metrics = []
-        for key in curves.columns:
-            logged = {m.step for m in client.get_metric_history(run_id, key)}
-            metrics += [Metric(key, float(v), ts, int(epoch)) for epoch, v in curves[key].dropna().items()
-                        if int(epoch) not in logged]
-        for i in range(0, len(metrics), 500):
-            client.log_batch(run_id, metrics=metrics[i : i + 500])
+    log_utilisation_curves(client, sweep, per_epoch)
     parent_metrics: dict[str, float] = {}
     tags = {"avtune.imbalance.balance_definition": definition}
     for label, key in (("best_by_acc", "acc"), ("best_by_balance", "balance")):
@@ -395,6 +468,21 @@ def log_sweep_imbalance(client: MlflowClient, parent_run_id: str, sweep: SweepDa
 
     log_leaderboard(client, parent_run_id, board if board is not None else leaderboard(sweep, table, summary))
     return table
+
+
+def log_utilisation_curves(client: MlflowClient, sweep: SweepData, per_epoch: dict[str, pd.DataFrame]) -> None:
+    """Log each joint trial's per-epoch utilisation into its run, skipping the epochs its history (as the sweep
+    was just read) already holds: a second report writes nothing, and no run is read again to know it."""
+    ts = int(time.time() * 1000)
+    for run_id, curves in per_epoch.items():
+        history, metrics = sweep.histories[run_id], []
+        for key in curves.columns:
+            todo = curves[key].dropna()
+            if key in history:
+                todo = todo[~todo.index.isin(history[key].dropna().index)]
+            metrics += [Metric(key, float(v), ts, int(epoch)) for epoch, v in todo.items()]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[i : i + 500])
 
 
 def reference_metrics(table: pd.DataFrame, references: References) -> dict[str, float]:

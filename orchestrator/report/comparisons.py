@@ -24,6 +24,7 @@ dependence; the comparisons share the normal model's runs, so they are not indep
 """
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 from pathlib import Path
@@ -72,9 +73,52 @@ def load_predictions(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
             path = client.download_artifacts(run_id, PREDICTIONS_FILE, tmp)
         except Exception:  # noqa: BLE001 - no such artifact (older or foreign runs): fall back to seeds
             return None
-        frame = pd.read_csv(Path(path), dtype={"clip_id": str})
+        return read_predictions(path, run_id)
+
+
+def read_predictions(path, run_id: str) -> pd.DataFrame | None:
+    """The per-clip validation predictions of the final model in a run's `predictions.csv` at `path` (or a
+    file object)."""
+    frame = pd.read_csv(path, dtype={"clip_id": str})
     frame = frame[(frame["split"] == "val") & (frame["model"] == "final")]
     return check_predictions(frame.set_index("clip_id"), run_id) if not frame.empty else None
+
+
+def parse_predictions(files: dict[str, bytes | None]) -> dict[str, pd.DataFrame | None]:
+    """run_id -> the run's validation predictions of its final model (as `read_predictions`), from the bytes of
+    each run's `predictions.csv`: the files sharing a header are parsed as one CSV (a thousand runs' files in
+    one pass instead of a thousand parser calls), then split back by each file's row count and checked
+    (`check_predictions`, which names the run of a damaged file)."""
+    out: dict[str, pd.DataFrame | None] = {run_id: None for run_id in files}
+    by_header: dict[bytes, list[tuple[str, bytes]]] = {}
+    for run_id, data in files.items():
+        if data:
+            header, _, body = data.partition(b"\n")
+            by_header.setdefault(header.rstrip(b"\r"), []).append((run_id, body if body.endswith(b"\n") or not body
+                                                                     else body + b"\n"))
+    for header, items in by_header.items():
+        out.update(_parse_together(header, items))
+    return out
+
+
+def _parse_together(header: bytes, items: list[tuple[str, bytes]]) -> dict[str, pd.DataFrame | None]:
+    rows = np.array([body.count(b"\n") for _, body in items])
+    frame = pd.read_csv(io.BytesIO(header + b"\n" + b"".join(body for _, body in items)), dtype={"clip_id": str})
+    if len(frame) != rows.sum():  # blank lines or quoted line breaks: a file's rows cannot be told apart
+        return {run_id: _read_one(header + b"\n" + body, run_id) for run_id, body in items}
+    owner = np.repeat(np.arange(len(items)), rows)
+    keep = (frame["split"].to_numpy() == "val") & (frame["model"].to_numpy() == "final")
+    frame, owner = frame[keep].set_index("clip_id"), owner[keep]
+    bounds = np.searchsorted(owner, np.arange(len(items) + 1))
+    out = {}
+    for i, (run_id, _) in enumerate(items):
+        part = frame.iloc[bounds[i] : bounds[i + 1]]
+        out[run_id] = check_predictions(part, run_id) if len(part) else None
+    return out
+
+
+def _read_one(data: bytes, run_id: str) -> pd.DataFrame | None:
+    return read_predictions(io.BytesIO(data), run_id)
 
 
 def config_intervals(table: pd.DataFrame, keys: tuple[str, ...] = METRICS) -> pd.DataFrame:

@@ -26,10 +26,12 @@ from orchestrator.report.leaderboard import LEADERBOARD_FILE, LEADERBOARD_NUMBER
 from orchestrator.folders import claim_report_folder
 from orchestrator.runs import csv_safe
 from orchestrator.tracking import redact_uri
-from orchestrator.report.plots import (plot_ablation, plot_intervals, plot_gap, plot_gblend, plot_modality_curves, plot_ogm_coefficients,
-                                       plot_shapley, plot_utilisation)
+from orchestrator.report.plots import (SEEDS_DRAWN, plot_ablation, plot_intervals, plot_gap, plot_gblend,
+                                       plot_modality_curves, plot_ogm_coefficients, plot_shapley, plot_utilisation)
 
 
+# Trials the page lists row by row; beyond, they are in imbalance_summary.csv only (`trials_section`).
+TRIALS_SHOWN = 300
 TABLE_COLUMNS = ["run_name", "status", "method", "alpha", "window", "fusion", "seed", "epochs", "acc", "acc_audio",
                  "acc_visual", "gap", "util_audio", "util_visual", "shapley_audio", "shapley_visual", "balance"]
 
@@ -169,6 +171,16 @@ def _interval_table(summary: pd.DataFrame) -> str:
     return _html_table(pd.DataFrame(rows, columns=columns), columns)
 
 
+def trials_section(table: pd.DataFrame) -> str:
+    """The per-trial table, or beyond TRIALS_SHOWN rows a pointer to its CSV (every row, beside the page): a
+    page of thousands of rows is slow to open and nobody reads it; the means and intervals below summarise it."""
+    if len(table) <= TRIALS_SHOWN:
+        return "<h2>Trials</h2>" + _html_table(table, TABLE_COLUMNS)
+    return (f"<h2>Trials</h2><p>{len(table)} trials: one row each in <a href='{SUMMARY_FILE}'><code>{SUMMARY_FILE}"
+            f"</code></a> beside this page (also on the sweep's parent run under <code>{REPORT_DIR}/</code>); the "
+            "page shows the per-configuration means and intervals below.</p>")
+
+
 def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: list[dict[str, Any]],
                 figures: list[tuple[Path, str]], weights: dict[str, float] | None,
                 summary: pd.DataFrame | None = None, board: pd.DataFrame | None = None,
@@ -200,7 +212,7 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
                  "<li><b>dominant modality</b>: the one whose head is more accurate in the normal joint model by a paired "
                  "test of its audio head against its visual head (Holm-adjusted over the report's groups); when the "
                  "test does not distinguish them, neither is weak.</li></ul>")
-    parts.append("<h2>Trials</h2>" + _html_table(table, TABLE_COLUMNS))
+    parts.append(trials_section(table))
     means = config_means(table)
     if (means["n"] > 1).any():
         parts.append("<h3>Means over seeds</h3>" + _html_table(
@@ -253,7 +265,7 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
     summary = config_summary(table, sweep.predictions, tests, references)
     board = leaderboard(sweep, table, summary)
     if log_to_mlflow:
-        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board, tests, references)
+        log_sweep_imbalance(client, sweep_run_id, sweep, summary, board, tests, references, (util, per_epoch))
     items = findings(table, sweep.predictions, tests, references)
     weak = weak_modality(tests)
     if (blend := gblend_finding(sweep, table)) is not None:
@@ -265,15 +277,16 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         (lambda p: plot_intervals(summary, p), "configurations.png",
          "final acc / acc_audio / acc_visual per configuration: mean over seeds with its 95% t-interval"),
         (lambda p: plot_modality_curves(sweep, p), "acc_per_modality.png",
-         "acc_audio / acc_visual vs epoch per method, one line per trial; dashed: uni-modal baselines"),
-        (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch"),
-        (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch (1 = as good as alone)"),
+         "acc_audio / acc_visual vs epoch per method: per configuration the mean over seeds with its 95% band (seeds as "
+         f"thin lines up to {SEEDS_DRAWN}); dashed: uni-modal baselines"),
+        (lambda p: plot_gap(sweep, p), "gap.png", "acc_audio - acc_visual vs epoch per configuration (mean over seeds, 95% band)"),
+        (lambda p: plot_utilisation(sweep, per_epoch, p), "utilisation.png", "utilisation vs epoch per configuration (mean over seeds, 95% band; 1 = as good as alone)"),
         (lambda p: plot_ogm_coefficients(sweep, p), "ogm_coefficients.png", "OGM k_audio / k_visual vs epoch for each alpha (computed every epoch, applied only inside the modulation window)"),
         (lambda p: plot_ablation(table, "alpha", p, weak), "ablation_alpha.png",
          "final joint and weak-modality accuracy vs alpha (dashed: normal)" + scores_note),
         (lambda p: plot_ablation(table, "window", p, weak), "ablation_window.png",
          "final joint and weak-modality accuracy vs modulation window (dashed: normal)" + scores_note),
-        (lambda p: plot_shapley(table, p), "shapley.png", "final Shapley values of joint accuracy per trial"),
+        (lambda p: plot_shapley(table, p), "shapley.png", "final Shapley values of joint accuracy per configuration (mean over seeds, 95% interval)"),
         (lambda p: plot_gblend(weights, p), "gblend_weights.png",
          "G-Blend loss weights" + (f" (source: {source})" if (source := gblend_weights_source(sweep)) else "")),
     ]

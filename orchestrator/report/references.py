@@ -53,9 +53,14 @@ def load_probabilities(client: MlflowClient, run_id: str) -> tuple[pd.Index, np.
             path = client.download_artifacts(run_id, PROBABILITIES_FILE, tmp)
         except Exception:  # noqa: BLE001 - no such artifact: no ensemble from this run
             return None
-        with np.load(Path(path), allow_pickle=False) as npz:
-            keep = (npz["split"] == "val") & (npz["model"] == "final")
-            clips, probs = pd.Index(npz["clip_id"][keep].astype(str), name="clip_id"), npz["probs"][keep]
+        return read_probabilities(path, run_id)
+
+
+def read_probabilities(path: str | Path, run_id: str) -> tuple[pd.Index, np.ndarray] | None:
+    """As `load_probabilities`, from the run's `probabilities.npz` at `path`."""
+    with np.load(Path(path), allow_pickle=False) as npz:
+        keep = (npz["split"] == "val") & (npz["model"] == "final")
+        clips, probs = pd.Index(npz["clip_id"][keep].astype(str), name="clip_id"), npz["probs"][keep]
     if clips.has_duplicates:
         raise ValueError(f"run {run_id}: {PROBABILITIES_FILE} lists clip {clips[clips.duplicated()][0]!r} more than "
                          "once for the final model on the validation split")

@@ -184,8 +184,13 @@ def test_the_dataset_digest_follows_the_clips_and_the_generated_card(tmp_path, s
     copy = tmp_path / "copy"
     shutil.copytree(source, copy)
 
+    # The settings synth_layouts made its sets with: a generated set is used only with the spec that made it.
+    made_with = {"classes": 3, "clips_per_class": 4, "clip_seconds": 0.5, "fps": 8, "height": 32, "width": 32,
+                 "sample_rate_hz": 16000, "seed": 1}
+
     def digest(root: Path, generated: bool = False) -> tuple[str, str]:
-        data = {"source": "generated" if generated else "dataset", "layout": "cremad", "root": str(root)}
+        data = {"source": "generated" if generated else "dataset", "layout": "cremad", "root": str(root),
+                **({"synth": made_with} if generated else {})}
         client, _, run_id = start_run(tmp_path / f"runs{time.monotonic_ns()}", "data", data)
         dataset, _ = dataset_input(client, run_id)
         return dataset.name, dataset.digest
@@ -203,7 +208,8 @@ def test_the_dataset_digest_follows_the_clips_and_the_generated_card(tmp_path, s
     # Generated clips: the generator's card is the source and part of the digest.
     name, generated = digest(copy, generated=True)
     assert name == "generated-cremad:copy" and generated != relabelled
-    client, _, run_id = start_run(tmp_path / "gen", "data", {"source": "generated", "layout": "cremad", "root": str(copy)})
+    client, _, run_id = start_run(tmp_path / "gen", "data", {"source": "generated", "layout": "cremad", "root": str(copy),
+                                                             "synth": made_with})
     assert dataset_input(client, run_id)[0].source == f'{{"uri": "{copy / "card.json"}"}}'
     card = copy / "card.json"
     card.write_text(card.read_text().replace('"format"', '"format" ', 1))

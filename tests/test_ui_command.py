@@ -58,15 +58,17 @@ def still_running(before: dict[int, dict]) -> dict[int, dict]:
             ((p in before and info["cmd"] == before[p]["cmd"]) or info["pgrp"] in groups or info["sid"] in groups)}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], ids=["SIGTERM", "SIGINT", "SIGQUIT"])
 def test_avtune_ui_runs_only_the_web_server_and_stops_all_of_it(tmp_path, sig):
     port = free_port()
+    # Once bound to every interface (what a user who means it asks for): said so before the server starts.
+    host = ["--host", "0.0.0.0"] if sig == signal.SIGQUIT else []
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = tmp_path / "ui.log"
     with open(log, "wb") as out:
         # A session of its own, as a shell gives a foreground job: Ctrl-C is SIGINT to that job's group.
         ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--runs-dir", str(tmp_path / "runs"),
-                               "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               "--port", str(port), *host], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                               start_new_session=True)
     before: dict[int, dict] = {}
     try:
@@ -96,13 +98,15 @@ def test_avtune_ui_runs_only_the_web_server_and_stops_all_of_it(tmp_path, sig):
         if sig == signal.SIGINT:
             os.killpg(ui.pid, signal.SIGINT)  # what Ctrl-C does: the foreground group
         else:
-            os.kill(ui.pid, signal.SIGTERM)
+            os.kill(ui.pid, sig)
         code = ui.wait(timeout=60)
         stop_seconds = time.monotonic() - started
         left = still_running(before)  # at once: the command exits only after its processes have
         assert not left, f"still running after {sig.name}: {left}"
         assert code == 128 + sig, (code, log.read_text()[-2000:])
         assert f"MLflow UI stopped ({sig.name})" in log.read_text()
+        warned = "warning: --host 0.0.0.0 serves the MLflow UI, which has no login" in log.read_text()
+        assert warned == bool(host), log.read_text()[-2000:]
         print(f"{sig.name}: {len(before)} processes before, 0 after; stopped in {stop_seconds:.1f} s")
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -91,12 +91,25 @@ def connect_ray(address: str | None = None) -> None:
 CONTROLLER_FAILURE_LIMIT = 4
 
 
+def most_demanding_scaling(spec: ExperimentSpec):
+    """`spec.scaling`, with each `scaling.*` field a search varies at its largest value (grid / choice values, the
+    upper end of a range): every trial of the search must fit, not only the base spec's."""
+    space = spec.search.space if spec.search else {}
+    worst = {}
+    for name in ("num_workers", "cpus_per_worker", "use_gpu"):
+        dim = space.get(f"scaling.{name}")
+        if dim is not None:
+            values = dim.grid or dim.choice or [(dim.uniform or dim.loguniform)[1]]
+            worst[name] = max(values)
+    return spec.scaling.model_copy(update=worst)
+
+
 def check_resources(spec: ExperimentSpec) -> None:
     """The spec's resource requests against the connected cluster's (`ray.cluster_resources()`), naming the field:
     a Train run starts only when all its workers fit at once, and a sweep's trial actor beside them."""
     total = ray.cluster_resources()
     cpus, gpus, memory = total.get("CPU", 0.0), total.get("GPU", 0.0), total.get("memory", 0.0)
-    s = spec.scaling
+    s = most_demanding_scaling(spec)
     trial_cpus = spec.search.trial_cpus if spec.search else 0.0
     problems = []
     if s.num_workers * s.cpus_per_worker + trial_cpus > cpus:

@@ -297,6 +297,9 @@ def no_runs_logged(runs_dir) -> bool:
      r"scaling.num_workers 3 x scaling.cpus_per_worker 1 CPUs, but the Ray cluster has 2"),
     ({"search": {"seeds": [0, 1], "trial_cpus": 1e9}}, r"\+ search.trial_cpus 1e\+09 CPUs, but the Ray cluster has 2"),
     ({"scaling": {"use_gpu": True}}, r"scaling.use_gpu with scaling.num_workers 1: one GPU each, but the Ray cluster has 0"),
+    # A searched resource field: its largest value must fit too, not only the base spec's.
+    ({"search": {"space": {"scaling.cpus_per_worker": {"grid": [1, 4]}}}},
+     r"scaling.num_workers 1 x scaling.cpus_per_worker 4 CPUs, but the Ray cluster has 2"),
 ])
 def test_resource_requests_the_cluster_cannot_meet_are_refused_before_any_run_exists(ray_local, synth_dataset, tmp_path,
                                                                                     sections, match):

@@ -347,6 +347,18 @@ def test_report_out_never_replaces_a_users_files(tmp_path):
     assert {p.name: p.read_bytes() for p in users.iterdir()} == planted
     for _ in range(2):
         assert build_report("hand", tracking_uri=uri, out_dir=tmp_path / "new").is_file()
+    # Inside a report's own folder, a symlink planted under a file's name (or its partial name) is refused before
+    # anything is written (and the writes themselves replace a link, never write through one): the files the
+    # links point to stay as they were.
+    victim, other = tmp_path / "victim.csv", tmp_path / "other.csv"
+    victim.write_bytes(b"keep me\n")
+    other.write_bytes(b"me too\n")
+    for name, target in (("leaderboard.csv", victim), (".imbalance_summary.csv.partial", other)):
+        (tmp_path / "new" / name).unlink(missing_ok=True)
+        (tmp_path / "new" / name).symlink_to(target)
+    with pytest.raises(FileExistsError, match="is a symbolic link inside"):
+        build_report("hand", tracking_uri=uri, out_dir=tmp_path / "new")
+    assert victim.read_bytes() == b"keep me\n" and other.read_bytes() == b"me too\n"
 
 
 def test_csv_cells_meant_for_people_carry_no_formula(tmp_path):
@@ -466,3 +478,20 @@ def test_avtune_ui_killed_leaves_no_server_and_never_shows_the_store_uri_in_argv
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_report_files_replace_a_link_planted_after_the_folder_check(tmp_path):
+    """A link planted between the folder check and the write (under the file's name or its partial name) is
+    replaced by the file, never written through."""
+    from orchestrator.report.html import _write_atomic
+
+    victim, other = tmp_path / "victim.csv", tmp_path / "other.csv"
+    victim.write_text("keep me\n")
+    other.write_text("me too\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "leaderboard.csv").symlink_to(victim)
+    (out / ".leaderboard.csv.partial").symlink_to(other)
+    _write_atomic(out / "leaderboard.csv", "method,acc\n")
+    assert victim.read_text() == "keep me\n" and other.read_text() == "me too\n"
+    assert not (out / "leaderboard.csv").is_symlink() and (out / "leaderboard.csv").read_text() == "method,acc\n"

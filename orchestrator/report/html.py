@@ -229,9 +229,13 @@ def render_html(sweep: SweepData, table: pd.DataFrame, definition: str, items: l
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one step: a reader (the MLflow UI, a browser) never sees half a report."""
+    """Replace `path` in one step: a reader (the MLflow UI, a browser) never sees half a report. A symlink planted
+    under either name is never followed: the partial file is created exclusively ("x": O_EXCL, which refuses a
+    link) and the rename replaces the link itself, not what it points to."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
+    partial.unlink(missing_ok=True)
+    with open(partial, "x", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(partial, path)
 
 
@@ -296,15 +300,15 @@ def build_report(experiment: str, sweep_run_id: str | None = None, tracking_uri:
         path = plot(out / name)
         if path is not None:
             figures.append((path, caption))
-    csv_safe(table).to_csv(out / SUMMARY_FILE, index=False)
-    summary.to_csv(out / CONFIG_SUMMARY_FILE, index=False)
-    tests_table(tests).to_csv(out / TESTS_FILE, index=False)
+    _write_atomic(out / SUMMARY_FILE, csv_safe(table).to_csv(index=False))
+    _write_atomic(out / CONFIG_SUMMARY_FILE, summary.to_csv(index=False))
+    _write_atomic(out / TESTS_FILE, tests_table(tests).to_csv(index=False))
     _write_atomic(out / "findings.json", json.dumps(
         {"parent_run_id": sweep_run_id, "experiment": experiment, "balance_definition": definition, "findings": items},
         indent=2, default=str))
     report = out / "report.html"
-    board.to_csv(out / LEADERBOARD_NUMBERS_FILE, index=False)
-    display_rows(board).to_csv(out / LEADERBOARD_FILE, index=False)
+    _write_atomic(out / LEADERBOARD_NUMBERS_FILE, board.to_csv(index=False))
+    _write_atomic(out / LEADERBOARD_FILE, display_rows(board).to_csv(index=False))
     refs = reference_summary(table, references)
     section = references_section(refs, tests, summary) if not refs.empty else ""
     _write_atomic(report, render_html(sweep, table, definition, items, figures, weights, summary, board, section))

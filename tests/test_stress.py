@@ -191,7 +191,10 @@ def test_sweep_survives_repeated_worker_kills_beside_two_other_local_rays(ray_lo
         runs = list(runs)
         shown = board.trials[trial_id]
         assert shown.status == ("STOPPED" if runs[0].info.status == "KILLED" else "FINISHED"), (trial_id, shown)
-        assert shown.epoch == max(len(logged_steps(client, r.info.run_id, "acc")) for r in runs), (trial_id, shown)
+        # The epochs are those MLflow held when the trial ended: a Train run that a scheduler stopped may still log
+        # the epoch it was in before its abort lands (README, Known limitations), one more than the line shows.
+        logged = max(len(logged_steps(client, r.info.run_id, "acc")) for r in runs)
+        assert shown.epoch == logged or (shown.status == "STOPPED" and shown.epoch == logged - 1), (trial_id, shown, logged)
 
     for command, output, path in zip(commands, outputs, specs):
         assert command.returncode == 0, output[-3000:]

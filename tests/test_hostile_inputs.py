@@ -439,10 +439,9 @@ def test_ctrl_c_exits_130_and_says_so(tmp_path):
 def test_avtune_ui_killed_leaves_no_server_and_never_shows_the_store_uri_in_argv(tmp_path):
     """SIGKILL of `avtune ui` (no handler runs) still ends its `mlflow server` (the kernel's parent-death
     signal); the store's URI, which may hold a database password, is not on any command line."""
-    import urllib.request
 
     from conftest import free_port
-    from test_ui_command import process_table, started_by, still_running
+    from test_ui_command import process_table, started_by, still_running, wait_until_serving
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -451,17 +450,7 @@ def test_avtune_ui_killed_leaves_no_server_and_never_shows_the_store_uri_in_argv
                           stderr=subprocess.DEVNULL, start_new_session=True)
     before: dict[int, dict] = {}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert ui.poll() is None
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_until_serving(ui, port)
         before = started_by(ui.pid, process_table())
         assert not [c["cmd"] for c in before.values() if "mlflow.db" in c["cmd"]], before
         ui.kill()

@@ -121,6 +121,24 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, output=lambda: "", seconds: float = 180,
+                    what: str = "server") -> None:
+    """Until the server `proc` started answers `url`/health with 200; fails (showing `output()`) if `proc` ends
+    first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what}: no /health within {seconds:.0f} s\n" + output())
+        time.sleep(0.5)
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (its own process group), restartable on the same port
     and the same SQLite + artifact stores."""
@@ -145,17 +163,8 @@ class MlflowServer:
                  "--artifacts-destination", str(self.folder / "art"), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log_file.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"mlflow server on port {self.port} not healthy after {timeout} s")
+        wait_for_health(self.proc, self.uri, lambda: log_file.read_text()[-3000:], timeout,
+                        f"mlflow server on port {self.port}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -440,8 +440,8 @@ def test_avtune_ui_killed_leaves_no_server_and_never_shows_the_store_uri_in_argv
     """SIGKILL of `avtune ui` (no handler runs) still ends its `mlflow server` (the kernel's parent-death
     signal); the store's URI, which may hold a database password, is not on any command line."""
 
-    from conftest import free_port
-    from test_ui_command import process_table, started_by, still_running, wait_until_serving
+    from conftest import free_port, wait_for_health
+    from test_ui_command import process_table, started_by, still_running
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -450,7 +450,7 @@ def test_avtune_ui_killed_leaves_no_server_and_never_shows_the_store_uri_in_argv
                           stderr=subprocess.DEVNULL, start_new_session=True)
     before: dict[int, dict] = {}
     try:
-        wait_until_serving(ui, port)
+        wait_for_health(ui, f"http://127.0.0.1:{port}", what="avtune ui")
         before = started_by(ui.pid, process_table())
         assert not [c["cmd"] for c in before.values() if "mlflow.db" in c["cmd"]], before
         ui.kill()

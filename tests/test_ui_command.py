@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for_health
 
 pytestmark = pytest.mark.slow  # starts a server (~5 s on a quiet machine)
 
@@ -58,21 +58,6 @@ def still_running(before: dict[int, dict]) -> dict[int, dict]:
             ((p in before and info["cmd"] == before[p]["cmd"]) or info["pgrp"] in groups or info["sid"] in groups)}
 
 
-def wait_until_serving(ui: subprocess.Popen, port: int, output=lambda: "", seconds: float = 180) -> None:
-    """Until the `avtune ui` process `ui` answers /health on `port`; fails (with `output()`) if it ends or is late."""
-    deadline = time.monotonic() + seconds
-    while True:
-        assert ui.poll() is None, output()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"avtune ui: no /health within {seconds:.0f} s\n" + output()
-        time.sleep(0.5)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], ids=["SIGTERM", "SIGINT", "SIGQUIT"])
 def test_avtune_ui_runs_only_the_web_server_and_stops_all_of_it(tmp_path, sig):
     port = free_port()
@@ -87,7 +72,7 @@ def test_avtune_ui_runs_only_the_web_server_and_stops_all_of_it(tmp_path, sig):
                               start_new_session=True)
     before: dict[int, dict] = {}
     try:
-        wait_until_serving(ui, port, lambda: log.read_text()[-3000:])
+        wait_for_health(ui, f"http://127.0.0.1:{port}", lambda: log.read_text()[-3000:], what="avtune ui")
         time.sleep(2)  # anything the server starts after it first answers
         before = started_by(ui.pid, process_table())
         commands = [info["cmd"] for info in before.values()]
